@@ -1,0 +1,284 @@
+"""The command line: parses arguments, prints, returns exit codes. Nothing else prints.
+
+Exit codes: 0 success; 1 the backup failed, was partial, refused or interrupted (or
+``check`` found a problem); 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from immich_usb_backup import __version__, execute, history
+from immich_usb_backup.config import Config, load_config, resolve_config_path
+from immich_usb_backup.errors import CommandError, ConfigError
+from immich_usb_backup.policy import human_bytes
+from immich_usb_backup.status import read_status
+from immich_usb_backup.steps.library import RSYNC_MIN_VERSION
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="immich-usb-backup",
+        description="Back up an Immich server onto an approved exFAT USB disk.",
+    )
+    p.add_argument("-c", "--config", help="config file (default: $IMMICH_USB_BACKUP_CONFIG "
+                   "or /etc/immich-usb-backup/config.toml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="back up now onto TARGET")
+    run.add_argument("target", metavar="TARGET",
+                     help="the mount point of the exFAT backup disk, e.g. /media/backup")
+    run.add_argument("--mode", choices=("quick",), help="override library.mode")
+
+    st = sub.add_parser("status", help="show the running backup's progress")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--watch", action="store_true", help="keep updating until the run ends")
+
+    hi = sub.add_parser("history", help="show past backup runs")
+    hi.add_argument("--json", action="store_true", help="print a JSON array, oldest first")
+    hi.add_argument("--last", type=_positive, metavar="N", help="only the last N runs")
+
+    sub.add_parser("check", help="validate the config and the environment")
+    return p
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    path = resolve_config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"configuration error ({len(exc.problems)}):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    handler = {
+        "run": cmd_run,
+        "status": cmd_status,
+        "history": cmd_history,
+        "check": cmd_check,
+    }[args.command]
+    return handler(config, args)
+
+
+# run ---------------------------------------------------------------------------------
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from immich_usb_backup.flow import run_backup  # noqa: PLC0415 - keeps `status` fast
+
+    progress = _ProgressPrinter()
+
+    async def main() -> dict[str, Any] | None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        watcher = asyncio.create_task(progress.follow(config.state_dir))
+        try:
+            return await run_backup(config, Path(args.target), trigger="cli", mode=args.mode)
+        except asyncio.CancelledError:
+            return None
+        finally:
+            watcher.cancel()
+            progress.end()
+
+    record = asyncio.run(main())
+    if record is None:
+        last = history.last_records(config.state_dir, 1)
+        record = last[0] if last else {"status": "interrupted", "problems": []}
+    print(format_summary(record))
+    return EXIT_OK if record["status"] == "success" else EXIT_FAILED
+
+
+def format_summary(r: dict[str, Any]) -> str:
+    disk = r.get("disk") or {}
+    lines = [
+        f"backup {r.get('status', '?').upper()}",
+        f"  disk:     {disk.get('label') or '-'} (UUID {disk.get('uuid') or '-'})",
+        f"  copied:   {r.get('files_transferred', 0)} files, "
+        f"{human_bytes(int(r.get('bytes_transferred', 0) or 0))}",
+        f"  took:     {r.get('duration_s', 0)} s",
+    ]
+    problems = r.get("problems") or []
+    if problems:
+        lines.append(f"  problems ({len(problems)}):")
+        lines += [f"    - {p}" for p in problems]
+    return "\n".join(lines)
+
+
+class _ProgressPrinter:
+    """Shows the live status on stderr while ``run`` works: one updating line on a
+    terminal, a line per phase otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.phase = ""
+        self.shown = False
+
+    async def follow(self, state_dir: Path) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            st = read_status(state_dir)
+            if st.get("state") != "running" or st.get("pid") != os.getpid():
+                continue
+            if self.tty:
+                width = shutil.get_terminal_size().columns
+                sys.stderr.write("\r" + format_status_line(st)[: width - 1].ljust(width - 1))
+                sys.stderr.flush()
+                self.shown = True
+            elif st.get("phase") != self.phase:
+                self.phase = str(st.get("phase"))
+                print(f"{self.phase}: {st.get('detail', '')}", file=sys.stderr)
+
+    def end(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def format_status_line(st: dict[str, Any]) -> str:
+    done, total = int(st.get("bytes_done") or 0), int(st.get("bytes_total") or 0)
+    parts = [f"[{st.get('phase', '?')}]"]
+    if total:
+        pct = float(st.get("percent") or 0.0)
+        filled = int(pct / 5)
+        parts.append(f"{'#' * filled}{'.' * (20 - filled)} {pct:5.1f}%")
+        parts.append(f"{human_bytes(done)} / {human_bytes(total)}")
+        if st.get("rate_bps"):
+            parts.append(f"{human_bytes(int(st['rate_bps']))}/s")
+        if st.get("eta_s") is not None:
+            parts.append(f"ETA {_clock(int(st['eta_s']))}")
+    if st.get("detail"):
+        parts.append(str(st["detail"]))
+    return "  ".join(parts)
+
+
+def _clock(seconds: int) -> str:
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+# status, history ---------------------------------------------------------------------
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    while True:
+        st = read_status(config.state_dir)
+        if args.json:
+            print(json.dumps(st), flush=True)
+        elif st["state"] == "idle":
+            print("idle: no backup is running")
+        else:
+            disk = st.get("disk") or {}
+            print(f"running on {disk.get('label') or disk.get('mount_point') or '?'}: "
+                  f"{format_status_line(st)}", flush=True)
+        if not args.watch or st["state"] == "idle":
+            return EXIT_OK
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(1)
+
+
+def cmd_history(config: Config, args: argparse.Namespace) -> int:
+    records = history.last_records(config.state_dir, args.last)
+    if args.json:
+        print(json.dumps(records, indent=2, ensure_ascii=False))
+    elif not records:
+        print("no backups yet")
+    else:
+        print(history.format_table(records))
+    return EXIT_OK
+
+
+# check -------------------------------------------------------------------------------
+
+_RSYNC_VERSION = re.compile(r"rsync\s+version\s+v?(\d+)\.(\d+)\.(\d+)")
+
+
+def environment_problems(config: Config) -> list[str]:
+    """Every problem of the environment that would stop or weaken a backup."""
+    from immich_usb_backup.steps.library import check_source  # noqa: PLC0415
+
+    problems: list[str] = []
+    rsync = shutil.which("rsync")
+    if rsync is None:
+        problems.append("rsync is not installed (Debian/Ubuntu: apt install rsync)")
+    else:
+        try:
+            _, out = asyncio.run(execute.capture([rsync, "--version"]))
+        except (CommandError, OSError) as exc:
+            out = ""
+            problems.append(f"rsync --version failed: {exc}")
+        m = _RSYNC_VERSION.search(out)
+        if m and tuple(map(int, m.groups())) < RSYNC_MIN_VERSION:
+            need = ".".join(map(str, RSYNC_MIN_VERSION))
+            problems.append(f"rsync {'.'.join(m.groups())} is too old; {need} or newer needed")
+        elif out and not m:
+            problems.append("could not read rsync's version")
+    if config.library.enabled:
+        try:
+            check_source(config.immich.upload_location, config.immich.require_markers)
+        except Exception as exc:
+            problems.append(f"immich.upload_location: {exc}")
+        else:
+            if not os.access(config.immich.upload_location, os.R_OK | os.X_OK):
+                problems.append(f"immich.upload_location: {config.immich.upload_location} "
+                                "is not readable by this user")
+    if config.database.enabled and not config.dumps_dir.is_dir():
+        problems.append(f"database.dumps_dir: {config.dumps_dir} does not exist")
+    if config.config_backup.enabled:
+        for p in config.config_backup.paths:
+            if not p.exists():
+                problems.append(f"config_backup.paths: {p} does not exist")
+            elif not os.access(p, os.R_OK):
+                problems.append(f"config_backup.paths: {p} is not readable by this user")
+    state = config.state_dir
+    probe = state if state.exists() else next((p for p in state.parents if p.exists()), None)
+    if probe is None or not os.access(probe, os.W_OK):
+        problems.append(f"state.dir: {state} cannot be created or written by this user")
+    return problems
+
+
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    problems = environment_problems(config)
+    if problems:
+        print(f"{len(problems)} problem(s) with {config.source}:")
+        for problem in problems:
+            print(f"  - {problem}")
+        return EXIT_FAILED
+    print(f"{config.source}: configuration and environment OK")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The backup history: one JSON record per run, appended to ``<state dir>/history.jsonl``.
+
+Appending one line per run keeps every write small and the file readable after any crash;
+readers skip a line they cannot parse (a power cut mid-append) and say so in the log.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HISTORY_NAME = "history.jsonl"
+STATUSES = ("success", "partial", "failed", "refused", "interrupted")
+
+
+def append(state_dir: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one line and flush it to disk."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
+    fd = os.open(state_dir / HISTORY_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def iter_records(state_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every record, oldest first."""
+    try:
+        f = open(state_dir / HISTORY_NAME, encoding="utf-8")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("history line %d is damaged and was skipped", n)
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def last_records(state_dir: Path, n: int | None) -> list[dict[str, Any]]:
+    """The last ``n`` records (all when None), oldest first."""
+    return list(collections.deque(iter_records(state_dir), maxlen=n))
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """A table a person reads at a glance: one row a run, newest last."""
+    from immich_usb_backup.policy import human_bytes  # noqa: PLC0415 - keep import light
+
+    header = ("started", "status", "trigger", "mode", "disk", "files", "copied", "took",
+              "problems")
+    rows = [header]
+    for r in records:
+        disk = r.get("disk") or {}
+        problems = r.get("problems") or []
+        first = f"{len(problems)}: {problems[0]}" if problems else ""
+        if len(first) > 60:
+            first = first[:57] + "..."
+        rows.append((
+            str(r.get("started_at", ""))[:19].replace("T", " "),
+            str(r.get("status", "")),
+            str(r.get("trigger", "")),
+            str(r.get("mode", "")),
+            str(disk.get("label") or disk.get("uuid") or "-"),
+            str(r.get("files_transferred", 0)),
+            human_bytes(int(r.get("bytes_transferred", 0) or 0)),
+            _duration(float(r.get("duration_s", 0) or 0)),
+            first,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

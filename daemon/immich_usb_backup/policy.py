@@ -1,0 +1,158 @@
+"""Pure decisions on plain data: no I/O here.
+
+What exFAT can hold, whether a run may delete what it would delete, whether the files
+fit, which Immich database dump is the newest.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+EXFAT_FORBIDDEN = frozenset('"*:<>?\\|')
+EXFAT_MAX_NAME_UTF16 = 255
+
+
+def exfat_name_problem(name: str) -> str | None:
+    """Given a file name (as ``os.fsdecode`` gives it), say why exFAT cannot hold it.
+
+    Return None when it can.
+    """
+    if any("\udc80" <= c <= "\udcff" for c in name):
+        return "name is not valid UTF-8"
+    bad = sorted({c for c in name if c in EXFAT_FORBIDDEN or ord(c) < 0x20})
+    if bad:
+        shown = " ".join(repr(c) if ord(c) < 0x20 else c for c in bad)
+        return f"name has characters exFAT cannot store ({shown})"
+    if len(name.encode("utf-16-le", "surrogatepass")) // 2 > EXFAT_MAX_NAME_UTF16:
+        return f"name is longer than {EXFAT_MAX_NAME_UTF16} characters (exFAT's limit)"
+    return None
+
+
+def exfat_fold(name: str) -> str:
+    """The key under which exFAT considers names equal (it ignores case, char by char)."""
+    out = []
+    for c in name:
+        up = c.upper()
+        out.append(up if len(up) == 1 else c)
+    return "".join(out)
+
+
+def delete_limit(backed_up_files: int, max_delete_percent: float) -> int:
+    """How many of ``backed_up_files`` a run may delete under ``max_delete_percent``."""
+    return math.floor(backed_up_files * max_delete_percent / 100)
+
+
+def deletion_refusal(deletes: int, backed_up_files: int, max_delete_percent: float) -> str | None:
+    """Say why deleting ``deletes`` of ``backed_up_files`` is refused; None if allowed."""
+    if deletes == 0:
+        return None
+    limit = delete_limit(backed_up_files, max_delete_percent)
+    if deletes <= limit:
+        return None
+    share = 100 * deletes / max(backed_up_files, 1)
+    return (
+        f"this run would delete {deletes} of the {backed_up_files} files in the backup "
+        f"({share:.1f}%), more than library.max_delete_percent = {max_delete_percent:g}%. "
+        "If these files really were removed from Immich, raise library.max_delete_percent "
+        "for one run."
+    )
+
+
+@dataclass(frozen=True)
+class SpaceNeed:
+    """What a run will write and what it frees, in allocated bytes on the disk."""
+
+    to_write: int
+    freed_before_copy: int
+    freed_by_replacing: int
+    largest_replaced: int
+    free: int
+
+    @property
+    def available(self) -> int:
+        return self.free + self.freed_before_copy + self.freed_by_replacing - self.largest_replaced
+
+    @property
+    def fits(self) -> bool:
+        return self.to_write <= self.available
+
+
+def capacity_refusal(need: SpaceNeed) -> str | None:
+    """Say why the run cannot fit on the disk; None when it fits."""
+    if need.fits:
+        return None
+    return (
+        f"not enough space on the disk: this backup needs to write {human_bytes(need.to_write)}, "
+        f"the disk has {human_bytes(need.free)} free and the old backup frees "
+        f"{human_bytes(need.freed_before_copy + need.freed_by_replacing)}; "
+        f"{human_bytes(need.to_write - need.available)} more are needed. "
+        "Free space on the disk or use a bigger one."
+    )
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Immich database dumps -------------------------------------------------------------
+
+_DUMP_NEW = re.compile(r"^immich-db-backup-(\d{8}T\d{6})-v[^/]*-pg[^/]*\.sql\.gz$")
+_DUMP_NEW_BARE = re.compile(r"^immich-db-backup-(\d{8}T\d{6})(?:-[^/]*)?\.sql\.gz$")
+_DUMP_OLD = re.compile(r"^immich-db-backup-(\d{10,14})\.sql\.gz$")
+
+
+def dump_time(name: str) -> datetime | None:
+    """The time in an Immich dump's name, or None when the name is not a nightly dump.
+
+    ``immich-db-backup-20250102T020000-v1.130.0-pg14.17.sql.gz`` carries the server's local
+    time (read as this machine's local time); ``immich-db-backup-1735783200000.sql.gz``
+    carries milliseconds since the epoch. ``*.tmp``, ``restore-point-*`` and ``uploaded-*``
+    are not nightly dumps.
+    """
+    if not name.startswith("immich-db-backup-") or not name.endswith(".sql.gz"):
+        return None
+    m = _DUMP_NEW.match(name) or _DUMP_NEW_BARE.match(name)
+    if m:
+        try:
+            return datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").astimezone()
+        except ValueError:
+            return None
+    m = _DUMP_OLD.match(name)
+    if m:
+        try:
+            return datetime.fromtimestamp(int(m.group(1)) / 1000, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    return None
+
+
+def newest_dump(names: list[str]) -> tuple[str, datetime] | None:
+    """Pick the newest nightly dump by the time in its name; None when there is none."""
+    dated = [(t, n) for n in names if (t := dump_time(n)) is not None]
+    if not dated:
+        return None
+    t, n = max(dated)
+    return n, t
+
+
+def dumps_to_prune(names: list[str], keep: int) -> list[str]:
+    """Of the dump names on the disk, those beyond the ``keep`` newest."""
+    dated = sorted(((t, n) for n in names if (t := dump_time(n)) is not None), reverse=True)
+    return [n for _, n in dated[keep:]]
+
+
+_CONFIG_ZIP = re.compile(r"^config-\d{4}-\d{2}-\d{2}T\d{6}(?:-\d+)?\.zip$")
+
+
+def archives_to_prune(names: list[str], keep: int) -> list[str]:
+    """Of the config archive names on the disk, those beyond the ``keep`` newest."""
+    ours = sorted((n for n in names if _CONFIG_ZIP.match(n)), reverse=True)
+    return ours[keep:]

@@ -1,0 +1,308 @@
+"""The preflight scan: one streaming walk of the source and the mirror side by side.
+
+Given the upload location and the mirror folder on the disk, ``scan`` decides, for every
+entry, what the mirror needs: copy (new or changed by size or modification time, with a
+one-second window as exFAT stores times coarsely), delete (in the mirror, not in the
+source), or nothing. Files exFAT cannot hold are reported, never silently lost.
+
+It holds one folder's listing at a time (plus the names of folders still to visit), and
+writes the work to do into files in the state dir: the copy lists (NUL-separated paths
+for ``rsync --files-from --from0``, in batches) and the delete list. So the run knows
+every number the safety rules need (files to delete, bytes to write) before anything is
+written, without ever holding the whole tree in memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from immich_usb_backup.fsutil import allocated
+from immich_usb_backup.policy import exfat_fold, exfat_name_problem
+
+MODIFY_WINDOW_NS = 1_000_000_000
+BATCH_FILES = 50_000
+PROBLEMS_KEPT = 100
+
+
+class Problems:
+    """Problems of a run: the first ``PROBLEMS_KEPT`` kept word for word, the rest counted."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.more = 0
+
+    def add(self, text: str) -> None:
+        if len(self.items) < PROBLEMS_KEPT:
+            self.items.append(text)
+        else:
+            self.more += 1
+
+    def __len__(self) -> int:
+        return len(self.items) + self.more
+
+    def as_list(self) -> list[str]:
+        if self.more:
+            return [*self.items, f"... and {self.more} more problems like these"]
+        return list(self.items)
+
+
+@dataclass
+class Plan:
+    """What the mirror needs. Sizes in bytes; ``*_alloc`` are allocated bytes on the disk."""
+
+    source_files: int = 0
+    source_bytes: int = 0
+    source_alloc: int = 0
+    mirror_files: int = 0
+    copy_files: int = 0
+    copy_bytes: int = 0
+    copy_alloc: int = 0
+    replaced_alloc: int = 0
+    largest_replaced_alloc: int = 0
+    delete_files: int = 0
+    delete_dirs: int = 0
+    delete_alloc: int = 0
+    skipped_files: int = 0
+    copy_lists: list[Path] = field(default_factory=list)
+    delete_list: Path | None = None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    kind: str  # "file", "dir", "link", "other"
+    size: int = 0
+    mtime_ns: int = 0
+
+
+class Excludes:
+    """``library.excludes`` patterns, matched against paths relative to the source root.
+
+    A pattern with no ``/`` matches a name at any depth (``thumbs``, ``*.tmp``); a pattern
+    with a ``/`` matches the whole relative path (``/thumbs`` or ``upload/abc``), a leading
+    ``/`` being optional. A matching folder is skipped with everything in it. In the
+    mirror, excluded paths are left as they are: never deleted, never counted.
+    """
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.names = [p for p in patterns if "/" not in p.strip("/")]
+        self.paths = [p.strip("/") for p in patterns if "/" in p.strip("/")]
+        self.names = [p.strip("/") for p in self.names]
+
+    def match(self, rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(name, p) for p in self.names) or any(
+            fnmatch.fnmatchcase(rel, p) for p in self.paths
+        )
+
+
+class _ListWriter:
+    """NUL-separated path lists in batches of ``BATCH_FILES``."""
+
+    def __init__(self, directory: Path, stem: str, batch: int = BATCH_FILES) -> None:
+        self.directory = directory
+        self.stem = stem
+        self.batch = batch
+        self.paths: list[Path] = []
+        self._f: BinaryIO | None = None
+        self._count = 0
+
+    def add(self, record: bytes) -> None:
+        if self._f is None or self._count >= self.batch:
+            self._open_next()
+        assert self._f is not None
+        self._f.write(record)
+        self._count += 1
+
+    def _open_next(self) -> None:
+        if self._f:
+            self._f.close()
+        path = self.directory / f"{self.stem}-{len(self.paths):04d}"
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.paths.append(path)
+        self._count = 0
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+            self._f = None
+
+
+def _list_dir(path: str) -> Iterator[_Entry]:
+    with os.scandir(path) as it:
+        for e in it:
+            if e.is_symlink():
+                yield _Entry(e.name, "link")
+            elif e.is_dir(follow_symlinks=False):
+                yield _Entry(e.name, "dir")
+            elif e.is_file(follow_symlinks=False):
+                st = e.stat(follow_symlinks=False)
+                yield _Entry(e.name, "file", st.st_size, st.st_mtime_ns)
+            else:
+                yield _Entry(e.name, "other")
+
+
+def _sort_key(entry: _Entry) -> bytes:
+    return os.fsencode(entry.name)
+
+
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def scan(
+    source: Path,
+    mirror: Path,
+    work_dir: Path,
+    excludes: Excludes,
+    cluster: int,
+    problems: Problems,
+    *,
+    copy_all: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    batch: int = BATCH_FILES,
+) -> Plan:
+    """Walk ``source`` and ``mirror`` together and return the Plan (see the module doc).
+
+    ``copy_all`` lists every file for copying (a full re-copy). ``on_progress`` is called
+    with the number of source files seen so far, every few thousand files.
+    """
+    plan = Plan()
+    copies = _ListWriter(work_dir, "copy", batch)
+    deletes_path = work_dir / "delete"
+    with open(deletes_path, "wb") as deletes:
+        plan.delete_list = deletes_path
+
+        def delete(rel: str, entry: _Entry) -> None:
+            if entry.kind == "dir":
+                _delete_tree(mirror, rel, plan, deletes, cluster)
+            else:
+                plan.delete_files += 1
+                plan.delete_alloc += allocated(entry.size, cluster)
+                deletes.write(b"F\0" + os.fsencode(rel) + b"\0")
+
+        stack: list[tuple[str, bool]] = [("", mirror.is_dir())]
+        next_report = 5000
+        while stack:
+            rel, in_mirror = stack.pop()
+            src_entries = sorted(_list_dir(os.path.join(source, rel)), key=_sort_key)
+            mirrored: dict[str, _Entry] = {}
+            if in_mirror:
+                for e in _list_dir(os.path.join(mirror, rel)):
+                    mirrored[exfat_fold(e.name)] = e
+            seen: dict[str, str] = {}
+            subdirs: list[tuple[str, bool]] = []
+            for e in src_entries:
+                child = _join(rel, e.name)
+                key = exfat_fold(e.name)
+                if excludes.match(child):
+                    mirrored.pop(key, None)
+                    continue
+                why = exfat_name_problem(e.name)
+                if why is None and e.kind == "link":
+                    target = _readlink(os.path.join(source, child))
+                    why = f"symbolic link (exFAT cannot store links; it points to {target})"
+                if why is None and e.kind == "other":
+                    why = "not a regular file or folder (socket, device or pipe)"
+                if why is None and key in seen:
+                    why = (
+                        f"differs only in case from {_join(rel, seen[key])}; exFAT cannot "
+                        "hold both in one folder"
+                    )
+                if why is not None:
+                    problems.add(f"not backed up: {child}: {why}")
+                    plan.skipped_files += 1
+                    continue
+                seen[key] = e.name
+                old = mirrored.pop(key, None)
+                if e.kind == "dir":
+                    if old is not None and (old.kind != "dir" or old.name != e.name):
+                        delete(_join(rel, old.name), old)
+                        old = None
+                    if old is None:
+                        copies.add(os.fsencode(child) + b"\0")
+                    subdirs.append((child, old is not None))
+                    continue
+                # a regular file
+                alloc = allocated(e.size, cluster)
+                plan.source_files += 1
+                plan.source_bytes += e.size
+                plan.source_alloc += alloc
+                if plan.source_files >= next_report and on_progress:
+                    on_progress(plan.source_files)
+                    next_report += 5000
+                if old is not None and (old.kind != "file" or old.name != e.name):
+                    delete(_join(rel, old.name), old)
+                    old = None
+                if old is not None:
+                    plan.mirror_files += 1
+                    unchanged = old.size == e.size and abs(
+                        old.mtime_ns - e.mtime_ns
+                    ) <= MODIFY_WINDOW_NS
+                    if unchanged and not copy_all:
+                        continue
+                    old_alloc = allocated(old.size, cluster)
+                    plan.replaced_alloc += old_alloc
+                    plan.largest_replaced_alloc = max(plan.largest_replaced_alloc, old_alloc)
+                plan.copy_files += 1
+                plan.copy_bytes += e.size
+                plan.copy_alloc += alloc
+                copies.add(os.fsencode(child) + b"\0")
+            for old in sorted(mirrored.values(), key=_sort_key):
+                child = _join(rel, old.name)
+                if excludes.match(child):
+                    continue
+                if old.kind == "file":
+                    plan.mirror_files += 1
+                delete(child, old)
+            stack.extend(reversed(subdirs))
+    copies.close()
+    plan.copy_lists = copies.paths
+    return plan
+
+
+def _delete_tree(mirror: Path, rel: str, plan: Plan, out: BinaryIO, cluster: int) -> None:
+    """Append a mirror folder and everything in it to the delete list, deepest first."""
+    for dirpath, _dirnames, filenames in os.walk(os.path.join(mirror, rel), topdown=False):
+        base = os.path.relpath(dirpath, mirror)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                size = os.lstat(path).st_size
+            except FileNotFoundError:
+                continue
+            plan.delete_files += 1
+            plan.mirror_files += 1
+            plan.delete_alloc += allocated(size, cluster)
+            out.write(b"F\0" + os.fsencode(os.path.join(base, name)) + b"\0")
+        plan.delete_dirs += 1
+        out.write(b"D\0" + os.fsencode(base) + b"\0")
+
+
+def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:
+    """Yield (kind, relative path) from a delete list; kind is "F" or "D".
+
+    Subfolders of a deleted folder are removed by its own "D" record (deepest first).
+    """
+    with open(path, "rb") as f:
+        pending = b""
+        while chunk := f.read(1 << 16):
+            pending += chunk
+            parts = pending.split(b"\0")
+            pending = parts.pop()
+            if len(parts) % 2:
+                pending = parts.pop() + b"\0" + pending
+            for kind, rel in zip(parts[::2], parts[1::2], strict=True):
+                yield kind.decode(), os.fsdecode(rel)
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"

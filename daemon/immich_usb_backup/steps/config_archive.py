@@ -1,0 +1,141 @@
+"""Config step: zip the configured files and folders, plus a restore note, into
+``config/config-YYYY-MM-DDTHHMMSS.zip`` (timestamped, so two runs a day keep both);
+keep the last N archives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from immich_usb_backup import __version__, policy
+from immich_usb_backup.errors import BackupError
+from immich_usb_backup.fsutil import atomic_write, fsync_dir, remove_stale_temps
+from immich_usb_backup.steps import RunContext, StepResult, in_thread
+
+log = logging.getLogger(__name__)
+
+FOLDER = "config"
+NOTE_NAME = "RESTORE.txt"
+
+
+def _walk(path: Path, skipped: list[str]) -> Iterator[Path]:
+    """Regular files under ``path`` (or ``path`` itself). Links to folders are not followed."""
+    if path.is_file():
+        yield path
+        return
+    for dirpath, dirnames, filenames in os.walk(path, onerror=lambda e: skipped.append(
+            f"{e.filename}: {e.strerror}")):
+        for d in list(dirnames):
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full):
+                skipped.append(f"{full}: link to a folder, not followed ({os.readlink(full)})")
+                dirnames.remove(d)
+        for name in sorted(filenames):
+            file = Path(dirpath, name)
+            if file.is_file():
+                yield file
+            else:
+                skipped.append(f"{file}: not a regular file")
+    return
+
+
+def estimate(ctx: RunContext) -> int:
+    """An upper bound of the archive's size: the bytes of every file to be zipped."""
+    if not ctx.config.config_backup.enabled:
+        return 0
+    total = 0
+    for p in ctx.config.config_backup.paths:
+        if not p.exists():
+            continue
+        for f in _walk(p, []):
+            try:
+                total += f.stat().st_size
+            except OSError:
+                continue
+    return total + 64 * 1024
+
+
+def archive_name(ctx: RunContext) -> str:
+    stamp = ctx.started.strftime("%Y-%m-%dT%H%M%S")
+    name = f"config-{stamp}.zip"
+    n = 2
+    while (ctx.root.root / FOLDER / name).exists():
+        name = f"config-{stamp}-{n}.zip"
+        n += 1
+    return name
+
+
+def _restore_note(ctx: RunContext, included: list[str], problems: list[str]) -> str:
+    lines = [
+        "Configuration backup made by immich-usb-backup",
+        f"version {__version__}, host {socket.gethostname()}, "
+        f"at {ctx.started.isoformat(timespec='seconds')}",
+        "",
+        "Every file is stored under its full path on the server, without the leading /.",
+        "To restore, unzip into a scratch folder and copy back what you need, e.g.:",
+        "  unzip config-....zip -d /tmp/restore",
+        "  sudo cp -a /tmp/restore/etc/nixos/. /etc/nixos/",
+        "Then rebuild or restart the services (nixos-rebuild switch, or",
+        "docker compose up -d in the folder holding Immich's docker-compose.yml).",
+        "",
+        "Configured paths:",
+        *(f"  {p}" for p in included),
+    ]
+    if problems:
+        lines += ["", "Not included:", *(f"  {p}" for p in problems)]
+    return "\n".join(lines) + "\n"
+
+
+async def run(ctx: RunContext) -> StepResult:
+    """Write the archive (temp name, fsync, rename), then prune beyond ``keep``."""
+    result = StepResult("config")
+    cfg = ctx.config.config_backup
+    folder = ctx.root.mkdir(FOLDER)
+    remove_stale_temps(folder)
+    name = archive_name(ctx)
+    final = ctx.root.path(FOLDER, name)
+    ctx.status.set_phase("config", 0, name)
+    skipped: list[str] = []
+    for p in cfg.paths:
+        if not p.exists():
+            skipped.append(f"{p}: does not exist")
+    files = 0
+
+    def write(f: BinaryIO) -> None:
+        nonlocal files
+        with zipfile.ZipFile(
+            f, "w", compression=zipfile.ZIP_DEFLATED, strict_timestamps=False
+        ) as zf:
+            for p in cfg.paths:
+                if not p.exists():
+                    continue
+                for file in _walk(p, skipped):
+                    ctx.check_cancel()
+                    arc = os.path.relpath(file, "/")
+                    try:
+                        zf.write(file, arc)
+                        files += 1
+                    except OSError as exc:
+                        skipped.append(f"{file}: {exc.strerror}")
+            zf.writestr(NOTE_NAME, _restore_note(ctx, [str(p) for p in cfg.paths], skipped))
+
+    try:
+        await in_thread(ctx, lambda: atomic_write(ctx.root, final, write))
+    except OSError as exc:
+        raise BackupError(f"config: writing {name} failed: {exc}") from exc
+    for s in skipped:
+        ctx.problems.add(f"config: not in the archive: {s}")
+    result.files, result.bytes = 1, final.stat().st_size
+    result.info.update(archive=name, files_in_archive=files)
+    names = [e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
+    for old in policy.archives_to_prune(names, cfg.keep):
+        ctx.root.path(FOLDER, old).unlink()
+        log.info("pruned old config archive %s", old)
+    fsync_dir(folder)
+    return result

@@ -1,0 +1,188 @@
+"""Library step: mirror Immich's upload location into ``library/`` on the disk.
+
+Preflight (``check_source``, ``plan``) reads only. ``run`` then deletes what the plan
+listed (only inside ``library/``, each path checked) and copies what it listed with
+rsync, in batches (``--files-from``), with flags that suit exFAT: times kept, no owners,
+groups or permissions, a one-second window for times. rsync's own temporary name and
+rename keep each file whole; its ``--info=progress2`` lines feed the live status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from immich_usb_backup import execute
+from immich_usb_backup.errors import BackupError, CommandError, Refused
+from immich_usb_backup.fsutil import ensure_inside
+from immich_usb_backup.scan import Excludes, Plan, read_delete_list, scan
+from immich_usb_backup.steps import RunContext, StepResult, in_thread
+
+log = logging.getLogger(__name__)
+
+FOLDER = "library"
+IMMICH_FOLDERS = ("upload", "library", "profile", "thumbs", "encoded-video", "backups")
+IMMICH_MARKER = ".immich"
+RSYNC_MIN_VERSION = (3, 1, 0)
+RSYNC_VANISHED = 24  # a source file vanished while copying: Immich deleted it; fine
+
+_PROGRESS = re.compile(r"^\s*([\d,.]+)\s+(\d+)%")
+_STATS_FILES = re.compile(r"^Number of regular files transferred:\s*([\d,.]+)")
+_STATS_BYTES = re.compile(r"^Total transferred file size:\s*([\d,.]+)")
+
+
+def rsync_base_args(bwlimit_kib: int = 0) -> list[str]:
+    """The rsync flags for a mirror onto exFAT (also used by the benchmark's bare rsync)."""
+    args = [
+        "rsync",
+        "--times",
+        "--modify-window=1",
+        "--no-perms",
+        "--no-owner",
+        "--no-group",
+    ]
+    if bwlimit_kib:
+        args.append(f"--bwlimit={bwlimit_kib}")
+    return args
+
+
+def check_source(upload: Path, require_markers: bool) -> None:
+    """Refuse (safety rule 4) a source that is missing, empty or not Immich's mount."""
+    if not upload.is_dir():
+        raise Refused(
+            f"the upload location {upload} does not exist or is not a folder; is Immich's "
+            "storage mounted? Nothing was copied or deleted."
+        )
+    try:
+        with os.scandir(upload) as it:
+            empty = next(it, None) is None
+    except OSError as exc:
+        raise Refused(f"cannot read the upload location {upload}: {exc.strerror}") from None
+    if empty:
+        raise Refused(
+            f"the upload location {upload} is empty; is Immich's storage mounted? A mirror "
+            "of an empty folder would wipe the backup, so nothing was copied or deleted."
+        )
+    if not require_markers:
+        return
+    present = [d for d in IMMICH_FOLDERS if (upload / d).is_dir()]
+    if not present:
+        raise Refused(
+            f"{upload} does not look like Immich's upload location (no upload/, library/ or "
+            "profile/ folder); check immich.upload_location. Nothing was copied or deleted."
+        )
+    missing = [d for d in present if not (upload / d / IMMICH_MARKER).is_file()]
+    if missing:
+        shown = ", ".join(f"{d}/{IMMICH_MARKER}" for d in missing)
+        raise Refused(
+            f"Immich's marker files are missing in {upload} ({shown}): its storage may not "
+            "be mounted or may have moved, so nothing was copied or deleted. If this is a "
+            "very old Immich that writes no markers, set immich.require_markers = false."
+        )
+
+
+async def plan(ctx: RunContext, cluster: int, copy_all: bool = False) -> Plan:
+    """Scan source and mirror side by side (see ``scan``); reads only."""
+    cfg = ctx.config
+    mirror = ctx.root.path(FOLDER)
+    excludes = Excludes(cfg.library.excludes)
+    ctx.status.set_phase("scan", 0, "comparing the library with the backup")
+
+    def progress(files: int) -> None:
+        ctx.check_cancel()
+        ctx.status.progress(0, f"{files} files compared")
+
+    return await in_thread(
+        ctx,
+        lambda: scan(
+            cfg.immich.upload_location, mirror, ctx.work_dir, excludes, cluster,
+            ctx.problems, copy_all=copy_all, on_progress=progress,
+        ),
+    )
+
+
+def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> int:
+    """Remove what the plan lists from the mirror; every path checked inside it."""
+    removed = 0
+    if plan.delete_list is None:
+        return 0
+    for kind, rel in read_delete_list(plan.delete_list):
+        ctx.check_cancel()
+        path = mirror / rel
+        ensure_inside(mirror, path)
+        if path == mirror:
+            raise BackupError("refusing to delete the mirror folder itself")
+        try:
+            if kind == "D":
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            ctx.problems.add(f"library: could not delete {rel} from the backup: {exc.strerror}")
+    return removed
+
+
+def _number(text: str) -> int:
+    return int(re.sub(r"[,.]", "", text))
+
+
+async def run(ctx: RunContext, plan: Plan) -> StepResult:
+    """Apply the plan: deletions first (they free space), then the copies."""
+    result = StepResult("library")
+    mirror = ctx.root.mkdir(FOLDER)
+    if plan.delete_files or plan.delete_dirs:
+        ctx.status.set_phase("delete", 0, f"removing {plan.delete_files} files")
+        result.info["deleted"] = await in_thread(ctx, lambda: _delete(ctx, mirror, plan))
+    ctx.status.set_phase("library", plan.copy_bytes, f"{plan.copy_files} files to copy")
+    source = str(ctx.config.immich.upload_location).rstrip("/") + "/"
+    done = {"before": 0, "batch": 0}  # bytes of finished batches, of the running one
+
+    def on_line(line: str) -> None:
+        m = _PROGRESS.match(line)
+        if m:
+            done["batch"] = _number(m.group(1))
+            ctx.status.progress(done["before"] + done["batch"])
+            return
+        m = _STATS_FILES.match(line)
+        if m:
+            result.files += _number(m.group(1))
+            return
+        m = _STATS_BYTES.match(line)
+        if m:
+            result.bytes += _number(m.group(1))
+
+    for batch in plan.copy_lists:
+        done["batch"] = 0
+        argv = [
+            *rsync_base_args(ctx.config.library.bwlimit_kib),
+            "--dirs",
+            f"--files-from={batch}",
+            "--from0",
+            "--info=progress2",
+            "--stats",
+            "--no-human-readable",
+            source,
+            str(mirror) + "/",
+        ]
+        try:
+            await execute.run(argv, on_line=on_line, ok_codes=(0, RSYNC_VANISHED))
+        except CommandError as exc:
+            raise BackupError(
+                f"library: rsync failed with status {exc.returncode}: {exc.stderr_tail}"
+            ) from exc
+        done["before"] += done["batch"]
+    result.info["source_files"] = plan.source_files
+    result.info["source_bytes"] = plan.source_bytes
+    return result
+
+
+def cleanup_work(work_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(work_dir)
