@@ -57,6 +57,8 @@ def unmount(mount_point: Path) -> None:
         if r.returncode == 0:
             break
         time.sleep(0.1)
+    else:
+        subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True)
     # exfat-fuse finishes writing after umount returns: wait for it before detaching
     for _ in range(100):
         if str(mount_point) not in Path("/proc/mounts").read_text():
@@ -119,7 +121,9 @@ def dump_name(when: datetime) -> str:
     return f"immich-db-backup-{when:%Y%m%dT%H%M%S}-v1.130.0-pg14.17.sql.gz"
 
 
-def write_dump(folder: Path, when: datetime, body: bytes = b"-- PostgreSQL database dump complete\n") -> Path:
+def write_dump(
+    folder: Path, when: datetime, body: bytes = b"-- PostgreSQL database dump complete\n"
+) -> Path:
     path = folder / dump_name(when)
     with gzip.open(path, "wb") as f:
         f.write(body)
@@ -175,7 +179,9 @@ def server(tmp_path: Path) -> Server:
     return srv
 
 
-def run_cli(*args: str, config: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, config: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the real command line in a subprocess."""
     argv = [sys.executable, "-m", "immich_usb_backup"]
     if config is not None:

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from conftest import ExfatDisk, Server, run_cli, tree
 
 pytestmark = pytest.mark.exfat

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from immich_usb_backup.errors import ConfigError
 
@@ -188,11 +188,13 @@ def parse_config(data: dict[str, Any], where: str, source: Path | None = None) -
             section = {}
         built[name] = _build_section(cls, name, section, where, problems)
 
-    if not problems:
+    if all(v is not None for v in built.values()):
         cfg = Config(source=source, **built)
         _check_relations(cfg, where, problems)
         if not problems:
             return cfg
+    elif all(built.get(k) is not None for k in ("immich", "state", "library")):
+        _check_relations(cast(Config, _Partial(**built)), where, problems)
     raise ConfigError(problems)
 
 
@@ -299,12 +301,23 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
             f"({state} and {upload})"
         )
     for pattern in cfg.library.excludes:
-        if not pattern or pattern in {"/", "*", "**"}:
+        if pattern.strip("/") in {"", "*", "**"}:
             problems.append(
                 f'{where}: library.excludes: pattern "{pattern}" would exclude everything'
             )
         elif ".." in pattern.split("/"):
             problems.append(f'{where}: library.excludes: pattern "{pattern}" must not use ".."')
+
+
+@dataclass(frozen=True)
+class _Partial:
+    """The sections that did validate, for cross-key checks while others have errors."""
+
+    immich: ImmichConfig
+    library: LibraryConfig
+    state: StateConfig
+    database: DatabaseConfig | None = None
+    config_backup: ConfigBackupConfig | None = None
 
 
 def _overlaps(a: Path, b: Path) -> bool:

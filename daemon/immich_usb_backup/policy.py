@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from fractions import Fraction
 
 EXFAT_FORBIDDEN = frozenset('"*:<>?\\|')
 EXFAT_MAX_NAME_UTF16 = 255
@@ -28,6 +29,8 @@ def exfat_name_problem(name: str) -> str | None:
         return f"name has characters exFAT cannot store ({shown})"
     if len(name.encode("utf-16-le", "surrogatepass")) // 2 > EXFAT_MAX_NAME_UTF16:
         return f"name is longer than {EXFAT_MAX_NAME_UTF16} characters (exFAT's limit)"
+    if name.endswith("."):
+        return "name ends with a dot (Linux's exFAT driver and Windows drop it)"
     return None
 
 
@@ -42,7 +45,8 @@ def exfat_fold(name: str) -> str:
 
 def delete_limit(backed_up_files: int, max_delete_percent: float) -> int:
     """How many of ``backed_up_files`` a run may delete under ``max_delete_percent``."""
-    return math.floor(backed_up_files * max_delete_percent / 100)
+    # exact arithmetic: 1000 files at 32.3% allow 323, not 322.99999 -> 322
+    return math.floor(backed_up_files * Fraction(str(max_delete_percent)) / 100)
 
 
 def deletion_refusal(deletes: int, backed_up_files: int, max_delete_percent: float) -> str | None:
@@ -149,10 +153,19 @@ def dumps_to_prune(names: list[str], keep: int) -> list[str]:
     return [n for _, n in dated[keep:]]
 
 
-_CONFIG_ZIP = re.compile(r"^config-\d{4}-\d{2}-\d{2}T\d{6}(?:-\d+)?\.zip$")
+_CONFIG_ZIP = re.compile(r"^config-(\d{4}-\d{2}-\d{2}T\d{6})(?:-(\d+))?\.zip$")
 
 
 def archives_to_prune(names: list[str], keep: int) -> list[str]:
-    """Of the config archive names on the disk, those beyond the ``keep`` newest."""
-    ours = sorted((n for n in names if _CONFIG_ZIP.match(n)), reverse=True)
-    return ours[keep:]
+    """Of the config archive names on the disk, those beyond the ``keep`` newest.
+
+    ``config-STAMP-2.zip`` is the second archive of the same second, newer than
+    ``config-STAMP.zip``.
+    """
+    dated = []
+    for n in names:
+        m = _CONFIG_ZIP.match(n)
+        if m:
+            dated.append(((m.group(1), int(m.group(2) or 1)), n))
+    dated.sort(reverse=True)
+    return [n for _, n in dated[keep:]]

@@ -84,15 +84,21 @@ class Excludes:
     """``library.excludes`` patterns, matched against paths relative to the source root.
 
     A pattern with no ``/`` matches a name at any depth (``thumbs``, ``*.tmp``); a pattern
-    with a ``/`` matches the whole relative path (``/thumbs`` or ``upload/abc``), a leading
-    ``/`` being optional. A matching folder is skipped with everything in it. In the
-    mirror, excluded paths are left as they are: never deleted, never counted.
+    that starts with ``/`` or has one inside matches the whole relative path from the top
+    (``/thumbs``, ``upload/abc``). A trailing ``/`` is ignored. A matching folder is
+    skipped with everything in it. In the mirror, excluded paths are left as they are:
+    never deleted, never counted.
     """
 
     def __init__(self, patterns: tuple[str, ...]) -> None:
-        self.names = [p for p in patterns if "/" not in p.strip("/")]
-        self.paths = [p.strip("/") for p in patterns if "/" in p.strip("/")]
-        self.names = [p.strip("/") for p in self.names]
+        self.names: list[str] = []
+        self.paths: list[str] = []
+        for p in patterns:
+            body = p.strip("/")
+            if p.startswith("/") or "/" in body:
+                self.paths.append(body)
+            else:
+                self.names.append(body)
 
     def match(self, rel: str) -> bool:
         name = rel.rsplit("/", 1)[-1]
@@ -180,9 +186,10 @@ def scan(
 
         def delete(rel: str, entry: _Entry) -> None:
             if entry.kind == "dir":
-                _delete_tree(mirror, rel, plan, deletes, cluster)
+                _delete_tree(mirror, rel, plan, deletes, cluster, excludes)
             else:
                 plan.delete_files += 1
+                plan.mirror_files += 1
                 plan.delete_alloc += allocated(entry.size, cluster)
                 deletes.write(b"F\0" + os.fsencode(rel) + b"\0")
 
@@ -257,8 +264,6 @@ def scan(
                 child = _join(rel, old.name)
                 if excludes.match(child):
                     continue
-                if old.kind == "file":
-                    plan.mirror_files += 1
                 delete(child, old)
             stack.extend(reversed(subdirs))
     copies.close()
@@ -266,22 +271,31 @@ def scan(
     return plan
 
 
-def _delete_tree(mirror: Path, rel: str, plan: Plan, out: BinaryIO, cluster: int) -> None:
-    """Append a mirror folder and everything in it to the delete list, deepest first."""
-    for dirpath, _dirnames, filenames in os.walk(os.path.join(mirror, rel), topdown=False):
-        base = os.path.relpath(dirpath, mirror)
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            try:
-                size = os.lstat(path).st_size
-            except FileNotFoundError:
-                continue
+def _delete_tree(
+    mirror: Path, rel: str, plan: Plan, out: BinaryIO, cluster: int, excludes: Excludes
+) -> bool:
+    """Append a mirror folder and everything in it to the delete list, deepest first.
+
+    Excluded paths inside are kept (with the folders holding them). Return True when
+    the folder itself is listed for removal.
+    """
+    removable = True
+    entries = sorted(_list_dir(os.path.join(mirror, rel)), key=_sort_key)
+    for e in entries:
+        child = _join(rel, e.name)
+        if excludes.match(child):
+            removable = False
+        elif e.kind == "dir":
+            removable = _delete_tree(mirror, child, plan, out, cluster, excludes) and removable
+        else:
             plan.delete_files += 1
             plan.mirror_files += 1
-            plan.delete_alloc += allocated(size, cluster)
-            out.write(b"F\0" + os.fsencode(os.path.join(base, name)) + b"\0")
+            plan.delete_alloc += allocated(e.size, cluster)
+            out.write(b"F\0" + os.fsencode(child) + b"\0")
+    if removable:
         plan.delete_dirs += 1
-        out.write(b"D\0" + os.fsencode(base) + b"\0")
+        out.write(b"D\0" + os.fsencode(rel) + b"\0")
+    return removable
 
 
 def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:

@@ -1,0 +1,392 @@
+"""Unit tests for policy.py: pure decisions on plain data."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+import pytest
+
+from immich_usb_backup.policy import (
+    SpaceNeed,
+    archives_to_prune,
+    capacity_refusal,
+    delete_limit,
+    deletion_refusal,
+    dump_time,
+    dumps_to_prune,
+    exfat_fold,
+    exfat_name_problem,
+    human_bytes,
+    newest_dump,
+)
+
+EMOJI = "\U0001f600"  # outside the BMP: two UTF-16 units
+
+
+def new_style(when: datetime) -> str:
+    return f"immich-db-backup-{when:%Y%m%dT%H%M%S}-v1.130.0-pg14.17.sql.gz"
+
+
+def epoch_ms_style(when: datetime) -> str:
+    return f"immich-db-backup-{round(when.timestamp() * 1000)}.sql.gz"
+
+
+# exfat_name_problem ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("char", list('"*:<>?\\|'))
+def test_each_forbidden_character_is_a_problem_naming_it(char: str) -> None:
+    problem = exfat_name_problem(f"IMG{char}0001.jpg")
+    assert problem is not None
+    assert "characters exFAT cannot store" in problem
+    assert char in problem
+
+
+@pytest.mark.parametrize("char", ["\x01", "\t", "\n", "\r", "\x1b", "\x1f"])
+def test_control_characters_are_a_problem(char: str) -> None:
+    problem = exfat_name_problem(f"a{char}b.jpg")
+    assert problem is not None
+    assert "exFAT cannot store" in problem
+    assert repr(char) in problem
+
+
+def test_several_bad_characters_are_all_named_once() -> None:
+    problem = exfat_name_problem("a:b:c?d.jpg")
+    assert problem is not None
+    assert problem.endswith("(: ?)")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "IMG_0001.jpg",
+        "my holiday photo.jpg",
+        " leading and trailing space .jpg",
+        "Müller ü.jpg",
+        "日本.heic",
+        "a" * 255,
+        "a" * 253 + EMOJI,
+        EMOJI * 127 + "a",
+        "x.y.z",
+        "#hash;semi,comma=eq+plus@at&amp!'quote(1)[2]{3}~",
+        "del\x7fchar",
+    ],
+)
+def test_names_exfat_can_hold_have_no_problem(name: str) -> None:
+    assert exfat_name_problem(name) is None
+
+
+def test_name_of_exactly_255_utf16_units_is_fine() -> None:
+    assert exfat_name_problem("b" * 251 + ".jpg") is None
+
+
+def test_name_of_256_utf16_units_is_too_long() -> None:
+    problem = exfat_name_problem("b" * 252 + ".jpg")
+    assert problem is not None
+    assert "255" in problem
+
+
+def test_emoji_counts_as_two_utf16_units() -> None:
+    name = "a" * 254 + EMOJI  # 255 Python characters, 256 UTF-16 units
+    assert len(name) == 255
+    problem = exfat_name_problem(name)
+    assert problem is not None
+    assert "longer than 255" in problem
+
+
+def test_255_bmp_non_ascii_characters_are_fine_though_longer_in_utf8() -> None:
+    name = "日" * 255  # 765 bytes of UTF-8, 255 UTF-16 units
+    assert len(os.fsencode(name)) > 255
+    assert exfat_name_problem(name) is None
+    assert exfat_name_problem(name + "本") is not None
+
+
+def test_invalid_utf8_name_is_a_problem() -> None:
+    name = os.fsdecode(b"\xff.jpg")
+    problem = exfat_name_problem(name)
+    assert problem == "name is not valid UTF-8"
+
+
+def test_invalid_utf8_in_the_middle_of_a_name_is_a_problem() -> None:
+    assert exfat_name_problem(os.fsdecode(b"caf\xe9-photo.jpg")) == "name is not valid UTF-8"
+
+
+# exfat_fold --------------------------------------------------------------------------
+
+
+def test_fold_makes_names_differing_only_in_case_equal() -> None:
+    assert exfat_fold("Photo.JPG") == exfat_fold("photo.jpg")
+    assert exfat_fold("ÜBER.jpg") == exfat_fold("über.jpg")
+
+
+def test_fold_keeps_names_that_really_differ_apart() -> None:
+    assert exfat_fold("photo1.jpg") != exfat_fold("photo2.jpg")
+    assert exfat_fold("日本.jpg") != exfat_fold("本日.jpg")
+
+
+def test_fold_keeps_length_when_uppercase_would_grow() -> None:
+    # "ß".upper() is "SS": exFAT folds char by char, so "ß" stays a different name
+    assert exfat_fold("straße") != exfat_fold("strasse")
+    assert len(exfat_fold("straße")) == len("straße")
+
+
+# delete_limit / deletion_refusal -----------------------------------------------------
+
+
+def test_delete_limit_is_the_floor_of_the_share() -> None:
+    assert delete_limit(100, 20) == 20
+    assert delete_limit(99, 20) == 19
+    assert delete_limit(4, 20) == 0
+    assert delete_limit(0, 20) == 0
+    assert delete_limit(100, 0) == 0
+    assert delete_limit(100, 100) == 100
+
+
+def test_deleting_exactly_the_limit_is_allowed() -> None:
+    assert deletion_refusal(20, 100, 20) is None
+
+
+def test_deleting_one_above_the_limit_is_refused() -> None:
+    refusal = deletion_refusal(21, 100, 20)
+    assert refusal is not None
+    assert "21 of the 100 files" in refusal
+    assert "21.0%" in refusal
+    assert "library.max_delete_percent = 20%" in refusal
+
+
+def test_zero_deletes_are_always_allowed() -> None:
+    assert deletion_refusal(0, 0, 0) is None
+    assert deletion_refusal(0, 1000, 0) is None
+    assert deletion_refusal(0, 0, 20) is None
+
+
+def test_any_delete_is_refused_at_zero_percent() -> None:
+    assert deletion_refusal(1, 1_000_000, 0) is not None
+
+
+def test_deletes_from_an_empty_backup_are_refused() -> None:
+    refusal = deletion_refusal(1, 0, 20)
+    assert refusal is not None
+    assert "1 of the 0 files" in refusal
+
+
+def test_deleting_everything_is_allowed_at_100_percent() -> None:
+    assert deletion_refusal(10, 10, 100) is None
+
+
+@pytest.mark.parametrize(
+    ("files", "percent", "limit"),
+    [(1000, 32.3, 323), (50_000, 10.2, 5100)],
+)
+def test_delete_limit_is_exact_for_decimal_percentages(
+    files: int, percent: float, limit: int
+) -> None:
+    # 32.3% of 1000 files is 323 files exactly: deleting 323 is "at the limit", allowed.
+    assert delete_limit(files, percent) == limit
+    assert deletion_refusal(limit, files, percent) is None
+    assert deletion_refusal(limit + 1, files, percent) is not None
+
+
+# SpaceNeed / capacity_refusal --------------------------------------------------------
+
+
+def test_run_that_fits_exactly_is_not_refused() -> None:
+    need = SpaceNeed(to_write=1000, freed_before_copy=100, freed_by_replacing=50,
+                     largest_replaced=20, free=870)
+    assert need.available == 1000
+    assert need.fits
+    assert capacity_refusal(need) is None
+
+
+def test_run_one_byte_too_big_is_refused() -> None:
+    need = SpaceNeed(to_write=1001, freed_before_copy=100, freed_by_replacing=50,
+                     largest_replaced=20, free=870)
+    assert not need.fits
+    assert capacity_refusal(need) is not None
+
+
+def test_largest_replaced_file_is_needed_twice_while_it_is_replaced() -> None:
+    need = SpaceNeed(to_write=500, freed_before_copy=0, freed_by_replacing=500,
+                     largest_replaced=500, free=0)
+    assert need.available == 0
+    assert not need.fits
+
+
+def test_capacity_refusal_names_the_needed_and_free_amounts() -> None:
+    gib = 1024**3
+    need = SpaceNeed(to_write=10 * gib, freed_before_copy=gib, freed_by_replacing=0,
+                     largest_replaced=0, free=3 * gib)
+    refusal = capacity_refusal(need)
+    assert refusal is not None
+    assert "needs to write 10.0 GiB" in refusal
+    assert "3.0 GiB free" in refusal
+    assert "frees 1.0 GiB" in refusal
+    assert "6.0 GiB more are needed" in refusal
+
+
+def test_human_bytes_picks_a_readable_unit() -> None:
+    assert human_bytes(0) == "0 B"
+    assert human_bytes(1023) == "1023 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(5 * 1024**2) == "5.0 MiB"
+    assert human_bytes(2 * 1024**5) == "2048.0 TiB"
+
+
+# dump_time / newest_dump -------------------------------------------------------------
+
+
+def test_dump_time_reads_the_new_style_name_as_local_time() -> None:
+    t = dump_time("immich-db-backup-20250102T020000-v1.130.0-pg14.17.sql.gz")
+    assert t == datetime(2025, 1, 2, 2, 0, 0).astimezone()
+    assert t is not None
+    assert t.tzinfo is not None
+
+
+def test_dump_time_reads_the_epoch_milliseconds_name_as_utc() -> None:
+    t = dump_time("immich-db-backup-1735783200000.sql.gz")
+    assert t == datetime(2025, 1, 2, 2, 0, 0, tzinfo=UTC)
+
+
+def test_dump_time_accepts_a_new_style_name_without_versions() -> None:
+    t = dump_time("immich-db-backup-20250102T020000.sql.gz")
+    assert t == datetime(2025, 1, 2, 2, 0, 0).astimezone()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "immich-db-backup-20250102T020000-v1.130.0-pg14.17.sql.gz.tmp",
+        "immich-db-backup-1735783200000.sql.gz.tmp",
+        "restore-point-20250102T020000-v1.130.0-pg14.17.sql.gz",
+        "uploaded-immich-db-backup-20250102T020000-v1.130.0-pg14.17.sql.gz",
+        "uploaded-20250102T020000.sql.gz",
+        "immich-db-backup-20251340T020000-v1.130.0-pg14.17.sql.gz",  # month 13
+        "immich-db-backup-latest.sql.gz",
+        "immich-db-backup-20250102T020000-v1.130.0-pg14.17.sql",
+        "dump.sql.gz",
+        ".immich",
+        "notes.txt",
+    ],
+)
+def test_names_that_are_not_nightly_dumps_have_no_time(name: str) -> None:
+    assert dump_time(name) is None
+
+
+def test_newest_dump_is_chosen_by_the_time_in_the_name_not_the_order() -> None:
+    older = new_style(datetime(2025, 1, 1, 2))
+    newest = new_style(datetime(2025, 1, 3, 2))
+    middle = new_style(datetime(2025, 1, 2, 2))
+    for names in ([older, newest, middle], [newest, middle, older], [middle, older, newest]):
+        found = newest_dump(names)
+        assert found is not None
+        assert found[0] == newest
+        assert found[1] == datetime(2025, 1, 3, 2).astimezone()
+
+
+def test_newest_dump_compares_across_both_naming_styles() -> None:
+    old_style_newer = epoch_ms_style(datetime(2025, 1, 5, 2, tzinfo=UTC))
+    new_style_older = new_style(datetime(2025, 1, 2, 2))
+    found = newest_dump([old_style_newer, new_style_older])
+    assert found is not None
+    assert found[0] == old_style_newer
+
+    new_style_newer = new_style(datetime(2025, 1, 9, 2))
+    found = newest_dump([old_style_newer, new_style_newer, new_style_older])
+    assert found is not None
+    assert found[0] == new_style_newer
+
+
+def test_newest_dump_skips_temporary_restore_point_uploaded_and_other_files() -> None:
+    real = new_style(datetime(2025, 1, 2, 2))
+    names = [
+        new_style(datetime(2025, 1, 9, 2)) + ".tmp",
+        "restore-point-20250110T020000-v1.130.0-pg14.17.sql.gz",
+        "uploaded-immich-db-backup-20250111T020000-v1.130.0-pg14.17.sql.gz",
+        ".immich",
+        "README.txt",
+        real,
+    ]
+    found = newest_dump(names)
+    assert found is not None
+    assert found[0] == real
+
+
+def test_newest_dump_is_none_without_any_dump() -> None:
+    assert newest_dump([]) is None
+    assert newest_dump([".immich", "x.sql.gz.tmp"]) is None
+
+
+# pruning -----------------------------------------------------------------------------
+
+
+def test_dumps_to_prune_keeps_the_n_newest_by_name_time() -> None:
+    names = [new_style(datetime(2025, 1, day, 2)) for day in (4, 1, 5, 2, 3)]
+    pruned = dumps_to_prune(names, 3)
+    assert sorted(pruned) == sorted(
+        [new_style(datetime(2025, 1, 1, 2)), new_style(datetime(2025, 1, 2, 2))]
+    )
+
+
+def test_dumps_to_prune_never_touches_files_that_are_not_dumps() -> None:
+    others = ["notes.txt", new_style(datetime(2024, 1, 1, 2)) + ".tmp",
+              "restore-point-20200101T000000-v1-pg1.sql.gz"]
+    names = [*others, new_style(datetime(2025, 1, 1, 2)), new_style(datetime(2025, 1, 2, 2))]
+    assert dumps_to_prune(names, 1) == [new_style(datetime(2025, 1, 1, 2))]
+
+
+def test_dumps_to_prune_with_fewer_dumps_than_keep_prunes_nothing() -> None:
+    assert dumps_to_prune([new_style(datetime(2025, 1, 1, 2))], 3) == []
+    assert dumps_to_prune([], 3) == []
+
+
+def test_dumps_to_prune_mixes_naming_styles_by_time() -> None:
+    old_style_newest = epoch_ms_style(datetime(2025, 1, 10, 2, tzinfo=UTC))
+    oldest = new_style(datetime(2025, 1, 1, 2))
+    assert dumps_to_prune([old_style_newest, oldest], 1) == [oldest]
+
+
+def test_archives_to_prune_keeps_the_n_newest() -> None:
+    names = [
+        "config-2025-01-03T020000.zip",
+        "config-2025-01-01T020000.zip",
+        "config-2025-01-04T020000.zip",
+        "config-2025-01-02T020000.zip",
+    ]
+    assert sorted(archives_to_prune(names, 2)) == [
+        "config-2025-01-01T020000.zip",
+        "config-2025-01-02T020000.zip",
+    ]
+
+
+def test_archives_to_prune_ignores_other_files() -> None:
+    names = ["config-2025-01-01T020000.zip", "RESTORE.txt", "config-latest.zip",
+             ".iub-tmp-1234-config-2025-01-02T020000.zip", "config-2025-01-02T020000.zip.tmp"]
+    assert archives_to_prune(names, 0) == ["config-2025-01-01T020000.zip"]
+    assert archives_to_prune(names, 1) == []
+
+
+def test_archives_to_prune_treats_a_same_second_suffix_as_newer() -> None:
+    # steps/config_archive.archive_name names a second archive made in the same second
+    # config-STAMP-2.zip, then -3, ...: each is newer than the one before.
+    stamp = "config-2025-01-02T020000"
+    names = [f"{stamp}.zip", f"{stamp}-2.zip", f"{stamp}-3.zip"]
+    assert sorted(archives_to_prune(names, 1)) == sorted([f"{stamp}.zip", f"{stamp}-2.zip"])
+    assert archives_to_prune(names, 2) == [f"{stamp}.zip"]
+
+
+def test_archives_to_prune_orders_suffix_10_after_suffix_9() -> None:
+    stamp = "config-2025-01-02T020000"
+    names = [f"{stamp}-9.zip", f"{stamp}-10.zip"]
+    assert archives_to_prune(names, 1) == [f"{stamp}-9.zip"]
+
+
+def test_archives_to_prune_keeps_a_later_second_over_an_earlier_suffixed_one() -> None:
+    names = ["config-2025-01-02T020000-2.zip", "config-2025-01-02T020001.zip"]
+    assert archives_to_prune(names, 1) == ["config-2025-01-02T020000-2.zip"]
+
+
+def test_a_name_ending_with_a_dot_is_a_problem_but_a_dot_inside_is_fine() -> None:
+    assert "ends with a dot" in (exfat_name_problem("photo.") or "")
+    assert exfat_name_problem("photo.jpg") is None
+    assert exfat_name_problem(".immich") is None
