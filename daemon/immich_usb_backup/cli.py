@@ -23,7 +23,7 @@ from typing import Any
 
 from immich_usb_backup import __version__, execute, history
 from immich_usb_backup.config import Config, load_config, resolve_config_path
-from immich_usb_backup.errors import CommandError, ConfigError
+from immich_usb_backup.errors import BackupError, CommandError, ConfigError
 from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.status import read_status
 from immich_usb_backup.steps.library import RSYNC_MIN_VERSION
@@ -42,9 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    sub.add_parser("daemon", help="wait for approved disks to be plugged in; back up to each")
+
     run = sub.add_parser("run", help="back up now onto TARGET")
     run.add_argument("target", metavar="TARGET",
-                     help="the mount point of the exFAT backup disk, e.g. /media/backup")
+                     help="a device (/dev/sdb1), UUID=XXXX-XXXX, or the mount point of the "
+                     "exFAT backup disk (e.g. /media/backup)")
     run.add_argument("--mode", choices=("quick",), help="override library.mode")
 
     st = sub.add_parser("status", help="show the running backup's progress")
@@ -56,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     hi.add_argument("--last", type=_positive, metavar="N", help="only the last N runs")
 
     sub.add_parser("check", help="validate the config and the environment")
+
+    dk = sub.add_parser("disks", help="list the USB exFAT disks connected now")
+    dk.add_argument("--json", action="store_true", help="print a JSON array")
+
+    ap = sub.add_parser("approve", help="approve a disk for backups (once per disk)")
+    ap.add_argument("device", metavar="DEVICE", help="/dev/sdb1 or UUID=XXXX-XXXX")
+    ap.add_argument("--create-marker", action="store_true",
+                    help="create the immich-server-backups folder if the disk lacks it")
     return p
 
 
@@ -71,9 +82,10 @@ def _positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    default_level = logging.INFO if args.command == "daemon" else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else default_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     path = resolve_config_path(args.config)
     try:
@@ -88,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": cmd_status,
         "history": cmd_history,
         "check": cmd_check,
+        "daemon": cmd_daemon,
+        "disks": cmd_disks,
+        "approve": cmd_approve,
     }[args.command]
     return handler(config, args)
 
@@ -107,9 +122,14 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, task.cancel)
         watcher = asyncio.create_task(progress.follow(config.state_dir))
         try:
+            if is_device_target(args.target):
+                return await _run_on_device(config, args.target)
             return await run_backup(config, Path(args.target), trigger="cli", mode=args.mode)
         except asyncio.CancelledError:
             return None
+        except BackupError as exc:  # the device could not be found or mounted
+            print(f"error: {exc}", file=sys.stderr)
+            return {"status": "failed", "problems": [str(exc)]}
         finally:
             watcher.cancel()
             progress.end()
@@ -120,6 +140,22 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
         record = last[0] if last else {"status": "interrupted", "problems": []}
     print(format_summary(record))
     return EXIT_OK if record["status"] == "success" else EXIT_FAILED
+
+
+def is_device_target(target: str) -> bool:
+    return target.startswith("/dev/") or target.upper().startswith("UUID=")
+
+
+async def _run_on_device(config: Config, target: str) -> dict[str, Any]:
+    from immich_usb_backup.flow import backup_device  # noqa: PLC0415
+    from immich_usb_backup.udisks import UDisks  # noqa: PLC0415
+
+    udisks = await UDisks.connect()
+    try:
+        device = await udisks.device_for(target)
+        return await backup_device(config, udisks, device, trigger="cli")
+    finally:
+        udisks.close()
 
 
 def format_summary(r: dict[str, Any]) -> str:
@@ -277,6 +313,72 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             print(f"  - {problem}")
         return EXIT_FAILED
     print(f"{config.source}: configuration and environment OK")
+    return EXIT_OK
+
+
+# daemon, disks, approve -----------------------------------------------------------------
+
+def cmd_daemon(config: Config, args: argparse.Namespace) -> int:
+    from immich_usb_backup.daemon import run_daemon  # noqa: PLC0415
+
+    try:
+        run_daemon(config)
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_disks(config: Config, args: argparse.Namespace) -> int:
+    from immich_usb_backup import approvals, policy  # noqa: PLC0415
+    from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415
+    from immich_usb_backup.target import marker_state, mount_point_of  # noqa: PLC0415
+
+    recorded = approvals.approved_uuids(config.state_dir)
+    rows: list[dict[str, Any]] = []
+    for d in list_block_devices():
+        if not policy.is_candidate(d.bus, d.fs_type, d.devtype):
+            continue
+        mp = mount_point_of(d.device)
+        rows.append({
+            "device": d.device, "label": d.label, "uuid": d.uuid, "size": d.size,
+            "model": d.model, "mount_point": str(mp) if mp else None,
+            "marker": marker_state(mp) if mp else None,
+            "approved": policy.is_approved(d.uuid, config.disks.approved, recorded)
+            or config.disks.allow_any_marked,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print("no USB exFAT disk is connected")
+        return EXIT_OK
+    table = [("device", "label", "size", "model", "uuid", "marker", "approved")]
+    for r in rows:
+        marker = {"marked": "yes", "legacy": "old name", None: "no"}[r["marker"]]
+        if r["mount_point"] is None:
+            marker = "? (not mounted)"
+        table.append((r["device"], r["label"] or "-", human_bytes(r["size"]),
+                      r["model"] or "-", r["uuid"] or "-", marker,
+                      "yes" if r["approved"] else "no"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def cmd_approve(config: Config, args: argparse.Namespace) -> int:
+    from immich_usb_backup.flow import approve_device  # noqa: PLC0415
+
+    try:
+        approval, created = asyncio.run(approve_device(config, args.device, args.create_marker))
+    except BackupError as exc:
+        print(f"not approved: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if created:
+        print("created the folder immich-server-backups on the disk")
+    print(f"approved {approval.label or '(no label)'} (UUID {approval.uuid}): it is backed up "
+          "whenever it is plugged in")
     return EXIT_OK
 
 

@@ -94,6 +94,24 @@ class LibraryConfig:
 
 
 @dataclass(frozen=True)
+class DisksConfig:
+    """[disks]: which plugged-in disks the daemon backs up to."""
+
+    approved: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("File system UUIDs of approved disks (`approve` adds to the state dir)."),
+    )
+    allow_any_marked: bool = field(
+        default=False,
+        metadata=_doc("Back up to any USB exFAT disk that has the marker folder."),
+    )
+    power_off: bool = field(
+        default=True,
+        metadata=_doc("Power the disk off after a backup that mounted it, when it can."),
+    )
+
+
+@dataclass(frozen=True)
 class StateConfig:
     """[state]: where history, status and caches live."""
 
@@ -111,6 +129,7 @@ class Config:
     database: DatabaseConfig
     config_backup: ConfigBackupConfig
     library: LibraryConfig
+    disks: DisksConfig
     state: StateConfig
     source: Path | None = None
 
@@ -129,6 +148,7 @@ SECTIONS: dict[str, type[Any]] = {
     "database": DatabaseConfig,
     "config_backup": ConfigBackupConfig,
     "library": LibraryConfig,
+    "disks": DisksConfig,
     "state": StateConfig,
 }
 
@@ -300,6 +320,9 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
             f"{where}: state.dir: must not be inside immich.upload_location or contain it "
             f"({state} and {upload})"
         )
+    for uuid in getattr(getattr(cfg, "disks", None), "approved", ()):
+        if not uuid.strip() or any(c.isspace() for c in uuid):
+            problems.append(f'{where}: disks.approved: "{uuid}" is not a file system UUID')
     for pattern in cfg.library.excludes:
         if pattern.strip("/") in {"", "*", "**"}:
             problems.append(
@@ -318,6 +341,7 @@ class _Partial:
     state: StateConfig
     database: DatabaseConfig | None = None
     config_backup: ConfigBackupConfig | None = None
+    disks: DisksConfig | None = None
 
 
 def _overlaps(a: Path, b: Path) -> bool:

@@ -1,10 +1,13 @@
-"""One backup run, top to bottom.
+"""The product's story, top to bottom.
 
-target mounted exFAT? -> marker folder? -> lock -> preflight (source sane, dump found,
-library compared, deletions within limits, fits on the disk) -> database -> config ->
-library -> README.txt + backup-info.toml -> sync -> history record.
+A plugged disk (``backup_plugged``): eligible (USB, exFAT)? -> mounted (read-only
+first unless its UUID is approved) -> marker folder? -> approved? -> the backup ->
+sync, unmount what we mounted -> power off.
 
-``run_backup`` is the boundary of a run: whatever happens inside ends as exactly one
+One backup (``run_backup``): target mounted exFAT? -> marker folder? -> lock ->
+preflight (source sane, dump found, library compared, deletions within limits, fits on
+the disk) -> database -> config -> library -> README.txt + backup-info.toml -> sync ->
+history record. It is the boundary of a run: whatever happens inside ends as exactly one
 history record (success, partial, failed, refused, interrupted).
 """
 
@@ -20,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import __version__, history, policy
+from immich_usb_backup import __version__, approvals, history, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.fsutil import BackupRoot, cluster_size, free_bytes
@@ -36,11 +39,14 @@ from immich_usb_backup.steps import (
     library,
 )
 from immich_usb_backup.target import (
+    MARKER,
     Disk,
     check_no_overlap,
     find_backup_root,
     inspect_mount,
+    marker_state,
 )
+from immich_usb_backup.udisks import BlockInfo, UDisks, UDisksError
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +70,7 @@ async def run_backup(
     t0 = time.monotonic()
     mode = mode or config.library.mode
     problems = Problems()
-    record: dict[str, Any] = {
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": None,
-        "status": "failed",
-        "trigger": trigger,
-        "mode": mode,
-        "disk": {"uuid": None, "label": None},
-        "target": str(target),
-        "files_transferred": 0,
-        "bytes_transferred": 0,
-        "duration_s": 0.0,
-        "problems": [],
-        "host": socket.gethostname(),
-        "version": __version__,
-    }
+    record = _new_record(started, trigger, mode, target)
     results: list[StepResult] = []
     ctx: RunContext | None = None
     cancelled = False
@@ -117,6 +109,24 @@ async def run_backup(
     if cancelled:
         raise asyncio.CancelledError
     return record
+
+
+def _new_record(started: datetime, trigger: str, mode: str, target: Path) -> dict[str, Any]:
+    return {
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": None,
+        "status": "failed",
+        "trigger": trigger,
+        "mode": mode,
+        "disk": {"uuid": None, "label": None},
+        "target": str(target),
+        "files_transferred": 0,
+        "bytes_transferred": 0,
+        "duration_s": 0.0,
+        "problems": [],
+        "host": socket.gethostname(),
+        "version": __version__,
+    }
 
 
 def _failure(exc: Exception) -> tuple[str, str]:
@@ -178,6 +188,9 @@ async def _backup(ctx: RunContext, results: list[StepResult]) -> None:
     if refusal:
         raise Refused(refusal)
 
+    log.debug("preflight done: %d files to copy, %d to delete", plan.copy_files if plan else 0,
+              plan.delete_files if plan else 0)
+
     # The steps. From here on the disk is written to.
     ctx.writing = True
     if dump is not None:
@@ -230,10 +243,134 @@ def _finish_on_disk(
                 info[f"latest_{key}"] = r.info[key]
     try:
         disk_notes.write(ctx.root, info)
+        log.debug("notes written; syncing")
         os.sync()
+        log.debug("synced")
     except OSError as exc:
         log.warning("could not write the backup notes on the disk: %s", exc)
 
 
 def _expected_steps(cfg: Config) -> int:
     return sum((cfg.database.enabled, cfg.config_backup.enabled, cfg.library.enabled))
+
+
+# A disk given by device: the daemon's plug, or `run /dev/sdX1` / `run UUID=...` ---------
+
+async def backup_plugged(config: Config, udisks: UDisks, device: str, *, uuid: str | None,
+                         label: str | None, trigger: str = "plug") -> str:
+    """A USB exFAT file system appeared at ``device``: back up to it if it is ours.
+
+    Return the outcome: "backed-up" (see the history for how it went), "not-marked" (left
+    as found), "needs-approval" (marked but not approved: the person is told how).
+    A disk whose UUID is not approved is first mounted read-only to look for the marker,
+    so an unmarked disk is never written to, not even the exFAT "dirty" flag.
+    """
+    cfg = config.disks
+    approved = policy.is_approved(uuid, cfg.approved, approvals.approved_uuids(config.state_dir))
+    if not approved:
+        marker = await _peek_marker(udisks, device)
+        if marker is None:
+            log.info("%s (%s) has no %s folder: left alone", device, label, "marker")
+            return "not-marked"
+        if not cfg.allow_any_marked:
+            _record_needs_approval(config, device, uuid, label, trigger)
+            return "needs-approval"
+    await backup_device(config, udisks, device, trigger=trigger)
+    return "backed-up"
+
+
+async def backup_device(config: Config, udisks: UDisks, device: str, *,
+                        trigger: str) -> dict[str, Any]:
+    """Mount ``device`` if needed, run the backup, then unmount and power off what we
+    mounted (a disk someone else mounted is left mounted). Return the history record."""
+    info = await udisks.wait_for_filesystem(device)
+    if info.mount_points:
+        log.info("%s is already mounted at %s: using it, leaving it mounted",
+                 device, info.mount_points[0])
+        return await run_backup(config, Path(info.mount_points[0]), trigger=trigger)
+    mount_point = await udisks.mount(info.object_path)
+    log.info("mounted %s at %s", device, mount_point)
+    try:
+        return await run_backup(config, Path(mount_point), trigger=trigger)
+    finally:
+        await _detach(config, udisks, info)
+
+
+async def _peek_marker(udisks: UDisks, device: str) -> str | None:
+    """Look for the marker folder; mount read-only (and unmount again) if needed."""
+    info = await udisks.wait_for_filesystem(device)
+    if info.mount_points:
+        return marker_state(Path(info.mount_points[0]))
+    mount_point = await udisks.mount(info.object_path, read_only=True)
+    try:
+        return await asyncio.to_thread(marker_state, Path(mount_point))
+    finally:
+        await udisks.unmount(info.object_path)
+
+
+async def _detach(config: Config, udisks: UDisks, info: BlockInfo) -> None:
+    """Sync, unmount, power off. A disk already gone is only logged."""
+    try:
+        await asyncio.shield(asyncio.to_thread(os.sync))
+        await asyncio.shield(udisks.unmount(info.object_path))
+        log.info("unmounted %s", info.device)
+        if config.disks.power_off and info.drive and await udisks.power_off(info.drive):
+            log.info("powered off %s: safe to unplug", info.device)
+    except UDisksError as exc:
+        log.warning("could not detach %s: %s", info.device, exc)
+
+
+def _record_needs_approval(config: Config, device: str, uuid: str | None,
+                           label: str | None, trigger: str) -> None:
+    hint = policy.approve_hint(uuid, device)
+    message = (f"the disk {label or device} (UUID {uuid or '?'}) has the "
+               f"immich-server-backups folder but is not approved; to back up to it, run: "
+               f"{hint}")
+    log.warning("%s", message)
+    record = _new_record(_now(), trigger, config.library.mode, Path(device))
+    record.update(status="refused", finished_at=_now().isoformat(timespec="seconds"),
+                  disk={"uuid": uuid, "label": label}, problems=[message])
+    history.append(config.state_dir, record)
+
+
+async def approve_device(config: Config, target: str,
+                         create_marker: bool) -> tuple[approvals.Approval, bool]:
+    """Approve the exFAT disk ``target`` (``/dev/...`` or ``UUID=...``) for backups.
+
+    Mounts it if needed (and unmounts it again), creates the marker folder only when
+    ``create_marker`` (a person asked), and records the UUID in the state dir. Return the
+    approval and whether the marker was created.
+    """
+    udisks = await UDisks.connect()
+    try:
+        device = await udisks.device_for(target)
+        info = await udisks.wait_for_filesystem(device)
+        if info.fs_type != "exfat":
+            raise Refused(f"{device} holds {info.fs_type or 'no'} file system; only exFAT "
+                          "disks are backed up to (see docs/first-disk.md)")
+        if not info.uuid:
+            raise Refused(f"{device} has no file system UUID to approve it by")
+        mounted_here = not info.mount_points
+        mount_point = Path(info.mount_points[0] if info.mount_points
+                           else await udisks.mount(info.object_path,
+                                                   read_only=not create_marker))
+        try:
+            created = False
+            marker = mount_point / MARKER
+            if not marker.is_dir():
+                if not create_marker:
+                    raise Refused(
+                        f"the disk has no {MARKER} folder. Create it yourself, or run "
+                        f"approve again with --create-marker to have it created")
+                marker.mkdir()
+                created = True
+        finally:
+            if mounted_here:
+                await asyncio.to_thread(os.sync)
+                await udisks.unmount(info.object_path)
+        approval = approvals.Approval(policy.normalise_uuid(info.uuid), info.label,
+                                      _now().isoformat(timespec="seconds"))
+        approvals.add(config.state_dir, approval)
+        return approval, created
+    finally:
+        udisks.close()

@@ -43,6 +43,34 @@ def exfat_fold(name: str) -> str:
     return "".join(out)
 
 
+# Disks -------------------------------------------------------------------------------
+
+def is_candidate(bus: str | None, fs_type: str | None, devtype: str) -> bool:
+    """A USB exFAT partition, or a whole USB disk formatted without a partition table."""
+    return bus == "usb" and fs_type == "exfat" and devtype in ("partition", "disk")
+
+
+def normalise_uuid(uuid: str) -> str:
+    """exFAT UUIDs are ``XXXX-XXXX`` in hex; compare them without regard to case."""
+    return uuid.strip().upper()
+
+
+def is_approved(
+    uuid: str | None, configured: tuple[str, ...], recorded: set[str]
+) -> bool:
+    """Is this file system UUID approved, in the config or by ``approve``?"""
+    if not uuid:
+        return False
+    u = normalise_uuid(uuid)
+    return u in {normalise_uuid(x) for x in configured} or u in recorded
+
+
+def approve_hint(uuid: str | None, device: str) -> str:
+    """The exact command a person runs to approve a disk."""
+    target = f"UUID={uuid}" if uuid else device
+    return f"sudo immich-usb-backup approve {target}"
+
+
 def delete_limit(backed_up_files: int, max_delete_percent: float) -> int:
     """How many of ``backed_up_files`` a run may delete under ``max_delete_percent``."""
     # exact arithmetic: 1000 files at 32.3% allow 323, not 322.99999 -> 322

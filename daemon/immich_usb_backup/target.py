@@ -113,6 +113,24 @@ async def inspect_mount(path: Path) -> Disk:
     return Disk(m.mount_point, m.device, tags.get("UUID"), tags.get("LABEL"))
 
 
+def marker_state(mount_point: Path) -> str | None:
+    """"marked", "legacy" (only the old web UI's folder) or None (not a backup disk)."""
+    if (mount_point / MARKER).is_dir():
+        return "marked"
+    if (mount_point / LEGACY_MARKER).is_dir():
+        return "legacy"
+    return None
+
+
+def mount_point_of(device: str) -> Path | None:
+    """Where ``device`` is mounted now (the first mount), or None."""
+    real = os.path.realpath(device)
+    for m in read_mounts():
+        if m.device in (device, real):
+            return m.mount_point
+    return None
+
+
 def find_backup_root(disk: Disk) -> Path:
     """The marker folder on ``disk``. Raise Refused when it is missing or not a folder."""
     marker = disk.mount_point / MARKER

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from immich_usb_backup import execute
@@ -171,12 +172,14 @@ async def run(ctx: RunContext, plan: Plan) -> StepResult:
             source,
             str(mirror) + "/",
         ]
+        t0 = time.monotonic()
         try:
             await execute.run(argv, on_line=on_line, ok_codes=(0, RSYNC_VANISHED))
         except CommandError as exc:
             raise BackupError(
                 f"library: rsync failed with status {exc.returncode}: {exc.stderr_tail}"
             ) from exc
+        log.debug("rsync batch %s: %.1f s", batch.name, time.monotonic() - t0)
         done["before"] += done["batch"]
     result.info["source_files"] = plan.source_files
     result.info["source_bytes"] = plan.source_bytes

@@ -1,0 +1,416 @@
+"""Benchmark: the immich-usb-backup pipeline against a bare rsync, onto exFAT.
+
+Builds (and caches) a synthetic Immich upload location, then per round makes two fresh
+exFAT disk images (mkfs.exfat, loop device, mount.exfat-fuse) and measures on the same
+data: a full copy (bare rsync with the product's flags vs ``immich-usb-backup run``) and a
+no-change second run (both again). Prints a table of seconds and ratios against the
+targets and writes bench/results/latest.json. Needs root. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from immich_usb_backup.steps.library import rsync_base_args
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / ".venv" / "bin" / "immich-usb-backup"
+RESULTS = REPO / "bench" / "results" / "latest.json"
+WORK = Path("/var/tmp/iub-bench")
+LIBRARY = WORK / "library"
+STAMP = WORK / "library.stamp.json"  # outside the library, so it is not mirrored
+RUN_DIR = WORK / "run"  # config, state dir, logs of the last run
+GENERATOR = 1  # bump when the layout below changes: invalidates the cached library
+TOP_FOLDERS = ("upload", "thumbs", "profile", "backups")
+KIB, MIB, GIB = 1024, 1024**2, 1024**3
+TOOLS = ("bare", "pipeline")
+TARGETS = {"full copy": 1.05, "no change": 1.20}
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+
+@dataclass
+class Sample:
+    seconds: float  # until the process exited and a following sync() returned
+    peak_rss_kib: int | None  # largest process of the tree (None without GNU time)
+    copied: int | None = None  # files the pipeline says it copied
+
+
+@dataclass
+class Disk:
+    name: str
+    image: Path
+    mount: Path
+    device: str = ""
+
+    @property
+    def library(self) -> Path:
+        return self.mount / "immich-server-backups" / "library"
+
+
+# the synthetic library --------------------------------------------------------------
+
+def build_library(files: int, gb: float, seed: int) -> dict[str, Any]:
+    """Generate the library unless the cached one was made with the same parameters."""
+    params = {"files": files, "gb": gb, "seed": seed, "generator": GENERATOR}
+    if LIBRARY.is_dir() and STAMP.is_file():
+        stamp: dict[str, Any] = json.loads(STAMP.read_text())
+        if stamp.get("params") == params:
+            print(f"library: cached at {LIBRARY} ({stamp['files']} files, "
+                  f"{stamp['bytes'] / 1e9:.2f} GB)")
+            return stamp
+    print(f"library: generating {files} files, {gb} GB at {LIBRARY} (cached for next time)")
+    STAMP.unlink(missing_ok=True)
+    shutil.rmtree(LIBRARY, ignore_errors=True)
+    rng = random.Random(seed)  # noqa: S311 - a reproducible library, not secrets
+
+    def new_id() -> str:
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    def asset(top: str, user: str, suffix: str) -> str:
+        aid = new_id()  # Immich's layout: <top>/<user>/<2 chars>/<2 chars>/<asset id>...
+        return f"{top}/{user}/{aid[:2]}/{aid[2:4]}/{aid}{suffix}"
+
+    users = [new_id() for _ in range(3)]
+    n_video, n_photo = max(1, files // 1000), max(1, files // 50)
+    n_small = max(0, files - n_video - n_photo - len(users) - len(TOP_FOLDERS) - 1)
+    small = [(f"profile/{u}/{new_id()}.jpg", rng.randint(5 * KIB, 80 * KIB)) for u in users]
+    for _ in range(n_small):  # thumbnails and previews, and XMP sidecars next to originals
+        user, size = rng.choice(users), rng.randint(5 * KIB, 80 * KIB)
+        if rng.random() < 0.75:
+            small.append((asset("thumbs", user, rng.choice(("-thumbnail.webp",
+                                                            "-preview.jpeg"))), size))
+        else:
+            small.append((asset("upload", user, ".jpg.xmp"), size))
+    large = [(asset("upload", rng.choice(users), ".jpg"), rng.randint(2 * MIB, 4 * MIB))
+             for _ in range(n_photo)]
+    large += [(asset("upload", rng.choice(users), ".mp4"), rng.randint(10 * MIB, 30 * MIB))
+              for _ in range(n_video)]
+    # photos and videos are scaled together so the total matches --gb
+    small_bytes, large_bytes = sum(s for _, s in small), sum(s for _, s in large)
+    factor = max(0.1, (gb * 1e9 - small_bytes) / large_bytes)
+    large = [(rel, int(size * factor)) for rel, size in large]
+    for top in TOP_FOLDERS:
+        (LIBRARY / top).mkdir(parents=True, exist_ok=True)
+        (LIBRARY / top / ".immich").write_bytes(b"")
+    entries = small + large
+    for i, (rel, size) in enumerate(entries, 1):
+        path = LIBRARY / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(size))  # incompressible, seeded, fast
+        if i % 5000 == 0:
+            print(f"  {i}/{len(entries)} files")
+    refresh_dump()
+    count, total = tree_stats(LIBRARY)
+    stamp = {"params": params, "files": count, "bytes": total,
+             "generated_at": datetime.now().astimezone().isoformat(timespec="seconds")}
+    STAMP.write_text(json.dumps(stamp, indent=2) + "\n")  # last: a half-made library is redone
+    return stamp
+
+
+def refresh_dump() -> str:
+    """Replace the database dump with one stamped now (the pipeline flags old dumps)."""
+    backups = LIBRARY / "backups"
+    for old in backups.glob("immich-db-backup-*.sql.gz"):
+        old.unlink()
+    name = f"immich-db-backup-{datetime.now():%Y%m%dT%H%M%S}-v1.130.0-pg14.17.sql.gz"
+    body = b"".join(b"INSERT INTO assets VALUES ('%d', 'upload/x/%08d.jpg');\n" % (i, i)
+                    for i in range(20_000))
+    with gzip.GzipFile(backups / name, "wb", mtime=0) as f:
+        f.write(b"-- PostgreSQL database dump\n" + body + b"-- dump complete\n")
+    return name
+
+
+def tree_stats(root: Path) -> tuple[int, int]:
+    """Regular files under ``root`` and their total size."""
+    count = total = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            count += 1
+            total += os.lstat(os.path.join(dirpath, name)).st_size
+    return count, total
+
+
+# disks --------------------------------------------------------------------------------
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def is_mounted(path: Path) -> bool:
+    return any(line.split()[1] == str(path)
+               for line in Path("/proc/mounts").read_text().splitlines())
+
+
+def make_disk(disk: Disk, size: int) -> None:
+    """A fresh sparse image, mkfs.exfat, a loop device, mounted with exfat-fuse."""
+    disk.image.unlink(missing_ok=True)
+    with open(disk.image, "wb") as f:
+        f.truncate(size)
+    sh("mkfs.exfat", "-L", disk.name, str(disk.image))
+    disk.device = sh("losetup", "-f", "--show", str(disk.image))
+    disk.mount.mkdir(parents=True, exist_ok=True)
+    sh("mount.exfat-fuse", disk.device, str(disk.mount))
+    (disk.mount / "immich-server-backups").mkdir()
+
+
+def teardown(disk: Disk) -> None:
+    """Unmount, wait for exfat-fuse to finish (it writes after umount returns), detach."""
+    for attempt in range(60):
+        if not is_mounted(disk.mount):
+            break
+        lazy = ["-l"] if attempt == 50 else []
+        subprocess.run(["umount", *lazy, str(disk.mount)], check=False, capture_output=True)
+        time.sleep(0.1)
+    for _ in range(200):
+        if not is_mounted(disk.mount):
+            break
+        time.sleep(0.05)
+    # our own leftovers too (an earlier run killed hard): every loop device on our image
+    devices = {disk.device} if disk.device else set()
+    if disk.image.exists():
+        out = subprocess.run(["losetup", "-j", str(disk.image)], check=False,
+                             capture_output=True, text=True).stdout
+        devices |= {line.split(":", 1)[0] for line in out.splitlines() if line}
+    for device in devices:
+        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+        bound = Path("/sys/block") / Path(device).name / "loop"
+        for _ in range(200):  # until the last user is gone and the device is detached
+            if not bound.exists():
+                break
+            time.sleep(0.05)
+    disk.device = ""
+
+
+# measuring ----------------------------------------------------------------------------
+
+RUNNING: list[subprocess.Popen[bytes]] = []  # stopped in the finally on Ctrl-C
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group we started (the CLI then ends its run), SIGKILL if slow."""
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+            return
+
+
+def run_once(argv: list[str], tag: str, drop_caches: bool) -> Sample:
+    """Run ``argv``, time it to the end of a following sync(), and take its peak RSS.
+
+    The peak RSS comes from GNU time (``%M``: the largest process of the tree it ran).
+    Not from this process's wait4: a child forked from this Python process would carry
+    the benchmark's own RSS into that figure.
+    """
+    if drop_caches:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    logs = RUN_DIR / "logs"
+    out, err, rss = (logs / f"{tag}.{ext}" for ext in ("out", "err", "rss"))
+    wrap = [GNU_TIME, "-f", "%M", "-o", str(rss)] if GNU_TIME else []
+    with open(out, "wb") as out_f, open(err, "wb") as err_f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([*wrap, *argv], stdout=out_f, stderr=err_f,
+                                start_new_session=True)  # its own group: stopped as one
+        RUNNING.append(proc)
+        proc.wait()
+        os.sync()  # the pipeline syncs before it exits; make the bare rsync pay it too
+        seconds = time.perf_counter() - t0
+        RUNNING.remove(proc)
+    stdout = out.read_text(errors="replace")
+    if proc.returncode != 0:
+        tail = err.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{tag}: exit status {proc.returncode}\n{stdout[-2000:]}\n{tail}")
+    m = re.search(r"copied:\s+(\d+) files", stdout)
+    peak = int(rss.read_text().split()[-1]) if GNU_TIME else None
+    return Sample(seconds, peak, int(m.group(1)) if m else None)
+
+
+def argv_for(tool: str, disk: Disk, config: Path) -> list[str]:
+    if tool == "bare":
+        return [*rsync_base_args(), "--recursive", "--delete", f"{LIBRARY}/", f"{disk.library}/"]
+    return [str(CLI), "-c", str(config), "run", str(disk.mount)]
+
+
+def measure(rounds: int, repeats: int, disks: list[Disk], disk_size: int, config: Path,
+            source: tuple[int, int]) -> list[dict[str, Any]]:
+    """Per round, on one disk image so that both tools meet the same disk:
+
+    - full copy: for each tool (alternating who goes first), a freshly formatted disk,
+      caches dropped, the whole library copied; the mirror is checked;
+    - no change: on the disk the last full copy left (a complete mirror, the same for
+      both: ``library/``), one untimed warm-up per tool, then ``repeats`` pairs of timed
+      runs, the two tools interleaved (and alternating who goes first in each pair) so
+      that both see the same caches.
+    """
+    disk = disks[0]
+    done: list[dict[str, Any]] = []
+    for r in range(rounds):
+        order = TOOLS if r % 2 == 0 else TOOLS[::-1]  # alternate who goes first
+        print(f"round {r + 1}/{rounds}: order {' then '.join(order)}")
+        result: dict[str, Any] = {"order": list(order), "full copy": {}, "no change": {}}
+        for i, tool in enumerate(order):
+            make_disk(disk, disk_size)
+            s = run_once(argv_for(tool, disk, config), f"r{r}-full-{tool}", True)
+            result["full copy"][tool] = asdict(s)
+            print(f"  full copy  {tool:<8} {s.seconds:8.2f} s")
+            mirrored = tree_stats(disk.library)
+            if mirrored != source:
+                raise RuntimeError(f"{tool}: the mirror holds {mirrored} (files, bytes), "
+                                   f"the source {source}")
+            if i < len(order) - 1:
+                teardown(disk)
+        samples: dict[str, list[Sample]] = {tool: [] for tool in TOOLS}
+        for tool in order:
+            run_once(argv_for(tool, disk, config), f"r{r}-warm-{tool}", False)
+        for i in range(repeats):
+            for tool in (order if i % 2 == 0 else order[::-1]):
+                samples[tool].append(
+                    run_once(argv_for(tool, disk, config), f"r{r}-same{i}-{tool}", False))
+        for tool in order:
+            if any(s.copied for s in samples[tool]):
+                raise RuntimeError(f"{tool}: a no-change run copied files: {samples[tool]}")
+            med = statistics.median(s.seconds for s in samples[tool])
+            result["no change"][tool] = {"seconds": med,
+                                         "runs": [asdict(s) for s in samples[tool]]}
+            print(f"  no change  {tool:<8} {med:8.2f} s (median of {repeats}, interleaved)")
+        teardown(disk)
+        done.append(result)
+    return done
+
+
+# reporting ------------------------------------------------------------------------------
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds (a no-change round counts with its median), ratios, peak RSS."""
+    rows = []
+    for scenario, target in TARGETS.items():
+        bare, pipe = (statistics.median(r[scenario][tool]["seconds"] for r in rounds)
+                      for tool in TOOLS)
+        rows.append({"scenario": scenario, "bare_s": round(bare, 3), "pipeline_s": round(pipe, 3),
+                     "ratio": round(pipe / bare, 3), "target": target,
+                     "result": "PASS" if pipe / bare <= target else "OVER"})
+    runs = {tool: [s for r in rounds for s in [r["full copy"][tool],
+                                               *r["no change"][tool]["runs"]]]
+            for tool in TOOLS}
+    rss = {f"{tool}_peak_rss_kib": max((s["peak_rss_kib"] or 0) for s in runs[tool]) or None
+           for tool in TOOLS}
+    return {"rows": rows, "rss": rss}
+
+
+def report(summary: dict[str, Any], rounds: int, repeats: int, lib: dict[str, Any]) -> None:
+    print(f"\nlibrary: {lib['files']} files, {lib['bytes'] / 1e9:.2f} GB; {rounds} round(s), "
+          "order alternated, medians over rounds")
+    print("full copy: page cache dropped before each run; no change: one untimed warm-up "
+          f"run, then the median of {repeats} timed runs.")
+    print("every time runs until the process exits and a following sync() returns.\n")
+    print(f"{'scenario':<10} {'bare rsync s':>12} {'pipeline s':>11} {'ratio':>7} "
+          f"{'target':>8}  result")
+    for row in summary["rows"]:
+        print(f"{row['scenario']:<10} {row['bare_s']:>12.2f} {row['pipeline_s']:>11.2f} "
+              f"{row['ratio']:>7.3f} {'<= ' + format(row['target'], '.2f'):>8}  "
+              f"{row['result']}")
+    bare, pipe = (summary["rss"][f"{tool}_peak_rss_kib"] for tool in TOOLS)
+    if bare and pipe:
+        print(f"\npeak RSS (GNU time, largest process of each tree): bare rsync "
+              f"{bare / 1024:.1f} MiB; pipeline {pipe / 1024:.1f} MiB (the Python CLI or "
+              "its rsync, whichever is larger)")
+    else:
+        print("\npeak RSS: not measured (/usr/bin/time is not installed: apt install time)")
+
+
+def write_config() -> Path:
+    state = RUN_DIR / "state"
+    state.mkdir(parents=True)
+    config = RUN_DIR / "config.toml"
+    config.write_text(f'[immich]\nupload_location = "{LIBRARY}"\n\n[database]\nenabled = true'
+                      '\n\n[config_backup]\nenabled = false\n\n'
+                      f'[state]\ndir = "{state}"\n')
+    return config
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="Time the backup pipeline against bare rsync.")
+    p.add_argument("--files", type=int, help="files in the library (default 20000)")
+    p.add_argument("--gb", type=float, help="library size in GB of 10^9 bytes (default 2.5)")
+    p.add_argument("--small", action="store_true", help="quick check: 2000 files, 0.25 GB")
+    p.add_argument("--rounds", type=int, default=2, help="measurement sets (default 2)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed no-change runs per tool and round, median taken (default 3)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the library generator")
+    p.add_argument("--keep", action="store_true", help="keep the disk images afterwards")
+    args = p.parse_args()
+    files = args.files or (2000 if args.small else 20_000)
+    gb = args.gb or (0.25 if args.small else 2.5)
+    if min(files, args.rounds, args.repeats) < 1 or gb <= 0:
+        p.error("--files, --gb, --rounds and --repeats must be positive")
+    if os.geteuid() != 0:
+        print("bench: run as root (loop devices, mounts, drop_caches): "
+              "sudo .venv/bin/python bench/bench_pipeline.py", file=sys.stderr)
+        return 2
+    missing = [t for t in ("rsync", "mkfs.exfat", "mount.exfat-fuse", "losetup", "umount")
+               if shutil.which(t) is None] + ([] if CLI.exists() else [str(CLI)])
+    if missing:
+        print(f"bench: not found: {', '.join(missing)}; run tools/setup", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    WORK.mkdir(parents=True, exist_ok=True)
+    disks = [Disk(f"BENCH{x.upper()}", WORK / f"disk-{x}.img", WORK / f"mnt-{x}") for x in "ab"]
+    try:
+        for disk in disks:
+            teardown(disk)  # leftovers of an interrupted run
+        lib = build_library(files, gb, args.seed)
+        dump = refresh_dump()
+        source = tree_stats(LIBRARY)
+        shutil.rmtree(RUN_DIR, ignore_errors=True)
+        (RUN_DIR / "logs").mkdir(parents=True)
+        config = write_config()
+        disk_size = max(6 * GIB, int(source[1] * 1.5) + GIB)
+        rounds = measure(args.rounds, args.repeats, disks, disk_size, config, source)
+        summary = summarize(rounds)
+        report(summary, args.rounds, args.repeats, lib)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({
+            "finished_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "library": {**lib, "files": source[0], "bytes": source[1], "dump": dump},
+            "disk_image_bytes": disk_size, "rounds": rounds, **summary,
+            "rsync": sh("rsync", "--version").splitlines()[0], "kernel": os.uname().release,
+        }, indent=2) + "\n")
+        print(f"\nresults: {RESULTS}; logs: {RUN_DIR / 'logs'}")
+        return 0
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        for proc in RUNNING:
+            stop(proc)
+        for disk in disks:
+            teardown(disk)
+            if not args.keep:
+                disk.image.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The long-running daemon: udev events in, one backup at a time out.
+
+Life: connect to UDisks2, start the udev monitor, consider the disks already connected
+(coldplug), tell systemd READY, then wait. Eligible disks are queued and handled one at
+a time by ``flow.backup_plugged``. A disk removed mid-backup cancels that backup (rsync is
+stopped, the run is recorded ``interrupted``); SIGTERM does the same, unmounts what was
+mounted and exits 0. Idle means blocked in the event loop: no timers, no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from immich_usb_backup import flow, policy, systemd
+from immich_usb_backup.config import Config
+from immich_usb_backup.devices import BlockDevice, DeviceEvent, DeviceMonitor, list_block_devices
+from immich_usb_backup.errors import BackupError
+from immich_usb_backup.udisks import UDisks
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.queue: asyncio.Queue[BlockDevice] = asyncio.Queue()
+        self.seen: set[tuple[str, str | None]] = set()  # one plug of one file system
+        self.current: tuple[BlockDevice, asyncio.Task[str]] | None = None
+        self.pulled: set[str] = set()
+        self.udisks: UDisks | None = None
+
+    def on_event(self, event: DeviceEvent) -> None:
+        """Called on the loop for every udev block event; never blocks."""
+        dev = event.device
+        candidate = policy.is_candidate(dev.bus, dev.fs_type, dev.devtype)
+        if event.action == "remove" or (event.action == "change" and not candidate):
+            self._gone(dev.device)
+            return
+        if not candidate:
+            log.debug("ignored %s: bus=%s fs=%s", dev.device, dev.bus, dev.fs_type)
+            return
+        if dev.key in self.seen:
+            return  # several change events arrive per plug: act once
+        self.seen = {k for k in self.seen if k[0] != dev.device}
+        self.seen.add(dev.key)
+        log.info("eligible disk %s (%s, UUID %s): queued", dev.device, dev.label, dev.uuid)
+        self.queue.put_nowait(dev)
+
+    def _gone(self, device: str) -> None:
+        self.seen = {k for k in self.seen if k[0] != device}
+        if self.current and self.current[0].device == device:
+            log.warning("%s was removed during the backup: stopping it", device)
+            self.pulled.add(device)
+            self.current[1].cancel()
+
+    async def worker(self) -> None:
+        assert self.udisks is not None
+        while True:
+            dev = await self.queue.get()
+            systemd.notify(f"STATUS=backing up to {dev.label or dev.device}")
+            job = asyncio.create_task(flow.backup_plugged(
+                self.config, self.udisks, dev.device, uuid=dev.uuid, label=dev.label))
+            self.current = (dev, job)
+            try:
+                outcome = await asyncio.shield(job)
+                log.info("%s: %s", dev.device, outcome)
+            except asyncio.CancelledError:
+                if dev.device in self.pulled:  # the disk was pulled: carry on
+                    self.pulled.discard(dev.device)
+                    continue
+                job.cancel()  # we are stopping: let the run record itself and unmount
+                await asyncio.wait([job])
+                raise
+            except BackupError as exc:
+                log.error("%s: %s", dev.device, exc)
+            except Exception:
+                log.exception("%s: unexpected error", dev.device)
+            finally:
+                self.current = None
+                systemd.notify("STATUS=idle, waiting for a backup disk")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        self.udisks = await UDisks.connect()
+        monitor = DeviceMonitor(self.on_event)
+        monitor.start()  # before the coldplug listing, so no plug falls between
+        for dev in list_block_devices():
+            self.on_event(DeviceEvent("add", dev))
+        worker = asyncio.create_task(self.worker())
+        systemd.notify("READY=1", "STATUS=idle, waiting for a backup disk")
+        log.info("immich-usb-backup daemon ready")
+        await stop.wait()
+        log.info("stopping")
+        systemd.notify("STOPPING=1")
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+        monitor.stop()
+        self.udisks.close()
+
+
+def run_daemon(config: Config) -> None:
+    asyncio.run(Daemon(config).run())

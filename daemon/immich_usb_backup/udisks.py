@@ -1,0 +1,213 @@
+"""UDisks2 over D-Bus: find, mount, unmount and power off a disk. The only module that
+imports the D-Bus library (dbus-fast, the maintained successor of dbus-next).
+
+Spec: https://storaged.org/doc/udisks2-api/latest/ (org.freedesktop.UDisks2.Manager,
+.Block, .Filesystem, .Drive). Every call passes ``auth.no_user_interaction`` so that a
+daemon never waits for a password prompt nobody can answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from immich_usb_backup.errors import BackupError
+
+log = logging.getLogger(__name__)
+
+SERVICE = "org.freedesktop.UDisks2"
+MANAGER_PATH = "/org/freedesktop/UDisks2/Manager"
+IFACE_MANAGER = "org.freedesktop.UDisks2.Manager"
+IFACE_BLOCK = "org.freedesktop.UDisks2.Block"
+IFACE_FS = "org.freedesktop.UDisks2.Filesystem"
+IFACE_DRIVE = "org.freedesktop.UDisks2.Drive"
+IFACE_PROPS = "org.freedesktop.DBus.Properties"
+ERR = "org.freedesktop.UDisks2.Error."
+
+NO_INTERACTION = {"auth.no_user_interaction": Variant("b", True)}
+
+
+class UDisksError(BackupError):
+    """A UDisks2 call failed; ``name`` is the D-Bus error name."""
+
+    def __init__(self, message: str, name: str = "") -> None:
+        super().__init__(message)
+        self.name = name
+
+
+_FRIENDLY = {
+    ERR + "DeviceBusy": "the disk is busy: a program has files open on it",
+    ERR + "NotAuthorized": "not allowed by the system's policy (run as root)",
+    ERR + "NotAuthorizedCanObtain": "not allowed without a password (run as root)",
+    ERR + "NotAuthorizedDismissed": "not allowed: the request was dismissed",
+    ERR + "AlreadyMounted": "the disk is already mounted",
+    ERR + "NotMounted": "the disk is not mounted",
+    "org.freedesktop.DBus.Error.ServiceUnknown": "UDisks2 is not running (udisks2.service)",
+}
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """What UDisks2 knows of a block device."""
+
+    object_path: str
+    device: str
+    uuid: str
+    label: str
+    fs_type: str
+    size: int
+    drive: str | None  # object path of its Drive, None when it has none (a loop device)
+    mount_points: tuple[str, ...]
+
+
+def _bytes_to_path(raw: bytes) -> str:
+    """UDisks2 sends paths as NUL-terminated byte arrays."""
+    return os.fsdecode(raw.rstrip(b"\0"))
+
+
+class UDisks:
+    """A connection to UDisks2 on the system bus (``DBUS_SYSTEM_BUS_ADDRESS`` honoured)."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+
+    @classmethod
+    async def connect(cls) -> UDisks:
+        try:
+            bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=False).connect()
+        except (OSError, ValueError) as exc:
+            raise UDisksError(f"cannot reach the system D-Bus: {exc}") from exc
+        return cls(bus)
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+    async def _call(
+        self, path: str, interface: str, member: str, signature: str = "", body: Any = None
+    ) -> list[Any]:
+        reply = await self.bus.call(
+            Message(
+                destination=SERVICE, path=path, interface=interface, member=member,
+                signature=signature, body=body or [],
+            )
+        )
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            name = reply.error_name or ""
+            detail = reply.body[0] if reply.body else ""
+            friendly = _FRIENDLY.get(name, "")
+            text = f"{friendly} ({detail})" if friendly else f"{name}: {detail}"
+            raise UDisksError(f"UDisks2 {member}: {text}", name)
+        return list(reply.body)
+
+    async def _props(self, path: str, interface: str) -> dict[str, Any]:
+        (props,) = await self._call(path, IFACE_PROPS, "GetAll", "s", [interface])
+        return {k: v.value for k, v in props.items()}
+
+    async def resolve(self, device: str) -> str | None:
+        """The block object for ``/dev/...``, or None when UDisks2 does not know it (yet)."""
+        spec = {"path": Variant("s", device)}
+        (paths,) = await self._call(MANAGER_PATH, IFACE_MANAGER, "ResolveDevice",
+                                    "a{sv}a{sv}", [spec, {}])
+        return str(paths[0]) if paths else None
+
+    async def device_for(self, target: str) -> str:
+        """``/dev/...`` or ``UUID=...`` -> the device node UDisks2 knows it by."""
+        if target.upper().startswith("UUID="):
+            spec = {"uuid": Variant("s", target.split("=", 1)[1])}
+        else:
+            spec = {"path": Variant("s", target)}
+        (paths,) = await self._call(MANAGER_PATH, IFACE_MANAGER, "ResolveDevice",
+                                    "a{sv}a{sv}", [spec, {}])
+        if not paths:
+            raise UDisksError(f"no disk {target} is connected")
+        block = await self._props(str(paths[0]), IFACE_BLOCK)
+        return _bytes_to_path(bytes(block["Device"]))
+
+    async def wait_for_filesystem(self, device: str, bound_s: float = 10.0) -> BlockInfo:
+        """Wait (bounded) until UDisks2 publishes ``device`` with a file system on it.
+
+        The udev event arrives before UDisks2 has processed the device: never assume it
+        is there.
+        """
+        deadline = asyncio.get_running_loop().time() + bound_s
+        delay = 0.02
+        last: Exception | None = None
+        while True:
+            try:
+                path = await self.resolve(device)
+                if path is not None:
+                    return await self.info(path)
+            except UDisksError as exc:
+                last = exc
+            if asyncio.get_running_loop().time() >= deadline:
+                why = f": {last}" if last else ""
+                raise UDisksError(f"UDisks2 did not publish {device} within {bound_s:g} s{why}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def info(self, path: str) -> BlockInfo:
+        """Block and Filesystem properties of the object at ``path``."""
+        block = await self._props(path, IFACE_BLOCK)
+        fs = await self._props(path, IFACE_FS)  # raises when there is no file system
+        drive = str(block.get("Drive", "/"))
+        return BlockInfo(
+            object_path=path,
+            device=_bytes_to_path(bytes(block.get("PreferredDevice") or block["Device"])),
+            uuid=str(block.get("IdUUID", "")),
+            label=str(block.get("IdLabel", "")),
+            fs_type=str(block.get("IdType", "")),
+            size=int(block.get("Size", 0)),
+            drive=None if drive == "/" else drive,
+            mount_points=tuple(_bytes_to_path(bytes(m)) for m in fs.get("MountPoints", [])),
+        )
+
+    async def mount(self, path: str, read_only: bool = False, retries: int = 5) -> str:
+        """Mount the file system at object ``path``; return the mount point.
+
+        UDisks2's view can lag behind an unmount through FUSE and answer AlreadyMounted
+        for a device that is no longer mounted: re-read its state and retry, bounded.
+        """
+        options = dict(NO_INTERACTION)
+        if read_only:
+            options["options"] = Variant("s", "ro")
+        for attempt in range(retries):
+            try:
+                (mount_point,) = await self._call(path, IFACE_FS, "Mount", "a{sv}", [options])
+                return str(mount_point)
+            except UDisksError as exc:
+                if exc.name != ERR + "AlreadyMounted" or attempt == retries - 1:
+                    raise
+                info = await self.info(path)
+                if info.mount_points:
+                    return info.mount_points[0]
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def unmount(self, path: str, retries: int = 5) -> None:
+        """Unmount object ``path``; a busy disk is retried a few times, not-mounted is fine."""
+        for attempt in range(retries):
+            try:
+                await self._call(path, IFACE_FS, "Unmount", "a{sv}", [dict(NO_INTERACTION)])
+                return
+            except UDisksError as exc:
+                if exc.name == ERR + "NotMounted":
+                    return
+                if exc.name != ERR + "DeviceBusy" or attempt == retries - 1:
+                    raise
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def power_off(self, drive: str) -> bool:
+        """Power the drive off when it can be; return whether it was."""
+        props = await self._props(drive, IFACE_DRIVE)
+        if not props.get("CanPowerOff", False):
+            log.info("drive %s cannot be powered off; left on", drive)
+            return False
+        await self._call(drive, IFACE_DRIVE, "PowerOff", "a{sv}", [dict(NO_INTERACTION)])
+        return True

@@ -1,0 +1,407 @@
+"""The daemon end to end on the real stack: udevd, UDisks2 on a system bus, exFAT disks.
+
+A disk is "plugged" by attaching a disk image to a loop device (with a partition table:
+``partx -a`` makes udev announce the partition, as for a USB stick); a test-only udev rule
+makes loop devices look like USB disks. The daemon runs as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import stack as st
+from conftest import IN_CI, Server, run_cli, tree
+from immich_usb_backup import history
+
+
+@pytest.fixture(scope="module")
+def real_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st.Stack]:
+    missing = st.missing_pieces()
+    if missing:
+        why = f"the real stack needs: {', '.join(missing)}"
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    s = st.Stack(tmp_path_factory.mktemp("stack"))
+    try:
+        s.start()
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = s.bus_address
+        yield s
+    finally:
+        os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+        s.stop()
+
+
+class Daemon:
+    """``immich-usb-backup daemon`` as systemd would run it (with NOTIFY_SOCKET)."""
+
+    def __init__(self, server: Server, stack: st.Stack, workdir: Path) -> None:
+        self.server = server
+        self.log_path = workdir / "daemon.log"
+        self.notify_path = workdir / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        env = {**stack.env, "NOTIFY_SOCKET": str(self.notify_path)}
+        self.log_file = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "immich_usb_backup", "-c", str(server.config_path), "-v",
+             "daemon"],
+            env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.messages: list[str] = []
+
+    def wait_notify(self, wanted: str, timeout: float = 30) -> None:
+        self.notify.settimeout(timeout)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            data = self.notify.recv(4096).decode()
+            self.messages += data.split("\n")
+            if wanted in self.messages:
+                return
+        raise AssertionError(f"no {wanted} from the daemon; got {self.messages}")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=60)
+        if self.notify.fileno() != -1:
+            self.notify.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while data := self.notify.recv(4096):
+                    self.messages += data.decode().split("\n")
+            self.notify.close()
+            self.log_file.close()
+        return rc
+
+
+@pytest.fixture
+def start_daemon(real_stack: st.Stack, server: Server, tmp_path: Path
+                 ) -> Iterator[Callable[[], Daemon]]:
+    started: list[Daemon] = []
+
+    def start() -> Daemon:
+        d = Daemon(server, real_stack, tmp_path)
+        started.append(d)
+        d.wait_notify("READY=1")
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def plugs() -> Iterator[list[st.Plug]]:
+    """Plugged disks, pulled at the end of the test whatever happened."""
+    out: list[st.Plug] = []
+    yield out
+    for p in out:
+        with contextlib.suppress(Exception):
+            if st.is_mounted(p.device):
+                subprocess.run(["umount", p.device], check=False, capture_output=True)
+            p.pull()
+
+
+def records(server: Server) -> list[dict[str, Any]]:
+    return history.last_records(server.state, None)
+
+
+def wait_records(server: Server, n: int, timeout: float = 90) -> list[dict[str, Any]]:
+    st.wait_for(lambda: len(records(server)) >= n, f"{n} history records", timeout)
+    return records(server)
+
+
+@contextlib.contextmanager
+def opened(image: st.Image) -> Iterator[Path]:
+    """Mount an image read-only to look at it (no daemon may be running)."""
+    with st._attached(image.path, image.partitioned) as dev:
+        mnt = image.path.with_suffix(".look")
+        mnt.mkdir(exist_ok=True)
+        if image.fs == "exfat" and not st._kernel_has_exfat():
+            subprocess.run(["mount.exfat-fuse", "-o", "ro", dev, str(mnt)], check=True,
+                           capture_output=True)
+        else:
+            subprocess.run(["mount", "-o", "ro", dev, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+            st.wait_for(lambda: not st.is_mounted(dev), "the look mount to go", 30)
+
+
+def approve_in_config(server: Server, *uuids: str, extra: str = "") -> None:
+    listed = ", ".join(f'"{u}"' for u in uuids)
+    server.write_config(f"[disks]\napproved = [{listed}]\n{extra}")
+
+
+def uuid_of(image: st.Image) -> str:
+    dev = "" if image.partitioned else str(image.path)
+    out = subprocess.run(["blkid", "-p", "-o", "value", "-s", "UUID", dev or "/dev/null"],
+                         capture_output=True, text=True).stdout.strip()
+    if not out:  # a partitioned image: probe the partition at its offset
+        out = subprocess.run(
+            ["blkid", "-p", "-o", "value", "-s", "UUID", "--offset", str(1024 * 1024),
+             str(image.path)], capture_output=True, text=True).stdout.strip()
+    assert out, f"no UUID found in {image.path}"
+    return out
+
+
+# Plug and backup ---------------------------------------------------------------------
+
+def test_plugging_an_approved_partitioned_disk_backs_up_unmounts_and_records_success(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    image = st.make_image(tmp_path / "disk.img", "Backup", partitioned=True,
+                          files={"My Notes.txt": b"mine\n"})
+    approve_in_config(server, uuid_of(image))
+    daemon = start_daemon()
+
+    plugs.append(st.plug(image))
+    (rec,) = wait_records(server, 1)
+
+    assert rec["status"] == "success", rec
+    assert rec["trigger"] == "plug"
+    assert rec["disk"]["label"] == "Backup"
+    st.wait_for(lambda: not st.is_mounted(plugs[0].device), "the disk to be unmounted", 30)
+    assert "unmounted" in daemon.log
+    assert daemon.stop() == 0
+    plugs[0].pull()
+    plugs.clear()
+    with opened(image) as mnt:
+        assert tree(mnt / "immich-server-backups" / "library") == tree(server.upload)
+        assert (mnt / "My Notes.txt").read_bytes() == b"mine\n"
+
+
+def test_an_unmarked_disk_is_left_exactly_as_found(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    image = st.make_image(tmp_path / "disk.img", "Holiday", marker=False,
+                          files={"photo.jpg": b"x" * 1000})
+    approve_in_config(server)  # nothing approved; nothing to look at but the marker
+    digest = image.digest()
+    daemon = start_daemon()
+
+    plugs.append(st.plug(image))
+    st.wait_for(lambda: "left alone" in daemon.log, "the daemon to look at the disk", 30)
+
+    assert not st.is_mounted(plugs[0].device)
+    assert records(server) == []
+    assert daemon.stop() == 0
+    plugs[0].pull()
+    plugs.clear()
+    assert image.digest() == digest  # not a byte written, not even the dirty flag
+
+
+def test_an_ext4_usb_disk_is_ignored_and_never_mounted(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    image = st.make_image(tmp_path / "disk.img", "linux", fs="ext4")
+    digest = image.digest()
+    daemon = start_daemon()
+
+    plugs.append(st.plug(image))
+    st.wait_for(lambda: f"ignored {plugs[0].device}" in daemon.log, "the event", 30)
+
+    assert "mounted" not in daemon.log.replace("unmounted", "")
+    assert not st.is_mounted(plugs[0].device)
+    assert records(server) == []
+    daemon.stop()
+    plugs[0].pull()
+    plugs.clear()
+    assert image.digest() == digest
+
+
+def test_a_marked_but_unapproved_disk_is_refused_with_the_command_to_approve_it(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    image = st.make_image(tmp_path / "disk.img", "Stranger")
+    uuid = uuid_of(image)
+    digest = image.digest()
+    daemon = start_daemon()
+
+    plugs.append(st.plug(image))
+    (rec,) = wait_records(server, 1)
+
+    assert rec["status"] == "refused"
+    assert f"immich-usb-backup approve UUID={uuid}" in rec["problems"][0]
+    assert "not approved" in daemon.log
+    time.sleep(1)  # several change events per plug: still told only once
+    assert len(records(server)) == 1
+    assert not st.is_mounted(plugs[0].device)
+    daemon.stop()
+    plugs[0].pull()
+    plugs.clear()
+    assert image.digest() == digest
+
+
+def test_approve_then_plug_backs_up_a_disk_with_a_label_with_a_space_and_an_umlaut(
+    start_daemon, real_stack: st.Stack, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    image = st.make_image(tmp_path / "disk.img", "Bäckup Disk", marker=False)
+    plugs.append(st.plug(image))
+    st.settle()
+    r = run_cli("approve", plugs[0].device, config=server.config_path)
+    assert r.returncode == 1 and "--create-marker" in r.stderr
+    r = run_cli("approve", plugs[0].device, "--create-marker", config=server.config_path)
+    assert r.returncode == 0, r.stderr
+    assert "approved Bäckup Disk" in r.stdout
+    assert not st.is_mounted(plugs[0].device)
+    r = run_cli("disks", "--json", config=server.config_path)
+    (row,) = [d for d in json.loads(r.stdout) if d["device"] == plugs[0].device]
+    assert row["label"] == "Bäckup Disk" and row["approved"] is True
+    plugs[0].pull()
+    plugs.clear()
+    start_daemon()
+
+    plugs.append(st.plug(image))
+    (rec,) = wait_records(server, 1)
+
+    assert rec["status"] == "success", rec
+    assert rec["disk"]["label"] == "Bäckup Disk"
+    assert "Bäckup Disk" in rec["target"]
+
+
+def test_a_disk_already_mounted_by_someone_else_is_backed_up_and_left_mounted(
+    start_daemon, real_stack: st.Stack, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    image = st.make_image(tmp_path / "disk.img", "Desk")
+    approve_in_config(server, uuid_of(image))
+    plugs.append(st.plug(image))
+    st.settle()
+    object_path = f"/org/freedesktop/UDisks2/block_devices/{Path(plugs[0].device).name}"
+    subprocess.run(["busctl", f"--address={real_stack.bus_address}", "call",
+                    "org.freedesktop.UDisks2", object_path,
+                    "org.freedesktop.UDisks2.Filesystem", "Mount", "a{sv}", "0"],
+                   check=True, capture_output=True)
+    assert st.is_mounted(plugs[0].device)
+
+    daemon = start_daemon()  # finds it at start-up (coldplug)
+    (rec,) = wait_records(server, 1)
+
+    assert rec["status"] == "success", rec
+    assert "already mounted" in daemon.log
+    time.sleep(0.5)
+    assert st.is_mounted(plugs[0].device)
+
+
+def test_a_second_disk_plugged_during_a_backup_is_queued_and_backed_up_after(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    (server.upload / "upload" / "video.mp4").write_bytes(os.urandom(3 * 1024 * 1024))
+    first = st.make_image(tmp_path / "one.img", "One")
+    second = st.make_image(tmp_path / "two.img", "Two")
+    approve_in_config(server, uuid_of(first), uuid_of(second),
+                      extra="[library]\nbwlimit_kib = 2048\n")
+    start_daemon()
+
+    plugs.append(st.plug(first))
+    st.wait_for(lambda: json.loads(run_cli("status", "--json", config=server.config_path)
+                                   .stdout)["state"] == "running", "the first backup", 30)
+    plugs.append(st.plug(second))
+    one, two = wait_records(server, 2, timeout=120)
+
+    assert [one["disk"]["label"], two["disk"]["label"]] == ["One", "Two"]
+    assert one["status"] == two["status"] == "success"
+    assert one["finished_at"] <= two["started_at"]
+
+
+# Interruptions -------------------------------------------------------------------------
+
+def _wait_copying(server: Server) -> None:
+    def copying() -> bool:
+        s = json.loads(run_cli("status", "--json", config=server.config_path).stdout)
+        return s["state"] == "running" and s.get("phase") == "library" and s["percent"] > 1
+    st.wait_for(copying, "the library copy to start", 60)
+
+
+def test_a_disk_pulled_mid_backup_stops_rsync_records_interrupted_and_next_plug_finishes(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    (server.upload / "upload" / "video.mp4").write_bytes(os.urandom(8 * 1024 * 1024))
+    image = st.make_image(tmp_path / "disk.img", "Pulled", partitioned=True)
+    approve_in_config(server, uuid_of(image), extra="[library]\nbwlimit_kib = 1024\n")
+    daemon = start_daemon()
+    plugs.append(st.plug(image))
+    _wait_copying(server)
+
+    # the kernel's remove event for the partition, as when the cable is pulled
+    subprocess.run(["udevadm", "trigger", "--action=remove", plugs[0].device], check=True)
+    (rec,) = wait_records(server, 1)
+
+    assert rec["status"] == "interrupted"
+    assert "removed during the backup" in daemon.log
+    r = subprocess.run(["pgrep", "-f", "rsync.*immich-server-backups"], capture_output=True,
+                       text=True)
+    assert r.stdout == ""
+    assert daemon.proc.poll() is None  # no crash
+    st.wait_for(lambda: not st.is_mounted(plugs[0].device), "the unmount", 30)
+    plugs[0].pull()
+    plugs.clear()
+
+    server.write_config(f'[disks]\napproved = ["{uuid_of(image)}"]\n')  # full speed again
+    daemon.stop()
+    start_daemon()
+    plugs.append(st.plug(image))
+    _, again = wait_records(server, 2, timeout=120)
+    assert again["status"] == "success", again
+
+
+def test_sigterm_mid_backup_stops_unmounts_records_and_exits_zero(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    (server.upload / "upload" / "video.mp4").write_bytes(os.urandom(8 * 1024 * 1024))
+    image = st.make_image(tmp_path / "disk.img", "Stopped")
+    approve_in_config(server, uuid_of(image), extra="[library]\nbwlimit_kib = 1024\n")
+    daemon = start_daemon()
+    plugs.append(st.plug(image))
+    _wait_copying(server)
+
+    rc = daemon.stop()
+
+    assert rc == 0
+    (rec,) = records(server)
+    assert rec["status"] == "interrupted"
+    assert "STOPPING=1" in daemon.messages
+    assert not st.is_mounted(plugs[0].device)
+
+
+# The command line with device targets -----------------------------------------------
+
+def test_run_with_a_device_or_uuid_mounts_backs_up_and_unmounts(
+    real_stack: st.Stack, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    image = st.make_image(tmp_path / "disk.img", "ByUUID")
+    plugs.append(st.plug(image))
+    st.settle()
+
+    r = run_cli("run", plugs[0].device, config=server.config_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not st.is_mounted(plugs[0].device)
+
+    r = run_cli("run", f"UUID={uuid_of(image)}", config=server.config_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not st.is_mounted(plugs[0].device)
+    assert [x["status"] for x in records(server)] == ["success", "success"]
+
+
+def test_run_with_a_device_that_is_not_connected_fails_clearly(
+    real_stack: st.Stack, server: Server
+) -> None:
+    r = run_cli("run", "UUID=0000-0000", config=server.config_path)
+    assert r.returncode == 1
+    assert "no disk UUID=0000-0000 is connected" in r.stderr
