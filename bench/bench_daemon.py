@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import stack as st  # noqa: E402 - the tests' stack helpers
-
 from immich_usb_backup import history  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -64,11 +64,7 @@ def make_library(root: Path) -> Path:
     return upload
 
 
-def wait_ready(sock_path: Path) -> None:
-    import socket
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(sock_path))
+def wait_ready(s: socket.socket) -> None:
     s.settimeout(30)
     try:
         while b"READY=1" not in s.recv(4096):
@@ -135,12 +131,14 @@ def main() -> int:
             f'[immich]\nupload_location = "{upload}"\n[config_backup]\nenabled = false\n'
             f'[disks]\napproved = ["{uuid}"]\n[state]\ndir = "{state}"\n')
         notify = work / "notify.sock"
+        ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ready.bind(str(notify))
         env = {**stack.env, "NOTIFY_SOCKET": str(notify)}
         log = open(work / "daemon.log", "wb")  # noqa: SIM115
         daemon = subprocess.Popen(
             [str(REPO / ".venv" / "bin" / "immich-usb-backup"), "-c", str(config), "daemon"],
             env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_ready(notify)
+        wait_ready(ready)
         time.sleep(2)  # let start-up settle before sampling idle
         cpu0, t0 = proc_cpu_s(daemon.pid), time.monotonic()
         rss = []

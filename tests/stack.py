@@ -71,15 +71,16 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         socket_path = self.workdir / "system_bus_socket"
         self.bus_address = f"unix:path={socket_path}"
+        bus_log = open(self.workdir / "dbus.log", "wb")  # noqa: SIM115 - lives with the bus
         self.procs.append(subprocess.Popen(
-            ["dbus-daemon", f"--config-file={DBUS_SYSTEM_CONF}", "--nofork",
+            ["dbus-daemon", f"--config-file={DBUS_SYSTEM_CONF}", "--nofork", "--nopidfile",
              f"--address={self.bus_address}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            stdout=bus_log, stderr=bus_log))
         _wait(socket_path.exists, "the system bus socket")
-        if not Path("/run/udev/control").exists():
+        if not _udevd_running():
             self.procs.append(subprocess.Popen([UDEVD], stdout=subprocess.DEVNULL,
                                                stderr=subprocess.DEVNULL))
-            _wait(lambda: Path("/run/udev/control").exists(), "udevd")
+            _wait(_udevd_running, "udevd")
         if not TEST_RULE.exists():
             TEST_RULE.write_text(TEST_RULE_TEXT)
             self.undo.append(("unlink", TEST_RULE))
@@ -111,8 +112,13 @@ class Stack:
         for _, path in reversed(self.undo):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        if Path("/run/udev/control").exists():
+        if _udevd_running():
             _run("udevadm", "control", "--reload", check=False)
+
+
+def _udevd_running() -> bool:
+    return subprocess.run(["udevadm", "control", "--ping", "--timeout=2"],
+                          capture_output=True).returncode == 0
 
 
 def _wait(predicate, what: str, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]

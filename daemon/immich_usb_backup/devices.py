@@ -9,25 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyudev
 
+from immich_usb_backup.target import decode_udev
+
 log = logging.getLogger(__name__)
-
-_HEX_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
-
-
-def decode_udev(value: str | None) -> str | None:
-    """udev's ``*_ENC`` values escape bytes as ``\\xNN`` (``Backup\\x20Disk``)."""
-    if value is None:
-        return None
-    raw = _HEX_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), value.encode())
-    return raw.decode("utf-8", "replace")
-
 
 @dataclass(frozen=True)
 class BlockDevice:

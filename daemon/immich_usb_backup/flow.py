@@ -317,7 +317,11 @@ async def _detach(config: Config, udisks: UDisks, info: BlockInfo) -> None:
         if config.disks.power_off and info.drive and await udisks.power_off(info.drive):
             log.info("powered off %s: safe to unplug", info.device)
     except UDisksError as exc:
-        log.warning("could not detach %s: %s", info.device, exc)
+        if exc.name in ("org.freedesktop.DBus.Error.UnknownMethod",
+                        "org.freedesktop.DBus.Error.UnknownObject"):
+            log.info("%s is gone (pulled out?); UDisks2 cleans up its mount point", info.device)
+        else:
+            log.warning("could not detach %s: %s", info.device, exc)
 
 
 def _record_needs_approval(config: Config, device: str, uuid: str | None,

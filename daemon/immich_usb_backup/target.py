@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,18 +77,38 @@ def mount_at(path: Path, mountinfo: Path = MOUNTINFO) -> Mount | None:
     return found
 
 
+_HEX_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
+
+
+def decode_udev(value: str | None) -> str | None:
+    """udev's ``*_ENC`` values escape bytes as ``\\xNN`` (``B\\xc3\\xa4ckup\\x20Disk``)."""
+    if value is None:
+        return None
+    raw = _HEX_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), value.encode())
+    return raw.decode("utf-8", "replace")
+
+
 async def blkid(device: str) -> dict[str, str]:
-    """Probe ``device`` directly (not blkid's cache); return its tags, {} if it cannot."""
+    """Probe ``device`` directly (not blkid's cache): TYPE, UUID and LABEL (decoded).
+
+    Return {} when it cannot (no permission to read the device, say).
+    """
     try:
-        _, out = await execute.capture(["blkid", "-p", "-o", "export", device])
+        _, out = await execute.capture(["blkid", "-p", "-o", "udev", device])
     except (CommandError, OSError) as exc:
         log.debug("blkid %s failed: %s", device, exc)
         return {}
-    tags = {}
+    raw = {}
     for line in out.splitlines():
         key, sep, value = line.partition("=")
         if sep:
-            tags[key] = value
+            raw[key] = value
+    tags = {}
+    wanted = (("TYPE", "ID_FS_TYPE"), ("UUID", "ID_FS_UUID_ENC"), ("LABEL", "ID_FS_LABEL_ENC"))
+    for tag, key in wanted:
+        decoded = decode_udev(raw.get(key))
+        if decoded:
+            tags[tag] = decoded
     return tags
 
 
