@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import select
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -256,3 +258,38 @@ def plug(image: Image) -> Plug:
         _run("partx", "-a", loop)
         device = f"{loop}p1"
     return Plug(image, loop, device)
+
+
+class MountWatcher:
+    """Records every mount of a device while it is active, with its options.
+
+    /proc/self/mountinfo wakes poll() with POLLPRI on every mount change, so even a mount
+    that lasts milliseconds (the daemon looking for the marker) is seen.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.seen: list[tuple[str, str]] = []  # (mount point, options)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        with open("/proc/self/mountinfo", "rb") as f:
+            poller = select.poll()
+            poller.register(f, select.POLLPRI | select.POLLERR)
+            while not self._stop.is_set():
+                f.seek(0)
+                for line in f.read().decode(errors="replace").splitlines():
+                    left, _, right = line.partition(" - ")
+                    rf, lf = right.split(), left.split()
+                    if len(rf) >= 2 and rf[1] == self.device:
+                        entry = (lf[4], lf[5])
+                        if entry not in self.seen:
+                            self.seen.append(entry)
+                poller.poll(100)
+
+    def stop(self) -> list[tuple[str, str]]:
+        self._stop.set()
+        self._thread.join()
+        return self.seen

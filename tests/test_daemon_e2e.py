@@ -199,8 +199,12 @@ def test_an_unmarked_disk_is_left_exactly_as_found(
     daemon = start_daemon()
 
     plugs.append(st.plug(image))
+    watcher = st.MountWatcher(plugs[0].device)
     st.wait_for(lambda: "left alone" in daemon.log, "the daemon to look at the disk", 30)
+    mounts = watcher.stop()
 
+    assert mounts, "the daemon looked for the marker without mounting?"
+    assert all(opts.split(",")[0] == "ro" for _, opts in mounts), mounts  # read-only only
     assert not st.is_mounted(plugs[0].device)
     assert records(server) == []
     assert daemon.stop() == 0
@@ -217,9 +221,12 @@ def test_an_ext4_usb_disk_is_ignored_and_never_mounted(
     daemon = start_daemon()
 
     plugs.append(st.plug(image))
-    st.wait_for(lambda: f"ignored {plugs[0].device}" in daemon.log, "the event", 30)
+    watcher = st.MountWatcher(plugs[0].device)
+    st.wait_for(lambda: f"ignored {plugs[0].device}: bus=usb fs=ext4" in daemon.log,
+                "the event", 30)
+    time.sleep(1)  # what would a mount attempt need? far less than this
 
-    assert "mounted" not in daemon.log.replace("unmounted", "")
+    assert watcher.stop() == []  # never mounted, not even to look
     assert not st.is_mounted(plugs[0].device)
     assert records(server) == []
     daemon.stop()

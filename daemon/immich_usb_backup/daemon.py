@@ -36,10 +36,11 @@ class Daemon:
         """Called on the loop for every udev block event; never blocks."""
         dev = event.device
         candidate = policy.is_candidate(dev.bus, dev.fs_type, dev.devtype)
-        if event.action == "remove" or (event.action == "change" and not candidate):
+        if event.action == "remove":
             self._gone(dev.device)
             return
         if not candidate:
+            self._gone(dev.device)  # a change that took the file system away ends its plug
             log.debug("ignored %s: bus=%s fs=%s", dev.device, dev.bus, dev.fs_type)
             return
         if dev.key in self.seen:
