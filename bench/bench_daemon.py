@@ -92,6 +92,16 @@ def first_byte_latency(image: st.Image, state: Path, monitor: pyudev.Monitor,
     before = len(history.last_records(state, None))
     log_size = daemon_log.stat().st_size
     plugged = st.plug(image)
+    try:
+        return _time_plug(plugged, state, monitor, daemon_log, before, log_size)
+    finally:
+        if st.is_mounted(plugged.device):
+            subprocess.run(["umount", plugged.device], check=False)
+        plugged.pull()
+
+
+def _time_plug(plugged: st.Plug, state: Path, monitor: pyudev.Monitor, daemon_log: Path,
+               before: int, log_size: int) -> tuple[float, float]:
     t_event = None
     while t_event is None:
         dev = monitor.poll(timeout=10)
@@ -110,7 +120,6 @@ def first_byte_latency(image: st.Image, state: Path, monitor: pyudev.Monitor,
     copying = next(_log_time(x) for x in lines if "running rsync" in x)
     st.wait_for(lambda: "flow: unmounted" in daemon_log.read_text(errors="replace")
                 [log_size:], "the unmount", 60)
-    plugged.pull()
     return mounted - t_event, copying - t_event
 
 

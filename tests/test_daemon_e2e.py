@@ -417,3 +417,23 @@ def test_run_with_a_device_that_is_not_connected_fails_clearly(
     r = run_cli("run", "UUID=0000-0000", config=server.config_path)
     assert r.returncode == 1
     assert "no disk UUID=0000-0000 is connected" in r.stderr
+
+
+def test_an_approved_disk_that_cannot_be_mounted_is_recorded_failed_with_the_reason(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    image = st.make_image(tmp_path / "disk.img", "Broken")
+    approve_in_config(server, uuid_of(image))
+    with open(image.path, "r+b") as f:  # damage both boot checksums: blkid still says
+        for sector in (11, 23):  # exFAT, a mount refuses it
+            f.seek(sector * 512)
+            f.write(b"\xff\xff\xff\xff")
+    daemon = start_daemon()
+
+    plugs.append(st.plug(image))
+    (rec,) = wait_records(server, 1)
+
+    assert rec["status"] == "failed"
+    assert "could not be used" in rec["problems"][0]
+    assert "Mount" in rec["problems"][0]
+    assert daemon.proc.poll() is None

@@ -268,14 +268,24 @@ async def backup_plugged(config: Config, udisks: UDisks, device: str, *, uuid: s
     cfg = config.disks
     approved = policy.is_approved(uuid, cfg.approved, approvals.approved_uuids(config.state_dir))
     if not approved:
-        marker = await _peek_marker(udisks, device)
+        try:
+            marker = await _peek_marker(udisks, device)
+        except UDisksError as exc:  # not ours as far as we know: no record, only the log
+            log.warning("could not look at %s (%s) for the marker folder: %s",
+                        device, label, exc)
+            return "unreadable"
         if marker is None:
-            log.info("%s (%s) has no %s folder: left alone", device, label, "marker")
+            log.info("%s (%s) has no marker folder: left alone", device, label)
             return "not-marked"
         if not cfg.allow_any_marked:
             _record_needs_approval(config, device, uuid, label, trigger)
             return "needs-approval"
-    await backup_device(config, udisks, device, trigger=trigger)
+    try:
+        await backup_device(config, udisks, device, trigger=trigger)
+    except UDisksError as exc:  # an approved disk that cannot be used: the person must know
+        _record_simple(config, "failed", device, uuid, label, trigger,
+                       f"the disk {label or device} could not be used: {exc}")
+        return "failed"
     return "backed-up"
 
 
@@ -330,9 +340,15 @@ def _record_needs_approval(config: Config, device: str, uuid: str | None,
     message = (f"the disk {label or device} (UUID {uuid or '?'}) has the "
                f"immich-server-backups folder but is not approved; to back up to it, run: "
                f"{hint}")
+    _record_simple(config, "refused", device, uuid, label, trigger, message)
+
+
+def _record_simple(config: Config, status: str, device: str, uuid: str | None,
+                   label: str | None, trigger: str, message: str) -> None:
+    """A history record for a plug that ended before a backup could start."""
     log.warning("%s", message)
     record = _new_record(_now(), trigger, config.library.mode, Path(device))
-    record.update(status="refused", finished_at=_now().isoformat(timespec="seconds"),
+    record.update(status=status, finished_at=_now().isoformat(timespec="seconds"),
                   disk={"uuid": uuid, "label": label}, problems=[message])
     history.append(config.state_dir, record)
 
