@@ -78,7 +78,12 @@ class Daemon:
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=60)
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         if self.notify.fileno() != -1:
             self.notify.setblocking(False)
             with contextlib.suppress(BlockingIOError):
@@ -437,3 +442,33 @@ def test_an_approved_disk_that_cannot_be_mounted_is_recorded_failed_with_the_rea
     assert "could not be used" in rec["problems"][0]
     assert "Mount" in rec["problems"][0]
     assert daemon.proc.poll() is None
+
+
+def test_losing_the_system_bus_makes_the_daemon_exit_with_failure_for_a_restart(
+    real_stack: st.Stack, server: Server, tmp_path: Path
+) -> None:
+    address = f"unix:path={tmp_path}/bus"
+    bus = subprocess.Popen(["dbus-daemon", f"--config-file={st.DBUS_SYSTEM_CONF}",
+                            "--nofork", "--nopidfile", f"--address={address}"])
+    st.wait_for((tmp_path / "bus").exists, "the bus", 15)
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(30)
+    env = {**real_stack.env, "DBUS_SYSTEM_BUS_ADDRESS": address, "NOTIFY_SOCKET": str(notify)}
+    proc = subprocess.Popen([sys.executable, "-m", "immich_usb_backup", "-c",
+                             str(server.config_path), "daemon"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert b"READY=1" in sock.recv(4096)
+        bus.terminate()
+        bus.wait(timeout=10)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+        if bus.poll() is None:
+            bus.kill()
+    assert proc.returncode == 1
+    assert "lost the connection to the system bus" in out

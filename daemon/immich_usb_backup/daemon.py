@@ -22,6 +22,8 @@ from immich_usb_backup.udisks import UDisks
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_S = 90.0  # within systemd's TimeoutStopSec: record, unmount, then go
+
 
 class Daemon:
     def __init__(self, config: Config) -> None:
@@ -73,7 +75,7 @@ class Daemon:
                     self.pulled.discard(dev.device)
                     continue
                 job.cancel()  # we are stopping: let the run record itself and unmount
-                await asyncio.wait([job])
+                await asyncio.wait([job], timeout=STOP_GRACE_S)
                 raise
             except BackupError as exc:
                 log.error("%s: %s", dev.device, exc)
@@ -96,7 +98,15 @@ class Daemon:
         worker = asyncio.create_task(self.worker())
         systemd.notify("READY=1", "STATUS=idle, waiting for a backup disk")
         log.info("immich-usb-backup daemon ready")
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        bus_lost = asyncio.create_task(self.udisks.wait_disconnected())
+        await asyncio.wait([stopping, bus_lost], return_when=asyncio.FIRST_COMPLETED)
+        lost = bus_lost.done()
+        bus_lost.cancel()
+        stopping.cancel()
+        if lost:
+            log.error("lost the connection to the system bus; exiting so that the service "
+                      "manager restarts the daemon")
         log.info("stopping")
         systemd.notify("STOPPING=1")
         worker.cancel()
@@ -104,6 +114,8 @@ class Daemon:
             await worker
         monitor.stop()
         self.udisks.close()
+        if lost:
+            raise BackupError("lost the connection to the system bus")
 
 
 def run_daemon(config: Config) -> None:

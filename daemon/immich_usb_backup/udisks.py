@@ -31,6 +31,8 @@ IFACE_PROPS = "org.freedesktop.DBus.Properties"
 ERR = "org.freedesktop.UDisks2.Error."
 
 NO_INTERACTION = {"auth.no_user_interaction": Variant("b", True)}
+CALL_TIMEOUT_S = 15.0  # reading properties, resolving devices
+ACTION_TIMEOUT_S = 120.0  # mounting, unmounting, powering off
 
 
 class UDisksError(BackupError):
@@ -88,16 +90,27 @@ class UDisks:
     def close(self) -> None:
         self.bus.disconnect()
 
+    async def wait_disconnected(self) -> None:
+        """Return when the connection to the system bus is lost."""
+        await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+
     async def _call(
-        self, path: str, interface: str, member: str, signature: str = "", body: Any = None
+        self, path: str, interface: str, member: str, signature: str = "", body: Any = None,
+        timeout_s: float = CALL_TIMEOUT_S,
     ) -> list[Any]:
-        reply = await self.bus.call(
-            Message(
-                destination=SERVICE, path=path, interface=interface, member=member,
-                signature=signature, body=body or [],
-            )
+        message = Message(
+            destination=SERVICE, path=path, interface=interface, member=member,
+            signature=signature, body=body or [],
         )
-        assert reply is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                reply = await self.bus.call(message)
+        except TimeoutError:
+            raise UDisksError(f"UDisks2 {member}: no answer within {timeout_s:g} s") from None
+        except (OSError, EOFError) as exc:
+            raise UDisksError(f"UDisks2 {member}: the system bus went away ({exc})") from exc
+        if reply is None:
+            raise UDisksError(f"UDisks2 {member}: no reply (the system bus went away?)")
         if reply.message_type == MessageType.ERROR:
             name = reply.error_name or ""
             detail = reply.body[0] if reply.body else ""
@@ -179,7 +192,8 @@ class UDisks:
             options["options"] = Variant("s", "ro")
         for attempt in range(retries):
             try:
-                (mount_point,) = await self._call(path, IFACE_FS, "Mount", "a{sv}", [options])
+                (mount_point,) = await self._call(path, IFACE_FS, "Mount", "a{sv}", [options],
+                                                  timeout_s=ACTION_TIMEOUT_S)
                 return str(mount_point)
             except UDisksError as exc:
                 if exc.name != ERR + "AlreadyMounted" or attempt == retries - 1:
@@ -194,7 +208,8 @@ class UDisks:
         """Unmount object ``path``; a busy disk is retried a few times, not-mounted is fine."""
         for attempt in range(retries):
             try:
-                await self._call(path, IFACE_FS, "Unmount", "a{sv}", [dict(NO_INTERACTION)])
+                await self._call(path, IFACE_FS, "Unmount", "a{sv}", [dict(NO_INTERACTION)],
+                                 timeout_s=ACTION_TIMEOUT_S)
                 return
             except UDisksError as exc:
                 if exc.name == ERR + "NotMounted":
@@ -209,5 +224,6 @@ class UDisks:
         if not props.get("CanPowerOff", False):
             log.info("drive %s cannot be powered off; left on", drive)
             return False
-        await self._call(drive, IFACE_DRIVE, "PowerOff", "a{sv}", [dict(NO_INTERACTION)])
+        await self._call(drive, IFACE_DRIVE, "PowerOff", "a{sv}", [dict(NO_INTERACTION)],
+                         timeout_s=ACTION_TIMEOUT_S)
         return True
