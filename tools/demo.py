@@ -1,16 +1,27 @@
-"""The quick-start demo: a sample Immich server backed up onto a throwaway exFAT disk.
+"""The quick-start demo: the daemon backs up a sample Immich server onto a throwaway disk.
 
-Run it through ``sudo tools/demo`` (which installs what is needed first). It
+Run it through ``sudo tools/demo`` (which installs what is needed first). It shows the
+product's everyday flow, with the real pieces a Debian server runs:
 
 1. builds a small sample Immich upload location (real PNG photos, the ``.immich``
-   markers, two database dumps) and a sample config folder in a temporary folder;
-2. makes a 512 MB exFAT disk image, attaches it to a loop device and mounts it, with the
-   ``immich-server-backups`` marker folder and some of "the user's own" files beside it;
-3. runs the real command line twice (``run``, then ``history``), changing the library
-   in between;
-4. shows what is on the disk and checks that the user's files are untouched and that the
-   library copy matches the server;
-5. unmounts, detaches and removes everything, also on Ctrl-C.
+   markers, two database dumps), a sample config folder and the configuration;
+2. makes a 512 MB disk image with a partition table and one exFAT partition, like a USB
+   stick prepared on another computer: the ``immich-server-backups`` marker folder and
+   some of "the user's own" files beside it;
+3. brings up what the daemon talks to: a private system D-Bus, udevd (if none runs), a
+   demo-only udev rule that makes loop devices look like USB disks, and UDisks2
+   (``tests/stack.py``, the same pieces the end-to-end tests use);
+4. plugs the disk in (a loop device), lists it with ``disks``, approves it with
+   ``approve``, and pulls it out;
+5. starts ``immich-usb-backup daemon``, plugs the disk in and follows the backup with
+   ``status`` until the history has it, waits until the daemon has unmounted the disk,
+   shows the daemon's log and ``history``;
+6. changes the library (3 photos added, 1 deleted), plugs the disk in again: the daemon
+   backs up again;
+7. stops the daemon (SIGTERM, as ``systemctl stop`` does), attaches the disk read-only
+   and checks what is on it: the user's files untouched, the library copy equal to the
+   server's, the newest database dump, the config archive;
+8. stops and removes everything it started or made, also on Ctrl-C.
 
 Exit code 0 when both backups succeeded and every check passed, 1 otherwise.
 """
@@ -18,13 +29,16 @@ Exit code 0 when both backups succeeded and every check passed, 1 otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -34,13 +48,19 @@ import tomllib
 import uuid
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
+from typing import IO, Any
+
+from immich_usb_backup import history
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+import stack as st  # noqa: E402 - tests/stack.py: the real stack the end-to-end tests use
+
 CLI = REPO / ".venv" / "bin" / "immich-usb-backup"
 MARKER = "immich-server-backups"
 LABEL = "DemoBackup"
@@ -51,6 +71,14 @@ IMMICH_FOLDERS = ("upload", "library", "profile", "thumbs", "encoded-video", "ba
 USER_NOTES = "My Notes.txt"
 USER_FOLDER = "Holiday Plans"
 USER_FOLDER_FILE = "packing list.txt"
+USER_FILES = {  # "the user's own" files beside the marker folder: the backup never touches them
+    USER_NOTES: b"Things on this disk that are mine:\n- the holiday plans\n- these notes\n"
+                b"The backup must never touch them.\n",
+    f"{USER_FOLDER}/{USER_FOLDER_FILE}": b"swimsuit\nsun cream\ncamera\n",
+}
+
+BACKUP_TIMEOUT_S = 240  # one small backup at 1 MB/s takes a few seconds
+UNMOUNT_TIMEOUT_S = 60
 
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
 GREEN = "\033[32m" if sys.stdout.isatty() else ""
@@ -218,6 +246,124 @@ def build_server(root: Path) -> SampleServer:
     return srv
 
 
+# system commands ---------------------------------------------------------------------
+
+def run_quiet(argv: list[str]) -> str:
+    """Run a system command; raise DemoFailed with its message if it fails."""
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip()
+        raise DemoFailed(f"`{' '.join(argv)}` failed ({r.returncode}): {msg}")
+    return r.stdout.strip()
+
+
+def kernel_has_exfat() -> bool:
+    try:
+        return "exfat" in Path("/proc/filesystems").read_text().split()
+    except OSError:
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(interval)
+
+
+def _mount_table() -> list[list[str]]:
+    with contextlib.suppress(OSError):
+        return [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    return []
+
+
+def is_mounted(mount_point: Path) -> bool:
+    want = str(mount_point).replace(" ", "\\040")
+    return any(len(f) > 1 and f[1] == want for f in _mount_table())
+
+
+def mounts_of(device: str) -> list[str]:
+    """Where ``device`` is mounted now."""
+    names = (device, os.path.realpath(device))
+    return [f[1].replace("\\040", " ") for f in _mount_table() if len(f) > 1 and f[0] in names]
+
+
+def fuse_helper_running(device: str) -> bool:
+    """Is an exfat-fuse process of ``device`` still alive (it finishes writing after
+    umount returns; a zombie left to a PID 1 that does not reap does not count)?"""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if (argv and b"mount.exfat" in argv[0] and device.encode() in argv
+                and stat[stat.rfind(")") + 2:][:1] != "Z"):
+            return True
+    return False
+
+
+def _no_fuse_helper(device: str) -> bool:
+    return not fuse_helper_running(device)
+
+
+def unmount_point(mount_point: Path) -> bool:
+    """Unmount and wait until the mount is really gone. True when it is gone."""
+    if not is_mounted(mount_point):
+        return True
+    for attempt in range(60):
+        r = subprocess.run(["umount", str(mount_point)], capture_output=True, check=False)
+        if r.returncode == 0 or not is_mounted(mount_point):
+            break
+        if attempt == 59:  # still busy after 6 s: detach it lazily
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True,
+                           check=False)
+        time.sleep(0.1)
+    return wait_until(lambda: not is_mounted(mount_point), 10, 0.05)
+
+
+def loops_of(image: Path) -> list[str]:
+    """The loop devices ``image`` is attached to now."""
+    r = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True,
+                       check=False)
+    return [line.split(":", 1)[0] for line in r.stdout.splitlines()
+            if line.startswith("/dev/loop")]
+
+
+def detach_loop(loop: str) -> None:
+    """Detach a loop device and its partition, unmounting what is still mounted."""
+    for dev in (f"{loop}p1", loop):
+        for mp in mounts_of(dev):
+            unmount_point(Path(mp))
+        wait_until(functools.partial(_no_fuse_helper, dev), 30)
+    subprocess.run(["partx", "-d", loop], capture_output=True, check=False)
+    for _ in range(20):
+        if subprocess.run(["losetup", "-d", loop], capture_output=True,
+                          check=False).returncode == 0:
+            break
+        time.sleep(0.25)
+    st.settle()
+
+
+@contextlib.contextmanager
+def sheltered_from_ctrl_c() -> Iterator[None]:
+    """Processes started in here never get the terminal's Ctrl-C: SIGINT stays blocked
+    for them (the signal mask is inherited). The demo stops them itself when it cleans
+    up, in order: the daemon first (it unmounts through UDisks2), UDisks2 and D-Bus last.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# files -------------------------------------------------------------------------------
+
 def files_under(root: Path) -> dict[str, Path]:
     """Every regular file under ``root``, by path relative to it."""
     out: dict[str, Path] = {}
@@ -244,94 +390,6 @@ def plural(n: int, word: str) -> str:
 def summary_line(root: Path) -> str:
     files = files_under(root)
     return f"{plural(len(files), 'file')}, {human(sum(p.stat().st_size for p in files.values()))}"
-
-
-# the disk ----------------------------------------------------------------------------
-
-def run_quiet(argv: list[str]) -> str:
-    """Run a system command; raise DemoFailed with its message if it fails."""
-    r = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        msg = (r.stderr or r.stdout).strip()
-        raise DemoFailed(f"`{' '.join(argv)}` failed ({r.returncode}): {msg}")
-    return r.stdout.strip()
-
-
-def kernel_has_exfat() -> bool:
-    try:
-        return "exfat" in Path("/proc/filesystems").read_text().split()
-    except OSError:
-        return False
-
-
-def is_mounted(mount_point: Path) -> bool:
-    want = str(mount_point).replace(" ", "\\040")
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            fields = line.split()
-            if len(fields) > 1 and fields[1] == want:
-                return True
-    return False
-
-
-@dataclass
-class DemoDisk:
-    image: Path
-    mount_point: Path
-    device: str | None = None
-    mounted: bool = False
-
-    def create(self) -> None:
-        with open(self.image, "wb") as f:
-            f.truncate(DISK_MB * 1024 * 1024)  # sparse: takes almost no real space
-        run_quiet(["mkfs.exfat", "-L", LABEL, str(self.image)])
-        self.device = run_quiet(["losetup", "-f", "--show", str(self.image)])
-        self.mount_point.mkdir()
-        self.mount()
-
-    def mount(self) -> None:
-        assert self.device is not None
-        if kernel_has_exfat():
-            run_quiet(["mount", "-t", "exfat", self.device, str(self.mount_point)])
-        else:
-            run_quiet(["mount.exfat-fuse", self.device, str(self.mount_point)])
-        self.mounted = True
-
-    def unmount(self) -> bool:
-        """Unmount and wait until the mount is really gone (exfat-fuse finishes writing
-        after umount returns). True when it is gone."""
-        if not self.mounted and not is_mounted(self.mount_point):
-            return True
-        for attempt in range(60):
-            r = subprocess.run(["umount", str(self.mount_point)], capture_output=True,
-                               check=False)
-            if r.returncode == 0 or not is_mounted(self.mount_point):
-                break
-            if attempt == 59:  # still busy after 6 s: detach it lazily
-                subprocess.run(["umount", "-l", str(self.mount_point)], capture_output=True,
-                               check=False)
-            time.sleep(0.1)
-        for _ in range(200):
-            if not is_mounted(self.mount_point):
-                self.mounted = False
-                return True
-            time.sleep(0.05)
-        return False
-
-    def remount(self) -> None:
-        if not self.unmount():
-            raise DemoFailed(f"could not unmount {self.mount_point}")
-        self.mount()
-
-    def detach(self) -> None:
-        if self.device is None:
-            return
-        for _ in range(20):
-            r = subprocess.run(["losetup", "-d", self.device], capture_output=True, check=False)
-            if r.returncode == 0:
-                break
-            time.sleep(0.25)
-        self.device = None
 
 
 def print_tree(root: Path, max_depth: int = 4, per_folder: int = 6, max_lines: int = 45) -> None:
@@ -370,20 +428,184 @@ def list_root(mount_point: Path) -> None:
             say(f"  {entry.name}   ({human(entry.stat().st_size)}, the user's own)")
 
 
+# the disk ----------------------------------------------------------------------------
+
+@dataclass
+class LookDisk:
+    """The backup disk attached read-only, to look at what the daemon wrote on it."""
+
+    image: Path
+    mount_point: Path
+    loop: str | None = None
+    device: str | None = None
+
+    def open(self) -> None:
+        self.loop = run_quiet(["losetup", "-f", "--show", "-r", str(self.image)])
+        run_quiet(["partx", "-a", self.loop])
+        st.settle()
+        device = self.device = f"{self.loop}p1"
+        if not wait_until(lambda: Path(device).exists(), 10):
+            raise DemoFailed(f"{device} did not appear")
+        self.mount_point.mkdir(exist_ok=True)
+        if kernel_has_exfat():
+            run_quiet(["mount", "-t", "exfat", "-o", "ro", device, str(self.mount_point)])
+        else:
+            run_quiet(["mount.exfat-fuse", "-o", "ro", device, str(self.mount_point)])
+
+    def close(self) -> bool:
+        """Unmount and detach. True when the mount is gone."""
+        if self.loop is None:
+            return True
+        gone = unmount_point(self.mount_point)
+        if gone:
+            detach_loop(self.loop)
+            self.loop = self.device = None
+        return gone
+
+
+def disk_uuid(device: str) -> str:
+    return run_quiet(["blkid", "-p", "-o", "value", "-s", "UUID", device])
+
+
+def udisks_knows(device: str) -> bool:
+    """Has UDisks2 published ``device`` with its file system (it follows udev, a moment
+    later)?"""
+    path = f"/org/freedesktop/UDisks2/block_devices/{Path(device).name}"
+    r = subprocess.run(["busctl", f"--address={os.environ['DBUS_SYSTEM_BUS_ADDRESS']}",
+                        "get-property", "org.freedesktop.UDisks2", path,
+                        "org.freedesktop.UDisks2.Block", "IdType"],
+                       capture_output=True, text=True, check=False)
+    return r.returncode == 0 and "exfat" in r.stdout
+
+
+# the daemon --------------------------------------------------------------------------
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d),\d+ ([A-Z]+) (\S+): (.*)$")
+
+
+class Daemon:
+    """``immich-usb-backup -v daemon`` in the background, as systemd runs it
+    (``Type=notify``: it reports READY=1 on the socket in NOTIFY_SOCKET)."""
+
+    def __init__(self, config: Path, workdir: Path) -> None:
+        self.config = config
+        self.log_path = workdir / "daemon.log"
+        self.notify_path = workdir / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.messages: list[str] = []
+        self.shown = 0  # bytes of the log printed so far
+        self._log: IO[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed by stop()
+        with sheltered_from_ctrl_c():
+            self._proc = subprocess.Popen(
+                [str(CLI), "-c", str(self.config), "-v", "daemon"], env=env,
+                stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self._proc is not None, "the daemon was not started"
+        return self._proc
+
+    def wait_notify(self, wanted: str, timeout: float = 30) -> None:
+        end = time.monotonic() + timeout
+        self.notify.settimeout(0.5)
+        while wanted not in self.messages:
+            if self.proc.poll() is not None:
+                raise DemoFailed(f"the daemon exited ({self.proc.returncode}) before {wanted}:"
+                                 f"\n{self.tail()}")
+            if time.monotonic() > end:
+                raise DemoFailed(f"no {wanted} from the daemon within {timeout:g} s:\n"
+                                 f"{self.tail()}")
+            with contextlib.suppress(TimeoutError):
+                self.messages += self.notify.recv(4096).decode().split("\n")
+
+    def text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def text_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def tail(self, n: int = 15) -> str:
+        return "\n".join(self.text().splitlines()[-n:])
+
+    def new_lines(self) -> list[str]:
+        """The log lines written since the last call, made easy to read: the time of
+        day, the level, the message; the debug lines about devices the daemon ignored
+        (every other block device of the machine) left out."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.shown)
+            data = f.read()
+        data = data[: data.rfind(b"\n") + 1]  # whole lines only
+        self.shown += len(data)
+        out = []
+        for line in data.decode(errors="replace").splitlines():
+            m = LOG_LINE.match(line)
+            if m is None:
+                if line.strip():
+                    out.append(line)  # a traceback's lines
+                continue
+            clock, level, logger, message = m.groups()
+            if message.startswith("ignored /dev/"):
+                continue
+            if level == "DEBUG" and not logger.startswith("immich_usb_backup"):
+                continue
+            out.append(f"{clock} {level:<7} {message}")
+        return out
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM (what ``systemctl stop`` sends); wait; return the exit code (None when
+        it was never started)."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.notify.fileno() != -1:
+            self.notify.setblocking(False)
+            with contextlib.suppress(OSError):
+                while data := self.notify.recv(4096):
+                    self.messages += data.decode().split("\n")
+            self.notify.close()
+        return None if self._proc is None else self._proc.returncode
+
+
 # the command line --------------------------------------------------------------------
 
-def cli(*args: str, config: Path) -> int:
-    """Run the real ``immich-usb-backup`` with its output shown as it comes."""
+def cli(*args: str, config: Path, capture: bool = False) -> tuple[int, str]:
+    """Run the real ``immich-usb-backup`` with its output shown; return the exit code
+    and (with ``capture``) the output too."""
     argv = [str(CLI), "-c", str(config), *args]
     say(f"$ immich-usb-backup -c {config.name} {' '.join(args)}")
     sys.stdout.flush()
-    proc = subprocess.Popen(argv)
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(argv, stdout=pipe, stderr=subprocess.STDOUT if capture else None)
     _running.append(proc)
     try:
-        return proc.wait()
+        out, _ = proc.communicate()
     except KeyboardInterrupt:
         # the CLI got the Ctrl-C too (or the SIGTERM, passed on by _terminate): let it stop
-        # rsync and record the run as interrupted
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -392,6 +614,24 @@ def cli(*args: str, config: Path) -> int:
         raise
     finally:
         _running.remove(proc)
+    text = (out or b"").decode(errors="replace")
+    for line in text.splitlines():
+        say(line)
+    return proc.returncode, text
+
+
+def status_line(config: Path) -> str:
+    """What ``immich-usb-backup status`` says now (one line)."""
+    r = subprocess.run([str(CLI), "-c", str(config), "status"], capture_output=True,
+                       text=True, check=False, timeout=60)
+    text = (r.stdout or r.stderr).strip()
+    return text.splitlines()[-1] if text else f"(status printed nothing; exit {r.returncode})"
+
+
+def records_of(state: Path, disk_uuid: str) -> list[dict[str, Any]]:
+    """The history records of the demo's disk (another USB disk may be plugged in)."""
+    return [r for r in history.last_records(state, None)
+            if str((r.get("disk") or {}).get("uuid") or "").upper() == disk_uuid.upper()]
 
 
 def write_config(srv: SampleServer) -> Path:
@@ -411,31 +651,142 @@ def write_config(srv: SampleServer) -> Path:
 
 # the demo ----------------------------------------------------------------------------
 
+@dataclass
+class Session:
+    """Everything the demo starts or attaches, for the clean-up."""
+
+    tmp: Path
+    image: Path
+    stack: st.Stack | None = None
+    plugs: list[st.Plug] = field(default_factory=list)
+    daemon: Daemon | None = None
+    look: LookDisk | None = None
+
+    def plug_in(self) -> st.Plug:
+        try:
+            plug = st.plug(st.Image(self.image, LABEL, partitioned=True))
+        except subprocess.CalledProcessError as exc:
+            raise DemoFailed(f"could not attach {self.image}: {exc.stderr or exc}") from exc
+        self.plugs.append(plug)
+        st.settle()
+        return plug
+
+    def pull_out(self, plug: st.Plug) -> None:
+        try:
+            plug.pull()  # waits until the disk is unmounted
+        except RuntimeError as exc:
+            raise DemoFailed(f"could not unplug {plug.device}: {exc}") from exc
+        self.plugs.remove(plug)
+
+
 def preflight() -> None:
     problems = []
     if os.geteuid() != 0:
-        problems.append("run as root (sudo tools/demo): loop devices and mounts need it")
-    for tool in ("mkfs.exfat", "losetup", "mount", "umount", "blkid", "rsync"):
+        problems.append("run as root (sudo tools/demo): loop devices, mounts, udev and "
+                        "UDisks2 need it")
+    problems += [f"`{p}` is missing (tools/setup installs it)"
+                 for p in st.missing_pieces() if p != "root"]
+    for tool in ("mount", "umount", "blkid", "rsync"):
         if shutil.which(tool) is None:
             problems.append(f"`{tool}` is missing (tools/setup installs it)")
     if not kernel_has_exfat() and shutil.which("mount.exfat-fuse") is None:
         problems.append("no exFAT driver: neither the kernel's nor exfat-fuse")
-    if not Path("/dev/loop-control").exists():
-        problems.append("no loop devices (/dev/loop-control is missing)")
     if not CLI.exists():
         problems.append(f"{CLI} is missing: run tools/setup")
     if problems:
         raise DemoFailed("this machine cannot run the demo:\n  - " + "\n  - ".join(problems))
 
 
-def demo(tmp: Path, disk: DemoDisk, checks: Checks) -> None:
+def _program(proc: subprocess.Popen[bytes]) -> str:
+    args = proc.args
+    first = args[0] if isinstance(args, list | tuple) else args
+    return Path(str(first)).name
+
+
+def describe_stack(stack: st.Stack) -> list[str]:
+    """One line per piece: what the demo started or added, and what it found running."""
+    pids = {_program(p): p.pid for p in stack.procs}
+    added = {path for _, path in stack.undo}
+    lines = [f"started  a private system D-Bus (dbus-daemon, pid {pids['dbus-daemon']}) at "
+             f"{stack.bus_address}"]
+    if "systemd-udevd" in pids:
+        lines.append(f"started  udevd (pid {pids['systemd-udevd']}): none was running")
+    else:
+        lines.append("found    udevd running: used as it is")
+    if st.TEST_RULE in added:
+        lines.append(f"added    {st.TEST_RULE}: loop devices with exFAT look like USB disks")
+    else:
+        lines.append(f"found    {st.TEST_RULE} (already there): loop devices look like USB disks")
+    if st.MOUNT_EXFAT in added:
+        lines.append(f"added    {st.MOUNT_EXFAT} -> exfat-fuse: this kernel has no exFAT driver")
+    lines.append(f"started  UDisks2 (udisksd, pid {pids['udisksd']}) on that bus: it mounts and "
+                 "unmounts disks for the daemon")
+    return lines
+
+
+def show_log(daemon: Daemon) -> None:
+    for line in daemon.new_lines():
+        say(f"  | {line}")
+
+
+def backup_on_plug(s: Session, daemon: Daemon, config: Path, state: Path, uuid_: str,
+                   checks: Checks, which: str) -> None:
+    """Plug the disk in, follow the daemon's backup until it is recorded and the disk is
+    unmounted, show the log and the history, pull the disk out."""
+    before = len(records_of(state, uuid_))
+    mark = daemon.size()
+    plug = s.plug_in()
+    say(f"plugged the disk in: {plug.device} (udev announces a USB disk with exFAT on it)")
+    say()
+    say(f"$ immich-usb-backup -c {config.name} status     (every half second until the history "
+        "has the run)")
+    shown = ""
+    end = time.monotonic() + BACKUP_TIMEOUT_S
+    while len(records := records_of(state, uuid_)) <= before:
+        if daemon.proc.poll() is not None:
+            raise DemoFailed(f"the daemon exited ({daemon.proc.returncode}):\n{daemon.tail()}")
+        if time.monotonic() > end:
+            raise DemoFailed(f"no backup recorded {BACKUP_TIMEOUT_S} s after the plug; the "
+                             f"daemon's log ends:\n{daemon.tail()}")
+        line = status_line(config)
+        if line != shown:  # a line when something changed, with the time of day
+            say(f"  {datetime.now():%H:%M:%S}  {line}")
+            shown = line
+        time.sleep(0.5)
+    if (line := status_line(config)) != shown:
+        say(f"  {datetime.now():%H:%M:%S}  {line}")
+    record = records[-1]
+    say()
+    done = f"unmounted {plug.device}\n"
+    unmounted = wait_until(lambda: done in daemon.text_since(mark), UNMOUNT_TIMEOUT_S,
+                           0.2) and wait_until(lambda: not st.is_mounted(plug.device), 10)
+    if unmounted:
+        say(f"the daemon logged `unmounted {plug.device}`: the disk is unmounted: "
+            f"{BOLD}safe to unplug{RESET}")
+    say("\nthe daemon's log (-v; without the debug lines about the devices it ignores):")
+    show_log(daemon)
+    say()
+    cli("history", config=config)
+    say()
+    checks.check(record.get("status") == "success" and record.get("trigger") == "plug",
+                 f"the {which} backup, started by plugging the disk in, succeeded",
+                 f"status {record.get('status')!r}, trigger {record.get('trigger')!r}, "
+                 f"problems: {record.get('problems')}")
+    checks.check(unmounted, "the daemon unmounted the disk when it was done",
+                 f"{plug.device} is mounted at: {', '.join(mounts_of(plug.device)) or '-'}")
+    s.pull_out(plug)
+    say(f"pulled the disk out ({plug.device} is gone)")
+
+
+def demo(s: Session, checks: Checks) -> None:
     say(f"{BOLD}immich-usb-backup quick-start demo{RESET}")
-    say("A small sample Immich server is backed up onto a throwaway exFAT disk image.")
-    say(f"Everything lives in {tmp} and is removed at the end.")
+    say("The daemon backs up a small sample Immich server onto a throwaway exFAT disk image")
+    say("each time the disk is plugged in.")
+    say(f"Everything lives in {s.tmp} and is removed at the end.")
     preflight()
 
     heading("1. a sample Immich server")
-    srv = build_server(tmp / "server")
+    srv = build_server(s.tmp / "server")
     say(f"Immich's upload location (UPLOAD_LOCATION): {srv.upload}")
     for name in IMMICH_FOLDERS:
         say(f"  {name + '/':15} {summary_line(srv.upload / name)}")
@@ -448,43 +799,67 @@ def demo(tmp: Path, disk: DemoDisk, checks: Checks) -> None:
     say(f"server configuration files (zipped by each backup): {srv.etc}")
     for f in sorted(srv.etc.iterdir()):
         say(f"  {f.name}")
-
-    heading("2. a throwaway exFAT backup disk")
-    disk.create()
-    mnt = disk.mount_point
-    driver = "the kernel's exFAT driver" if kernel_has_exfat() else "exfat-fuse"
-    say(f"{DISK_MB} MB image, label {LABEL!r}, on {disk.device}, mounted at {mnt} ({driver})")
-    (mnt / MARKER).mkdir()
-    say(f"created the folder {MARKER}/ at the disk's root: that is what makes it a backup "
-        "disk")
-    (mnt / USER_NOTES).write_text(
-        "Things on this disk that are mine:\n- the holiday plans\n- these notes\n"
-        "The backup must never touch them.\n"
-    )
-    (mnt / USER_FOLDER).mkdir()
-    (mnt / USER_FOLDER / USER_FOLDER_FILE).write_text("swimsuit\nsun cream\ncamera\n")
-    os.sync()
-    user_files = {
-        rel: sha256(p) for rel, p in files_under(mnt).items() if not rel.startswith(MARKER)
-    }
-    root_before = sorted(p.name for p in mnt.iterdir())
-    say("and put some of the user's own files beside it:")
-    list_root(mnt)
-
-    heading("3. the first backup")
     config = write_config(srv)
-    say(f"the configuration ({config}):")
+    say(f"\nimmich-usb-backup's configuration ({config}):")
     for line in config.read_text().splitlines():
         say(f"  | {line}")
     say()
-    checks.check(cli("check", config=config) == 0, "`immich-usb-backup check` is happy")
-    say()
-    rc = cli("run", str(mnt), config=config)
-    checks.check(rc == 0, "the first backup succeeded (exit code 0)", f"exit code {rc}")
-    say()
-    cli("history", config=config)
+    checks.check(cli("check", config=config)[0] == 0, "`immich-usb-backup check` is happy")
 
-    heading("4. the library changes, then a second backup")
+    heading("2. a throwaway USB disk")
+    try:
+        st.make_image(s.image, LABEL, size_mb=DISK_MB, partitioned=True, files=USER_FILES)
+    except (subprocess.CalledProcessError, RuntimeError) as exc:
+        raise DemoFailed(f"could not make the disk image: {exc}") from exc
+    say(f"a {DISK_MB} MB disk image ({s.image.name}) with a partition table and one exFAT")
+    say(f"partition labelled {LABEL!r}, prepared as on another computer:")
+    say(f"  {MARKER}/   <- this folder makes it a backup disk: the backup writes only in it")
+    for rel, data in USER_FILES.items():
+        say(f"  {rel}   ({human(len(data))}, the user's own)")
+    say("It is not plugged in yet.")
+
+    heading("3. what a server runs anyway: D-Bus, udev, UDisks2")
+    say("The daemon hears about disks from udev and mounts them through UDisks2 on the")
+    say("system D-Bus. The demo starts what is missing, privately, and stops it at the end:")
+    s.stack = st.Stack(s.tmp / "stack")
+    try:
+        with sheltered_from_ctrl_c():
+            s.stack.start()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        raise DemoFailed(f"could not start D-Bus, udevd and UDisks2: {exc}") from exc
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = s.stack.bus_address  # for the CLI's commands
+    for line in describe_stack(s.stack):
+        say(f"  {line}")
+
+    heading("4. plug the disk in once and approve it")
+    plug = s.plug_in()
+    uuid_ = disk_uuid(plug.device)
+    say(f"plugged in: {plug.device}, the exFAT partition on {plug.loop} (UUID {uuid_})")
+    wait_until(lambda: udisks_knows(plug.device), 15)
+    say()
+    rc, out = cli("disks", config=config, capture=True)
+    checks.check(rc == 0 and plug.device in out, "`disks` lists the plugged-in disk")
+    say()
+    rc, out = cli("approve", plug.device, config=config, capture=True)
+    checks.check(rc == 0 and f"uuid {uuid_}".lower() in out.lower(),
+                 "`approve` approved it (it looked for the folder read-only, recorded the "
+                 "UUID and unmounted it again)", f"exit code {rc}")
+    s.pull_out(plug)
+    say(f"pulled the disk out ({plug.device} is gone)")
+
+    heading("5. the daemon: plug the disk in, walk away")
+    s.daemon = daemon = Daemon(config, s.tmp)
+    say(f"$ immich-usb-backup -c {config.name} -v daemon &     (log: {daemon.log_path})")
+    daemon.start()
+    daemon.wait_notify("READY=1")
+    wait_until(lambda: "daemon ready" in daemon.text(), 5)  # it logs right after telling
+    told = next((m for m in daemon.messages if m.startswith("STATUS=")), "")
+    say(f"the daemon is ready: it sent READY=1 and {told} (what systemd would show)")
+    show_log(daemon)
+    say()
+    backup_on_plug(s, daemon, config, srv.state, uuid_, checks, "first")
+
+    heading("6. the library changes; plug the disk in again")
     now = datetime.now().astimezone()
     added = [srv.add_photo(72, 64, 40, now - timedelta(minutes=m)) for m in (3, 2, 1)]
     gone = srv.photos[5]
@@ -496,17 +871,21 @@ def demo(tmp: Path, disk: DemoDisk, checks: Checks) -> None:
     say("1 photo deleted in Immich:")
     say(f"  - {gone.relative_to(srv.upload)}")
     say()
-    rc = cli("run", str(mnt), config=config)
-    checks.check(rc == 0, "the second backup succeeded (exit code 0)", f"exit code {rc}")
-    say()
-    cli("history", config=config)
+    backup_on_plug(s, daemon, config, srv.state, uuid_, checks, "second")
 
-    heading("5. what is on the disk")
-    say("(unmounted and mounted again first, so what follows is read back from the disk)")
-    disk.remount()
-    backup = mnt / MARKER
+    heading("7. stop the daemon; what is on the disk")
+    say(f"$ kill -TERM {daemon.proc.pid}     (what `systemctl stop` does)")
+    stopped = daemon.stop()
+    show_log(daemon)
+    checks.check(stopped == 0, "the daemon stopped on SIGTERM with exit code 0",
+                 f"exit code {stopped}")
     say()
-    say("the disk's root:")
+    s.look = look = LookDisk(s.image, s.tmp / "look")
+    look.open()
+    mnt = look.mount_point
+    say(f"attached the disk image again, read-only ({look.device}), mounted at {mnt}")
+    backup = mnt / MARKER
+    say("\nthe disk's root:")
     list_root(mnt)
     say()
     print_tree(backup)
@@ -534,7 +913,9 @@ def demo(tmp: Path, disk: DemoDisk, checks: Checks) -> None:
         for name in sorted(names):
             say(f"  {name}")
 
-    heading("6. checks")
+    heading("8. checks")
+    user_files = {rel: hashlib.sha256(data).hexdigest() for rel, data in USER_FILES.items()}
+    root_before = sorted({MARKER} | {rel.split("/")[0] for rel in USER_FILES})
     after = {
         rel: sha256(p) for rel, p in files_under(mnt).items() if not rel.startswith(MARKER)
     }
@@ -575,22 +956,47 @@ def demo(tmp: Path, disk: DemoDisk, checks: Checks) -> None:
     checks.check(info.get("status") == "success",
                  "backup-info.toml says the last backup was a success",
                  f"status = {info.get('status')!r}")
+    if look.close():
+        say(f"\nunmounted {mnt} and detached the disk image")
+    s.look = None
 
 
-def cleanup(tmp: Path, disk: DemoDisk) -> None:
+def cleanup(s: Session) -> None:
     heading("cleaning up")
-    gone = disk.unmount()
-    if disk.device is not None:
-        dev = disk.device
-        disk.detach()
-        say(f"unmounted {disk.mount_point} and detached {dev}" if gone
-            else f"could not unmount {disk.mount_point}")
-    if gone:
-        shutil.rmtree(tmp, ignore_errors=True)
-        say(f"removed {tmp}")
+    if s.daemon is not None:
+        running = s.daemon._proc is not None and s.daemon._proc.poll() is None
+        rc = s.daemon.stop()
+        if running:
+            say(f"stopped the daemon (exit code {rc}); its last words:")
+            with contextlib.suppress(OSError):
+                show_log(s.daemon)
+    left_mounted = False
+    if s.look is not None and not s.look.close():
+        left_mounted = True
+        say(f"could not unmount {s.look.mount_point}")
+    for plug in list(s.plugs):
+        for mp in mounts_of(plug.device):  # the daemon did not get to unmount it
+            unmount_point(Path(mp))
+        with contextlib.suppress(RuntimeError, OSError):
+            plug.pull()
+            s.plugs.remove(plug)
+            say(f"unplugged the disk ({plug.device})")
+    for loop in loops_of(s.image):  # whatever an interruption left attached
+        detach_loop(loop)
+        say(f"detached {loop}")
+    if s.stack is not None:
+        s.stack.stop()
+        os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+        names = ", ".join(_program(p) for p in reversed(s.stack.procs))
+        say(f"stopped {names or 'nothing'}")
+        for _, path in s.stack.undo:
+            say(f"removed {path}")
+    if left_mounted:
+        say(f"left {s.tmp} in place because {s.look and s.look.mount_point} is still "
+            "mounted; unmount it, then remove the folder")
     else:
-        say(f"left {tmp} in place because {disk.mount_point} is still mounted; "
-            f"unmount it, then remove the folder")
+        shutil.rmtree(s.tmp, ignore_errors=True)
+        say(f"removed {s.tmp}")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -607,11 +1013,11 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     signal.signal(signal.SIGTERM, _terminate)
     tmp = Path(tempfile.mkdtemp(prefix="immich-usb-backup-demo-"))
-    disk = DemoDisk(tmp / "disk.img", tmp / "mnt")
+    session = Session(tmp, tmp / "disk.img")
     checks = Checks()
     interrupted = False
     try:
-        demo(tmp, disk, checks)
+        demo(session, checks)
     except KeyboardInterrupt:
         interrupted = True
         say(f"\n{RED}interrupted{RESET}")
@@ -620,7 +1026,7 @@ def main() -> int:
         say(f"\n{RED}demo stopped:{RESET} {exc}")
     finally:
         with _ignoring_signals():
-            cleanup(tmp, disk)
+            cleanup(session)
 
     heading("result")
     if interrupted:
@@ -631,9 +1037,10 @@ def main() -> int:
         for what in checks.failed:
             say(f"  - {what}")
         return 1
-    say(f"{GREEN}all {checks.passed} checks passed{RESET}: both backups succeeded, the "
-        "user's files were not touched,\nand the disk holds a plain, readable copy of the "
-        "library, the newest database dump\nand the server's configuration.")
+    say(f"{GREEN}all {checks.passed} checks passed{RESET}: the daemon backed up the disk each "
+        "time it was plugged in\nand unmounted it, the user's files were not touched, and the "
+        "disk holds a plain,\nreadable copy of the library, the newest database dump and the "
+        "server's configuration.")
     return 0
 
 
