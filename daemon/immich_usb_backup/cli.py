@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", action="store_true", help="keep updating until the run ends")
 
     hi = sub.add_parser("history", help="show past backup runs")
-    hi.add_argument("--json", action="store_true", help="print a JSON array, oldest first")
+    hi_out = hi.add_mutually_exclusive_group()
+    hi_out.add_argument("--json", action="store_true", help="print a JSON array, oldest first")
+    hi_out.add_argument("--html", type=Path, metavar="FILE",
+                        help="write a self-contained HTML page of the runs to FILE")
     hi.add_argument("--last", type=_positive, metavar="N", help="only the last N runs")
 
     sub.add_parser("check", help="validate the config and the environment")
@@ -247,6 +250,16 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_history(config: Config, args: argparse.Namespace) -> int:
     records = history.last_records(config.state_dir, args.last)
+    if args.html is not None:
+        from immich_usb_backup import report  # noqa: PLC0415 - only this option needs it
+
+        try:
+            report.write_html(args.html, records)
+        except OSError as exc:
+            print(f"cannot write {args.html}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"wrote {args.html} ({len(records)} run{'' if len(records) == 1 else 's'})")
+        return EXIT_OK
     if args.json:
         print(json.dumps(records, indent=2, ensure_ascii=False))
     elif not records:
