@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -232,20 +231,52 @@ def _clock(seconds: int) -> str:
 # status, history ---------------------------------------------------------------------
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    while True:
-        st = read_status(config.state_dir)
-        if args.json:
-            print(json.dumps(st), flush=True)
-        elif st["state"] == "idle":
-            print("idle: no backup is running")
-        else:
-            disk = st.get("disk") or {}
-            print(f"running on {disk.get('label') or disk.get('mount_point') or '?'}: "
-                  f"{format_status_line(st)}", flush=True)
-        if not args.watch or st["state"] == "idle":
-            return EXIT_OK
-        with contextlib.suppress(KeyboardInterrupt):
+    """The live status; with --watch, again every second until the run ends (Ctrl-C
+    stops watching, not the backup). On a terminal the line is redrawn in place."""
+    redraw = args.watch and not args.json and sys.stdout.isatty()
+    saw_run = False
+    try:
+        while True:
+            st = read_status(config.state_dir)
+            if args.json:
+                print(json.dumps(st), flush=True)
+            elif st["state"] == "idle":
+                if redraw and saw_run:
+                    sys.stdout.write("\n")
+                print(_idle_text(config, saw_run))
+            else:
+                saw_run = True
+                disk = st.get("disk") or {}
+                line = (f"running on {disk.get('label') or disk.get('mount_point') or '?'}: "
+                        f"{format_status_line(st)}")
+                if redraw:
+                    width = shutil.get_terminal_size().columns
+                    sys.stdout.write("\r" + line[: width - 1].ljust(width - 1))
+                    sys.stdout.flush()
+                else:
+                    print(line, flush=True)
+            if not args.watch or st["state"] == "idle":
+                return EXIT_OK
             time.sleep(1)
+    except KeyboardInterrupt:
+        if redraw:
+            sys.stdout.write("\n")
+        return EXIT_OK
+
+
+def _idle_text(config: Config, just_finished: bool) -> str:
+    last = history.last_records(config.state_dir, 1)
+    if not last:
+        return "idle: no backup is running (no backups yet)"
+    r = last[0]
+    when = str(r.get("finished_at") or r.get("started_at") or "?")[:19].replace("T", " ")
+    disk = (r.get("disk") or {}).get("label") or "-"
+    summary = (f"{r.get('status', '?')} on {disk} at {when}: "
+               f"{r.get('files_transferred', 0)} files, "
+               f"{human_bytes(int(r.get('bytes_transferred', 0) or 0))}")
+    if just_finished:
+        return f"finished: {summary}"
+    return f"idle: no backup is running; last backup {summary}"
 
 
 def cmd_history(config: Config, args: argparse.Namespace) -> int:
