@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -23,6 +24,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/immich-usb-backup/config.toml")
 CONFIG_ENV = "IMMICH_USB_BACKUP_CONFIG"
 
 MODES = ("quick",)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S")
+NOTIFY_EVENTS = ("started", "finished", "refused", "needs_approval")
 
 
 def _doc(text: str, **constraints: Any) -> dict[str, Any]:
@@ -112,6 +115,35 @@ class DisksConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """[notify]: messages by e-mail, push or chat through Apprise (docs/notifications.md)."""
+
+    urls: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("Apprise URLs to notify (mailto://, ntfy://, tgram://, json://...)."),
+    )
+    urls_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "A file of more Apprise URLs, one a line (`#` starts a comment line): keeps "
+            "passwords out of this file."
+        ),
+    )
+    events: tuple[str, ...] = field(
+        default=NOTIFY_EVENTS,
+        metadata=_doc(
+            "Which events are sent: started, finished, refused, needs_approval.",
+            choices=NOTIFY_EVENTS,
+        ),
+    )
+    timeout_s: float = field(
+        default=30.0,
+        metadata=_doc("Give up sending one notification after this many seconds.", min=1,
+                      max=60),
+    )
+
+
+@dataclass(frozen=True)
 class StateConfig:
     """[state]: where history, status and caches live."""
 
@@ -130,6 +162,7 @@ class Config:
     config_backup: ConfigBackupConfig
     library: LibraryConfig
     disks: DisksConfig
+    notify: NotifyConfig
     state: StateConfig
     source: Path | None = None
 
@@ -149,6 +182,7 @@ SECTIONS: dict[str, type[Any]] = {
     "config_backup": ConfigBackupConfig,
     "library": LibraryConfig,
     "disks": DisksConfig,
+    "notify": NotifyConfig,
     "state": StateConfig,
 }
 
@@ -323,6 +357,10 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
     for uuid in getattr(getattr(cfg, "disks", None), "approved", ()):
         if not uuid.strip() or any(c.isspace() for c in uuid):
             problems.append(f'{where}: disks.approved: "{uuid}" is not a file system UUID')
+    for i, url in enumerate(getattr(getattr(cfg, "notify", None), "urls", ()), 1):
+        if not _URL.match(url.strip()):  # the URL itself is not shown: it may hold a password
+            problems.append(f"{where}: notify.urls: item {i} is not an Apprise URL "
+                            "(scheme://...); see docs/notifications.md")
     for pattern in cfg.library.excludes:
         if pattern.strip("/") in {"", "*", "**"}:
             problems.append(
@@ -342,6 +380,7 @@ class _Partial:
     database: DatabaseConfig | None = None
     config_backup: ConfigBackupConfig | None = None
     disks: DisksConfig | None = None
+    notify: NotifyConfig | None = None
 
 
 def _overlaps(a: Path, b: Path) -> bool:

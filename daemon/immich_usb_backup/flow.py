@@ -1,33 +1,38 @@
 """The product's story, top to bottom.
 
 A plugged disk (``backup_plugged``): eligible (USB, exFAT)? -> mounted (read-only
-first unless its UUID is approved) -> marker folder? -> approved? -> the backup ->
-sync, unmount what we mounted -> power off.
+first unless its UUID is approved) -> marker folder? -> approved? (if not: notify how to
+approve it) -> the backup, which ends by unmounting and powering off what we mounted.
 
 One backup (``run_backup``): target mounted exFAT? -> marker folder? -> lock ->
 preflight (source sane, dump found, library compared, deletions within limits, fits on
-the disk) -> database -> config -> library -> README.txt + backup-info.toml -> sync ->
-history record. It is the boundary of a run: whatever happens inside ends as exactly one
-history record (success, partial, failed, refused, interrupted).
+the disk) -> notify "started" -> database -> config -> library -> README.txt +
+backup-info.toml -> sync -> unmount and power off (a disk we mounted) -> notify
+"finished" or "refused" -> history record. It is the boundary of a run: whatever happens
+inside ends as exactly one notification and one history record (success, partial,
+failed, refused, interrupted), which also records how the notifications went.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import __version__, approvals, history, policy
+from immich_usb_backup import __version__, approvals, history, notify, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.fsutil import BackupRoot, cluster_size, free_bytes
 from immich_usb_backup.lock import backup_lock
+from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.scan import Plan, Problems
 from immich_usb_backup.status import StatusWriter
 from immich_usb_backup.steps import (
@@ -53,18 +58,25 @@ log = logging.getLogger(__name__)
 WORK_DIR = "run"
 SMALL_FILES_RESERVE = 1024 * 1024  # README, backup-info, folder entries
 
+Detach = Callable[[], Awaitable[notify.DiskState]]
+
 
 def _now() -> datetime:
     return datetime.now().astimezone()
 
 
 async def run_backup(
-    config: Config, target: Path, *, trigger: str = "cli", mode: str | None = None
+    config: Config, target: Path, *, trigger: str = "cli", mode: str | None = None,
+    detach: Detach | None = None,
 ) -> dict[str, Any]:
     """Back up onto the exFAT file system mounted at ``target``; return the history record.
 
-    The record is appended to the history whatever the outcome. Cancellation (Ctrl-C,
-    SIGTERM) stops rsync, is recorded as ``interrupted`` and then propagates.
+    ``detach`` is given for a disk the caller mounted: it is called at the end (after the
+    sync) to unmount and power off the disk, before the last notification, so that the
+    message can say truthfully whether the disk is safe to unplug. Without it the disk is
+    left mounted, as it was found. The record is appended to the history whatever the
+    outcome, with the outcome of each notification. Cancellation (Ctrl-C, SIGTERM) stops
+    rsync, is recorded as ``interrupted`` and then propagates.
     """
     started = _now()
     t0 = time.monotonic()
@@ -72,7 +84,9 @@ async def run_backup(
     problems = Problems()
     record = _new_record(started, trigger, mode, target)
     results: list[StepResult] = []
+    notifier = notify.Notifier(config.notify)
     ctx: RunContext | None = None
+    end = notify.DiskEnd("left-mounted", str(target))
     cancelled = False
     try:
         with backup_lock(config.state_dir):
@@ -84,7 +98,7 @@ async def run_backup(
                     root.root, disk, config.immich.upload_location, config.state_dir
                 )
                 ctx = _context(config, disk, root, problems, started, mode)
-                await _backup(ctx, results)
+                await _backup(ctx, results, notifier)
                 record["status"] = "partial" if len(problems) else "success"
             except asyncio.CancelledError:
                 record["status"] = "interrupted"
@@ -97,6 +111,7 @@ async def run_backup(
                 if ctx is not None:
                     if ctx.writing:
                         _finish_on_disk(ctx, record, results, t0)
+                    end = _disk_end(ctx, target)
                     ctx.status.clear()
                     shutil.rmtree(ctx.work_dir, ignore_errors=True)
     except Refused as exc:  # the lock is held by another run
@@ -104,8 +119,13 @@ async def run_backup(
         problems.add(str(exc))
     finally:
         _fill_record(record, results, problems, t0)
-        history.append(config.state_dir, record)
         log.info("backup %s: %s", record["status"], "; ".join(record["problems"][:3]))
+        try:
+            if detach is not None:
+                end = dataclasses.replace(end, state=await detach(), mount_point=None)
+            await notifier.send(notify.end_message(record, end))
+        finally:
+            _append_history(config, record, notifier)
     if cancelled:
         raise asyncio.CancelledError
     return record
@@ -127,6 +147,26 @@ def _new_record(started: datetime, trigger: str, mode: str, target: Path) -> dic
         "host": socket.gethostname(),
         "version": __version__,
     }
+
+
+def _disk_end(ctx: RunContext, target: Path) -> notify.DiskEnd:
+    """The disk at the end of the run, before any unmount: still mounted at ``target``."""
+    free: int | None = None
+    size: int | None = None
+    try:
+        st = os.statvfs(ctx.root.root)
+        free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    except OSError:  # pulled out
+        pass
+    return notify.DiskEnd("left-mounted", str(target), ctx.writing, free, size)
+
+
+def _append_history(config: Config, record: dict[str, Any],
+                    notifier: notify.Notifier) -> None:
+    """Append the run's record, with how its notifications went (no URL, no secret)."""
+    if notifier.outcomes:
+        record["notifications"] = notifier.outcomes
+    history.append(config.state_dir, record)
 
 
 def _failure(exc: Exception) -> tuple[str, str]:
@@ -156,7 +196,8 @@ def _context(
     return RunContext(config, disk, root, status, problems, work, started, mode)
 
 
-async def _backup(ctx: RunContext, results: list[StepResult]) -> None:
+async def _backup(ctx: RunContext, results: list[StepResult],
+                  notifier: notify.Notifier) -> None:
     """Preflight everything, then the steps in Immich's advised order: database first."""
     cfg = ctx.config
     cluster = cluster_size(ctx.root.root)
@@ -193,12 +234,39 @@ async def _backup(ctx: RunContext, results: list[StepResult]) -> None:
 
     # The steps. From here on the disk is written to.
     ctx.writing = True
+    notifier.send_soon(notify.started(ctx.disk.label, ctx.disk.uuid,
+                                      *_what_to_copy(cfg, dump, plan, config_bytes)))
     if dump is not None:
         results.append(await database.run(ctx, dump))
     if cfg.config_backup.enabled:
         results.append(await config_archive.run(ctx))
     if plan is not None:
         results.append(await library.run(ctx, plan))
+
+
+def _what_to_copy(cfg: Config, dump: database.DumpPlan | None, plan: Plan | None,
+                  config_bytes: int) -> tuple[list[str], int, int]:
+    """For the "started" message: a line per step, and the files and bytes to copy."""
+    lines: list[str] = []
+    files = nbytes = 0
+    if dump is not None:
+        if dump.source is None:
+            lines.append("database: no dump found (see the problems when it finishes)")
+        elif dump.needs_copy:
+            size = dump.source.stat().st_size
+            lines.append(f"database: {dump.source.name} ({human_bytes(size)})")
+            files, nbytes = files + 1, nbytes + size
+        else:
+            lines.append(f"database: {dump.source.name} is already on the disk")
+    if cfg.config_backup.enabled:
+        lines.append(f"config: an archive of {len(cfg.config_backup.paths)} configured "
+                     "path(s)")
+        files, nbytes = files + 1, nbytes + config_bytes
+    if plan is not None:
+        lines.append(f"library: {plan.copy_files} of {plan.source_files} files to copy "
+                     f"({human_bytes(plan.copy_bytes)}), {plan.delete_files} to delete")
+        files, nbytes = files + plan.copy_files, nbytes + plan.copy_bytes
+    return lines, files, nbytes
 
 
 def _fill_record(
@@ -269,7 +337,7 @@ async def backup_plugged(config: Config, udisks: UDisks, device: str, *, uuid: s
     approved = policy.is_approved(uuid, cfg.approved, approvals.approved_uuids(config.state_dir))
     if not approved:
         try:
-            marker = await _peek_marker(udisks, device)
+            marker, left = await _peek_marker(udisks, device)
         except UDisksError as exc:  # not ours as far as we know: no record, only the log
             log.warning("could not look at %s (%s) for the marker folder: %s",
                         device, label, exc)
@@ -278,21 +346,22 @@ async def backup_plugged(config: Config, udisks: UDisks, device: str, *, uuid: s
             log.info("%s (%s) has no marker folder: left alone", device, label)
             return "not-marked"
         if not cfg.allow_any_marked:
-            _record_needs_approval(config, device, uuid, label, trigger)
+            await _record_needs_approval(config, device, uuid, label, trigger, left)
             return "needs-approval"
     try:
         await backup_device(config, udisks, device, trigger=trigger)
     except UDisksError as exc:  # an approved disk that cannot be used: the person must know
-        _record_simple(config, "failed", device, uuid, label, trigger,
-                       f"the disk {label or device} could not be used: {exc}")
+        await _record_simple(config, "failed", device, uuid, label, trigger,
+                             f"the disk {label or device} could not be used: {exc}")
         return "failed"
     return "backed-up"
 
 
 async def backup_device(config: Config, udisks: UDisks, device: str, *,
                         trigger: str) -> dict[str, Any]:
-    """Mount ``device`` if needed, run the backup, then unmount and power off what we
-    mounted (a disk someone else mounted is left mounted). Return the history record."""
+    """Mount ``device`` if needed and run the backup, which ends by unmounting and powering
+    off what we mounted, before its last notification (a disk someone else mounted is left
+    mounted). Return the history record."""
     info = await udisks.wait_for_filesystem(device)
     if info.mount_points:
         log.info("%s is already mounted at %s: using it, leaving it mounted",
@@ -300,57 +369,73 @@ async def backup_device(config: Config, udisks: UDisks, device: str, *,
         return await run_backup(config, Path(info.mount_points[0]), trigger=trigger)
     mount_point = await udisks.mount(info.object_path)
     log.info("mounted %s at %s", device, mount_point)
-    try:
-        return await run_backup(config, Path(mount_point), trigger=trigger)
-    finally:
-        await _detach(config, udisks, info)
+    return await run_backup(config, Path(mount_point), trigger=trigger,
+                            detach=lambda: _detach(config, udisks, info))
 
 
-async def _peek_marker(udisks: UDisks, device: str) -> str | None:
-    """Look for the marker folder; mount read-only (and unmount again) if needed."""
+async def _peek_marker(udisks: UDisks, device: str) -> tuple[str | None, notify.DiskEnd]:
+    """Look for the marker folder; mount read-only (and unmount again) if needed.
+
+    Return the marker state and how the disk is left.
+    """
     info = await udisks.wait_for_filesystem(device)
     if info.mount_points:
-        return marker_state(Path(info.mount_points[0]))
+        return (marker_state(Path(info.mount_points[0])),
+                notify.DiskEnd("left-mounted", info.mount_points[0]))
     mount_point = await udisks.mount(info.object_path, read_only=True)
     try:
-        return await asyncio.to_thread(marker_state, Path(mount_point))
+        return (await asyncio.to_thread(marker_state, Path(mount_point)),
+                notify.DiskEnd("unmounted"))
     finally:
         await udisks.unmount(info.object_path)
 
 
-async def _detach(config: Config, udisks: UDisks, info: BlockInfo) -> None:
-    """Sync, unmount, power off. A disk already gone is only logged."""
+async def _detach(config: Config, udisks: UDisks, info: BlockInfo) -> notify.DiskState:
+    """Sync, unmount, power off; return how the disk was left. A disk already gone is
+    only logged."""
+    state: notify.DiskState = "busy"
     try:
         await asyncio.shield(asyncio.to_thread(os.sync))
         await asyncio.shield(udisks.unmount(info.object_path))
         log.info("unmounted %s", info.device)
+        state = "unmounted"
         if config.disks.power_off and info.drive and await udisks.power_off(info.drive):
             log.info("powered off %s: safe to unplug", info.device)
+            state = "powered-off"
     except UDisksError as exc:
         if exc.name in ("org.freedesktop.DBus.Error.UnknownMethod",
                         "org.freedesktop.DBus.Error.UnknownObject"):
             log.info("%s is gone (pulled out?); UDisks2 cleans up its mount point", info.device)
-        else:
-            log.warning("could not detach %s: %s", info.device, exc)
+            return "gone" if state == "busy" else state
+        log.warning("could not detach %s: %s", info.device, exc)
+    return state
 
 
-def _record_needs_approval(config: Config, device: str, uuid: str | None,
-                           label: str | None, trigger: str) -> None:
+async def _record_needs_approval(config: Config, device: str, uuid: str | None,
+                                 label: str | None, trigger: str,
+                                 left: notify.DiskEnd) -> None:
     hint = policy.approve_hint(uuid, device)
     message = (f"the disk {label or device} (UUID {uuid or '?'}) has the "
                f"immich-server-backups folder but is not approved; to back up to it, run: "
                f"{hint}")
-    _record_simple(config, "refused", device, uuid, label, trigger, message)
+    await _record_simple(config, "refused", device, uuid, label, trigger, message,
+                         notify.needs_approval(label, uuid, device, hint, left))
 
 
-def _record_simple(config: Config, status: str, device: str, uuid: str | None,
-                   label: str | None, trigger: str, message: str) -> None:
-    """A history record for a plug that ended before a backup could start."""
+async def _record_simple(config: Config, status: str, device: str, uuid: str | None,
+                         label: str | None, trigger: str, message: str,
+                         note: notify.Message | None = None) -> None:
+    """A history record, and a notification, for a plug that ended before a backup could
+    start. ``note`` is the message to send; by default the record's own "finished"."""
     log.warning("%s", message)
     record = _new_record(_now(), trigger, config.library.mode, Path(device))
     record.update(status=status, finished_at=_now().isoformat(timespec="seconds"),
                   disk={"uuid": uuid, "label": label}, problems=[message])
-    history.append(config.state_dir, record)
+    notifier = notify.Notifier(config.notify)
+    try:
+        await notifier.send(note or notify.end_message(record, notify.DiskEnd("not-mounted")))
+    finally:
+        _append_history(config, record, notifier)
 
 
 async def approve_device(config: Config, target: str,

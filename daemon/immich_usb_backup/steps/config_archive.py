@@ -1,6 +1,10 @@
 """Config step: zip the configured files and folders, plus a restore note, into
 ``config/config-YYYY-MM-DDTHHMMSS.zip`` (timestamped, so two runs a day keep both);
 keep the last N archives.
+
+Files that hold notification URLs (``notify.urls_file``, and this program's config file
+when it lists ``notify.urls``) are left out, so that no password lands on the disk; the
+restore note says so.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from immich_usb_backup import __version__, policy
+from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError
 from immich_usb_backup.fsutil import atomic_write, fsync_dir, remove_stale_temps
 from immich_usb_backup.steps import RunContext, StepResult, in_thread
@@ -71,7 +76,16 @@ def archive_name(ctx: RunContext) -> str:
     return name
 
 
-def _restore_note(ctx: RunContext, included: list[str], problems: list[str]) -> str:
+def secret_files(config: Config) -> set[Path]:
+    """The files that hold notification URLs (passwords, tokens), resolved."""
+    files = [config.notify.urls_file]
+    if config.notify.urls:
+        files.append(config.source)
+    return {p.resolve() for p in files if p is not None}
+
+
+def _restore_note(ctx: RunContext, included: list[str], problems: list[str],
+                  withheld: list[str]) -> str:
     lines = [
         "Configuration backup made by immich-usb-backup",
         f"version {__version__}, host {socket.gethostname()}, "
@@ -89,6 +103,10 @@ def _restore_note(ctx: RunContext, included: list[str], problems: list[str]) -> 
     ]
     if problems:
         lines += ["", "Not included:", *(f"  {p}" for p in problems)]
+    if withheld:
+        lines += ["", "Left out on purpose, as they hold notification URLs with passwords",
+                  "or tokens (recreate them from your password manager):",
+                  *(f"  {p}" for p in withheld)]
     return "\n".join(lines) + "\n"
 
 
@@ -106,6 +124,8 @@ async def run(ctx: RunContext) -> StepResult:
         if not p.exists():
             skipped.append(f"{p}: does not exist")
     files = 0
+    secret = secret_files(ctx.config)
+    withheld: list[str] = []
 
     def write(f: BinaryIO) -> None:
         nonlocal files
@@ -117,13 +137,17 @@ async def run(ctx: RunContext) -> StepResult:
                     continue
                 for file in _walk(p, skipped):
                     ctx.check_cancel()
+                    if file.resolve() in secret:
+                        withheld.append(str(file))
+                        continue
                     arc = os.path.relpath(file, "/")
                     try:
                         zf.write(file, arc)
                         files += 1
                     except OSError as exc:
                         skipped.append(f"{file}: {exc.strerror}")
-            zf.writestr(NOTE_NAME, _restore_note(ctx, [str(p) for p in cfg.paths], skipped))
+            zf.writestr(NOTE_NAME, _restore_note(ctx, [str(p) for p in cfg.paths], skipped,
+                                                 withheld))
 
     try:
         await in_thread(ctx, lambda: atomic_write(ctx.root, final, write))
