@@ -63,7 +63,10 @@ def test_first_backup_writes_the_whole_layout_and_leaves_user_files_alone(
     assert "backup SUCCESS" in r.stdout
     m = disk.marker
     assert {p.name for p in m.iterdir()} == {
-        "library", "database", "config", "README.txt", "backup-info.toml"}
+        "library", "database", "config", "README.txt", "backup-info.toml", "history.html"}
+    page = (m / "history.html").read_text()
+    assert 'data-status="success"' in page and "Backup" in page
+    assert 'data-status="success"' in (server.state / "history.html").read_text()
     assert library_tree(disk) == tree(server.upload)
     dumps = sorted(p.name for p in (m / "database").iterdir())
     assert dumps == sorted(p.name for p in (server.upload / "backups").glob("*.sql.gz"))

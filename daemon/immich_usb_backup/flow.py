@@ -27,10 +27,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import __version__, approvals, history, notify, policy
+from immich_usb_backup import __version__, approvals, history, notify, policy, report
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
-from immich_usb_backup.fsutil import BackupRoot, cluster_size, free_bytes
+from immich_usb_backup.fsutil import (
+    BackupRoot,
+    atomic_write_bytes,
+    cluster_size,
+    free_bytes,
+)
 from immich_usb_backup.lock import backup_lock
 from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.scan import Plan, Problems
@@ -56,6 +61,8 @@ from immich_usb_backup.udisks import BlockInfo, UDisks, UDisksError
 log = logging.getLogger(__name__)
 
 WORK_DIR = "run"
+REPORT_NAME = "history.html"  # in the state dir and in the backup folder on the disk
+REPORT_RUNS = 100  # runs on the page (the strip shows the last 30)
 SMALL_FILES_RESERVE = 1024 * 1024  # README, backup-info, folder entries
 
 Detach = Callable[[], Awaitable[notify.DiskState]]
@@ -163,10 +170,16 @@ def _disk_end(ctx: RunContext, target: Path) -> notify.DiskEnd:
 
 def _append_history(config: Config, record: dict[str, Any],
                     notifier: notify.Notifier) -> None:
-    """Append the run's record, with how its notifications went (no URL, no secret)."""
+    """Append the run's record, with how its notifications went (no URL, no secret),
+    and refresh the history page in the state dir."""
     if notifier.outcomes:
         record["notifications"] = notifier.outcomes
     history.append(config.state_dir, record)
+    try:
+        report.write_html(config.state_dir / REPORT_NAME,
+                          history.last_records(config.state_dir, REPORT_RUNS))
+    except OSError as exc:
+        log.warning("could not refresh %s: %s", REPORT_NAME, exc)
 
 
 def _failure(exc: Exception) -> tuple[str, str]:
@@ -311,11 +324,27 @@ def _finish_on_disk(
                 info[f"latest_{key}"] = r.info[key]
     try:
         disk_notes.write(ctx.root, info)
+        _write_disk_report(ctx, record, info)
         log.debug("notes written; syncing")
         os.sync()
         log.debug("synced")
     except OSError as exc:
         log.warning("could not write the backup notes on the disk: %s", exc)
+
+
+def _write_disk_report(ctx: RunContext, record: dict[str, Any], info: dict[str, Any]) -> None:
+    """The history page on the disk, so that whoever plugs it into a laptop sees it.
+
+    Written before the unmount: this run appears as it stands (its notifications are
+    recorded only in the state dir's history).
+    """
+    now = {**record, "finished_at": info["finished_at"], "duration_s": info["duration_s"],
+           "files_transferred": info["files_transferred"],
+           "bytes_transferred": info["bytes_transferred"],
+           "problems": ctx.problems.as_list()}
+    records = [*history.last_records(ctx.config.state_dir, REPORT_RUNS - 1), now]
+    page = report.render_html(records).encode("utf-8")
+    atomic_write_bytes(ctx.root, ctx.root.path(REPORT_NAME), page)
 
 
 def _expected_steps(cfg: Config) -> int:

@@ -31,6 +31,7 @@ What is here
   config/         zip archives of the server's configuration files, each with a
                   RESTORE.txt inside.
   backup-info.toml   details of the last backup run.
+  history.html       every recent backup run: open it in a web browser.
 
 Only this folder is written by the backup; everything else on this disk is yours
 and is never touched.
