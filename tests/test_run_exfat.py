@@ -463,6 +463,16 @@ def test_check_lists_every_environment_problem(server: Server) -> None:
     assert "no-etc does not exist" in r.stdout
 
 
+def test_check_names_a_notification_url_apprise_cannot_use_without_showing_it(
+    server: Server,
+) -> None:
+    server.write_config('[notify]\nurls = ["nosuchservice://user:s3cret@host/x"]\n')
+    r = run_cli("check", config=server.config_path)
+    assert r.returncode == 1
+    assert "notify.urls #1: not a URL Apprise understands" in r.stdout
+    assert "s3cret" not in r.stdout + r.stderr
+
+
 def test_check_passes_on_a_good_setup(server: Server) -> None:
     r = run_cli("check", config=server.config_path)
     assert r.returncode == 0, r.stdout + r.stderr

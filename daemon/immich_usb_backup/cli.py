@@ -342,6 +342,9 @@ def environment_problems(config: Config) -> list[str]:
                 problems.append(f"config_backup.paths: {p} does not exist")
             elif not os.access(p, os.R_OK):
                 problems.append(f"config_backup.paths: {p} is not readable by this user")
+    from immich_usb_backup.notify import url_problems  # noqa: PLC0415 - apprise is heavy
+
+    problems += url_problems(config.notify)
     state = config.state_dir
     probe = state if state.exists() else next((p for p in state.parents if p.exists()), None)
     if probe is None or not os.access(probe, os.W_OK):

@@ -491,6 +491,12 @@ class Notifier:
         return targets, problems
 
 
+def url_problems(config: NotifyConfig) -> list[str]:
+    """For ``check``: every configured URL that cannot be read or that Apprise does not
+    understand, named by where it came from (never shown: it may hold a secret)."""
+    return Notifier(config)._load()[1]
+
+
 def _url_of(plugin: Any, *, privacy: bool) -> str:
     return str(plugin.url(privacy=privacy))
 
