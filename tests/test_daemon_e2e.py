@@ -416,6 +416,29 @@ def test_run_with_a_device_or_uuid_mounts_backs_up_and_unmounts(
     assert [x["status"] for x in records(server)] == ["success", "success"]
 
 
+def test_run_approved_for_a_timer_backs_up_every_approved_disk_left_plugged_in(
+    real_stack: st.Stack, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    r = run_cli("run", "approved", "--trigger", "schedule", config=server.config_path)
+    assert r.returncode == 0, r.stderr
+    assert "no approved disk is connected" in r.stdout
+    approved = st.make_image(tmp_path / "one.img", "Kept")
+    other = st.make_image(tmp_path / "two.img", "Other")
+    approve_in_config(server, uuid_of(approved))
+    plugs.append(st.plug(approved))
+    plugs.append(st.plug(other))
+    st.settle()
+
+    r = run_cli("run", "approved", "--trigger", "schedule", config=server.config_path)
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    (rec,) = records(server)
+    assert rec["trigger"] == "schedule" and rec["status"] == "success"
+    assert rec["disk"]["label"] == "Kept"
+    assert not st.is_mounted(plugs[0].device)
+    assert not st.is_mounted(plugs[1].device)
+
+
 def test_run_with_a_device_that_is_not_connected_fails_clearly(
     real_stack: st.Stack, server: Server
 ) -> None:

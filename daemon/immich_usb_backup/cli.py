@@ -45,9 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="back up now onto TARGET")
     run.add_argument("target", metavar="TARGET",
-                     help="a device (/dev/sdb1), UUID=XXXX-XXXX, or the mount point of the "
-                     "exFAT backup disk (e.g. /media/backup)")
+                     help="a device (/dev/sdb1), UUID=XXXX-XXXX, the mount point of the "
+                     "exFAT backup disk (e.g. /media/backup), or `approved`: every "
+                     "approved disk connected now")
     run.add_argument("--mode", choices=("quick",), help="override library.mode")
+    run.add_argument("--trigger", choices=("cli", "schedule"), default="cli",
+                     help="recorded in the history; a timer passes `schedule`")
 
     st = sub.add_parser("status", help="show the running backup's progress")
     st.add_argument("--json", action="store_true", help="print one JSON object")
@@ -116,48 +119,61 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
     progress = _ProgressPrinter()
 
-    async def main() -> dict[str, Any] | None:
+    async def main() -> list[dict[str, Any]] | None:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
         watcher = asyncio.create_task(progress.follow(config.state_dir))
+        trigger = args.trigger
         try:
+            if args.target == "approved":
+                return await _run_on_approved(config, trigger)
             if is_device_target(args.target):
-                return await _run_on_device(config, args.target)
-            return await run_backup(config, Path(args.target), trigger="cli", mode=args.mode)
+                return [await _run_on_device(config, args.target, trigger)]
+            return [await run_backup(config, Path(args.target), trigger=trigger,
+                                     mode=args.mode)]
         except asyncio.CancelledError:
             return None
         except BackupError as exc:  # the device could not be found or mounted
             print(f"error: {exc}", file=sys.stderr)
-            return {"status": "failed", "problems": [str(exc)]}
+            return [{"status": "failed", "problems": [str(exc)]}]
         finally:
             watcher.cancel()
             progress.end()
 
-    record = asyncio.run(main())
-    if record is None:
+    records = asyncio.run(main())
+    if records is None:
         last = history.last_records(config.state_dir, 1)
-        record = last[0] if last else {"status": "interrupted", "problems": []}
-    print(format_summary(record))
-    return EXIT_OK if record["status"] == "success" else EXIT_FAILED
+        records = [last[0] if last else {"status": "interrupted", "problems": []}]
+    if not records:
+        print("no approved disk is connected: nothing to do")
+        return EXIT_OK
+    print("\n".join(format_summary(r) for r in records))
+    return EXIT_OK if all(r["status"] == "success" for r in records) else EXIT_FAILED
 
 
 def is_device_target(target: str) -> bool:
     return target.startswith("/dev/") or target.upper().startswith("UUID=")
 
 
-async def _run_on_device(config: Config, target: str) -> dict[str, Any]:
+async def _run_on_device(config: Config, target: str, trigger: str) -> dict[str, Any]:
     from immich_usb_backup.flow import backup_device  # noqa: PLC0415
     from immich_usb_backup.udisks import UDisks  # noqa: PLC0415
 
     udisks = await UDisks.connect()
     try:
         device = await udisks.device_for(target)
-        return await backup_device(config, udisks, device, trigger="cli")
+        return await backup_device(config, udisks, device, trigger=trigger)
     finally:
         udisks.close()
+
+
+async def _run_on_approved(config: Config, trigger: str) -> list[dict[str, Any]]:
+    from immich_usb_backup.flow import backup_approved  # noqa: PLC0415
+
+    return await backup_approved(config, trigger=trigger)
 
 
 def format_summary(r: dict[str, Any]) -> str:

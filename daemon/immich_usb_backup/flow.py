@@ -467,6 +467,30 @@ async def _record_simple(config: Config, status: str, device: str, uuid: str | N
         _append_history(config, record, notifier)
 
 
+async def backup_approved(config: Config, *, trigger: str) -> list[dict[str, Any]]:
+    """Back up onto every approved USB exFAT disk connected now, one after another (a
+    timer's job, for a disk left plugged in). Return their history records: none when no
+    approved disk is connected. Only disks approved by UUID count here; `allow_any_marked`
+    does not make a timer look inside every disk."""
+    from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415 - pyudev
+
+    recorded = approvals.approved_uuids(config.state_dir)
+    disks = [d for d in await asyncio.to_thread(list_block_devices)
+             if policy.is_candidate(d.bus, d.fs_type, d.devtype)
+             and policy.is_approved(d.uuid, config.disks.approved, recorded)]
+    if not disks:
+        log.info("no approved disk is connected")
+        return []
+    records = []
+    udisks = await UDisks.connect()
+    try:
+        for d in disks:
+            records.append(await backup_device(config, udisks, d.device, trigger=trigger))
+    finally:
+        udisks.close()
+    return records
+
+
 async def approve_device(config: Config, target: str,
                          create_marker: bool) -> tuple[approvals.Approval, bool]:
     """Approve the exFAT disk ``target`` (``/dev/...`` or ``UUID=...``) for backups.
