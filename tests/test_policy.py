@@ -390,3 +390,13 @@ def test_a_name_ending_with_a_dot_is_a_problem_but_a_dot_inside_is_fine() -> Non
     assert "ends with a dot" in (exfat_name_problem("photo.") or "")
     assert exfat_name_problem("photo.jpg") is None
     assert exfat_name_problem(".immich") is None
+
+
+def test_a_usb_disk_that_udev_reports_as_ata_is_a_candidate_by_its_usb_driver() -> None:
+    from immich_usb_backup.policy import is_candidate
+
+    assert is_candidate("ata", "exfat", "partition", "uas")
+    assert is_candidate("ata", "exfat", "partition", "usb-storage")
+    assert not is_candidate("ata", "exfat", "partition", None)  # an internal disk
+    assert not is_candidate("ata", "ext4", "partition", "uas")
+    assert is_candidate("usb", "exfat", "disk")

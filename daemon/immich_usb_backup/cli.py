@@ -400,7 +400,7 @@ def cmd_disks(config: Config, args: argparse.Namespace) -> int:
     recorded = approvals.approved_uuids(config.state_dir)
     rows: list[dict[str, Any]] = []
     for d in list_block_devices():
-        if not policy.is_candidate(d.bus, d.fs_type, d.devtype):
+        if not policy.is_candidate(d.bus, d.fs_type, d.devtype, d.usb_driver):
             continue
         mp = mount_point_of(d.device)
         rows.append({

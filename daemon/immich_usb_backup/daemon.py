@@ -37,7 +37,7 @@ class Daemon:
     def on_event(self, event: DeviceEvent) -> None:
         """Called on the loop for every udev block event; never blocks."""
         dev = event.device
-        candidate = policy.is_candidate(dev.bus, dev.fs_type, dev.devtype)
+        candidate = policy.is_candidate(dev.bus, dev.fs_type, dev.devtype, dev.usb_driver)
         if event.action == "remove":
             self._gone(dev.device)
             return

@@ -26,6 +26,7 @@ class BlockDevice:
     device: str  # /dev/sdb1
     devtype: str  # "partition" or "disk"
     bus: str | None  # ID_BUS: "usb", "ata", ...
+    usb_driver: str | None  # ID_USB_DRIVER: "usb-storage", "uas" on any USB disk
     fs_type: str | None  # ID_FS_TYPE
     uuid: str | None  # ID_FS_UUID
     label: str | None  # the true label, from ID_FS_LABEL_ENC
@@ -59,6 +60,7 @@ def _from_pyudev(dev: Any) -> BlockDevice | None:
         device=str(node),
         devtype=str(props.get("DEVTYPE", "")),
         bus=props.get("ID_BUS"),
+        usb_driver=props.get("ID_USB_DRIVER"),
         fs_type=props.get("ID_FS_TYPE"),
         uuid=props.get("ID_FS_UUID"),
         label=label,

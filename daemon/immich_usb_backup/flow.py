@@ -476,7 +476,7 @@ async def backup_approved(config: Config, *, trigger: str) -> list[dict[str, Any
 
     recorded = approvals.approved_uuids(config.state_dir)
     disks = [d for d in await asyncio.to_thread(list_block_devices)
-             if policy.is_candidate(d.bus, d.fs_type, d.devtype)
+             if policy.is_candidate(d.bus, d.fs_type, d.devtype, d.usb_driver)
              and policy.is_approved(d.uuid, config.disks.approved, recorded)]
     if not disks:
         log.info("no approved disk is connected")

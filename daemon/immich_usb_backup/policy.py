@@ -45,9 +45,16 @@ def exfat_fold(name: str) -> str:
 
 # Disks -------------------------------------------------------------------------------
 
-def is_candidate(bus: str | None, fs_type: str | None, devtype: str) -> bool:
-    """A USB exFAT partition, or a whole USB disk formatted without a partition table."""
-    return bus == "usb" and fs_type == "exfat" and devtype in ("partition", "disk")
+def is_candidate(bus: str | None, fs_type: str | None, devtype: str,
+                 usb_driver: str | None = None) -> bool:
+    """A USB exFAT partition, or a whole USB disk formatted without a partition table.
+
+    USB is ``ID_BUS=usb``, or ``ID_USB_DRIVER`` set (``usb-storage``, ``uas``): since
+    systemd 252, udev reports many USB hard disks and SSDs whose enclosure passes the
+    disk's identity through as ``ID_BUS=ata``, and adds the ``ID_USB_*`` properties.
+    """
+    usb = bus == "usb" or bool(usb_driver)
+    return usb and fs_type == "exfat" and devtype in ("partition", "disk")
 
 
 def normalise_uuid(uuid: str) -> str:
