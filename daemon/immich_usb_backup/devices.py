@@ -80,24 +80,6 @@ def list_block_devices() -> list[BlockDevice]:
     return out
 
 
-def find_device(node: str) -> BlockDevice | None:
-    """The device whose node is ``node`` (links such as /dev/disk/by-uuid/... resolved)."""
-    try:
-        dev = pyudev.Devices.from_device_file(pyudev.Context(), node)
-    except (pyudev.DeviceNotFoundError, OSError, ValueError):
-        return None
-    return _from_pyudev(dev)
-
-
-def find_by_uuid(uuid: str) -> BlockDevice | None:
-    """The device carrying the file system ``uuid`` (case-insensitive), or None."""
-    want = uuid.lower()
-    for bd in list_block_devices():
-        if bd.uuid and bd.uuid.lower() == want:
-            return bd
-    return None
-
-
 class DeviceMonitor:
     """Calls ``on_event`` on the loop for every udev event of a block device."""
 

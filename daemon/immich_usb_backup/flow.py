@@ -126,7 +126,8 @@ async def run_backup(
         problems.add(str(exc))
     finally:
         _fill_record(record, results, problems, t0)
-        log.info("backup %s: %s", record["status"], "; ".join(record["problems"][:3]))
+        log.info("backup %s%s", record["status"],
+                 "".join(f"; {p}" for p in record["problems"][:3]))
         try:
             if detach is not None:
                 end = dataclasses.replace(end, state=await detach(), mount_point=None)

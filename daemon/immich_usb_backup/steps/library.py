@@ -9,11 +9,9 @@ rename keep each file whole; its ``--info=progress2`` lines feed the live status
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -184,8 +182,3 @@ async def run(ctx: RunContext, plan: Plan) -> StepResult:
     result.info["source_files"] = plan.source_files
     result.info["source_bytes"] = plan.source_bytes
     return result
-
-
-def cleanup_work(work_dir: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(work_dir)
