@@ -307,7 +307,7 @@ def test_write_html_keeps_the_old_page_when_the_rename_fails(
     def broken_replace(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)  # wherever the page is written from
     with pytest.raises(OSError, match="No space"):
         report.write_html(out, one_of_each())
     assert out.read_text() == "old page"

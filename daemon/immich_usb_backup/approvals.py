@@ -10,13 +10,13 @@ approved_at = "2026-11-26T23:30:00+00:00"
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import tomli_w
 
+from immich_usb_backup.fsutil import replace_file
 from immich_usb_backup.policy import normalise_uuid
 
 FILE_NAME = "disks.toml"
@@ -53,11 +53,6 @@ def add(state_dir: Path, approval: Approval) -> bool:
     existed = any(a.uuid == approval.uuid for a in current)
     kept = [a for a in current if a.uuid != approval.uuid] + [approval]
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / FILE_NAME
-    tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        tomli_w.dump({"disk": [asdict(a) for a in kept]}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(state_dir / FILE_NAME, tomli_w.dumps({"disk": [asdict(a) for a in kept]})
+                 .encode())
     return not existed

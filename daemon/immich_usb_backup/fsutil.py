@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -109,6 +110,25 @@ def atomic_write_bytes(root: BackupRoot, final: Path, data: bytes) -> None:
         f.write(data)
 
     atomic_write(root, final, write)
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a file of the state dir (not the backup disk: no containment check) the same
+    way: a temporary file in its folder, flushed, fsynced, renamed over ``path``. A reader
+    sees the old file or the new one; on failure the old file stays, the temporary goes."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
 
 
 def atomic_copy(

@@ -12,16 +12,14 @@ half a file.
 
 from __future__ import annotations
 
-import contextlib
 import html
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from immich_usb_backup import __version__
+from immich_usb_backup.fsutil import replace_file
 from immich_usb_backup.history import STATUSES
 from immich_usb_backup.history import _duration as format_duration
 from immich_usb_backup.policy import human_bytes
@@ -237,27 +235,8 @@ def write_html(
     never part of one. The folder must exist; an ``OSError`` is raised as it comes and
     the temporary file is removed.
     """
-    data = render_html(records, generated_at=generated_at, title=title).encode("utf-8")
-    folder = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    # make the rename itself durable; a folder that cannot be opened is no reason to fail
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    replace_file(path, render_html(records, generated_at=generated_at, title=title)
+                 .encode("utf-8"))
 
 
 # parts of the page --------------------------------------------------------------------
