@@ -165,7 +165,7 @@ keep = -1
 keep = true
 
 [library]
-mode = "full"
+mode = "fastest"
 max_delete_percent = 150
 """,
         ),
@@ -272,7 +272,10 @@ def test_section_that_is_not_a_table_is_reported(tmp_path: Path) -> None:
          "must be at most 100"),
         ("[library]\nmax_delete_percent = inf", "library.max_delete_percent", "finite"),
         ("[library]\nbwlimit_kib = -1", "library.bwlimit_kib", "must be at least 0"),
-        ('[library]\nmode = "full"', "library.mode", 'must be one of "quick", got "full"'),
+        ('[library]\nmode = "fast"', "library.mode",
+         'must be one of "quick", "verify", "full", got "fast"'),
+        ("[library]\nkeep_deleted_days = -1", "library.keep_deleted_days",
+         "must be at least 0, got -1"),
         ("[library]\nmode = 1", "library.mode", "must be a string, got a whole number"),
         ('[library]\nexcludes = "thumbs"', "library.excludes", "must be a list, got a string"),
         ('[library]\nexcludes = ["ok", 3]', "library.excludes", "item 2: must be a string"),

@@ -13,6 +13,7 @@ import sys
 import time
 import tomllib
 import zipfile
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,8 @@ def test_first_backup_writes_the_whole_layout_and_leaves_user_files_alone(
     assert "backup SUCCESS" in r.stdout
     m = disk.marker
     assert {p.name for p in m.iterdir()} == {
-        "library", "database", "config", "README.txt", "backup-info.toml", "history.html"}
+        "library", "database", "config", "README.txt", "backup-info.toml", "history.html",
+        "library.sha256"}
     page = (m / "history.html").read_text()
     assert 'data-status="success"' in page and "Backup" in page
     assert 'data-status="success"' in (server.state / "history.html").read_text()
@@ -124,6 +126,64 @@ def test_changed_added_and_deleted_files_are_mirrored(make_exfat, server: Server
     last = history(server)[-1]
     assert last["steps"]["library"]["files"] == 2  # type: ignore[index]
     assert last["steps"]["library"]["deleted"] == 1  # type: ignore[index]
+    assert last["steps"]["library"]["kept"] == 2  # type: ignore[index]
+
+
+def test_deleted_and_replaced_files_are_kept_in_a_dated_folder(
+    make_exfat, server: Server
+) -> None:
+    disk = make_exfat()
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+    photos = next((server.upload / "upload").rglob("*.jpg")).parent
+    rel_dir = photos.relative_to(server.upload)
+    victim, changed = sorted(photos.iterdir())[:2]
+    victim_bytes, changed_bytes = victim.read_bytes(), changed.read_bytes()
+    victim.unlink()
+    changed.write_bytes(b"encrypted by ransomware")
+
+    r = run_cli("run", str(disk.mount_point), config=server.config_path)
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert library_tree(disk) == tree(server.upload)
+    day = disk.marker / "deleted" / date.today().isoformat()
+    assert (day / rel_dir / victim.name).read_bytes() == victim_bytes
+    assert (day / rel_dir / changed.name).read_bytes() == changed_bytes
+    # a second change the same day keeps the first version too, under a new name
+    changed.write_bytes(b"encrypted twice")
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+    assert (day / rel_dir / changed.name).read_bytes() == changed_bytes
+    stem, ext = changed.name.rsplit(".", 1)
+    assert (day / rel_dir / f"{stem} (2).{ext}").read_bytes() == b"encrypted by ransomware"
+
+
+def test_keep_area_folders_past_their_days_are_pruned_others_left(
+    make_exfat, server: Server
+) -> None:
+    disk = make_exfat()
+    area = disk.marker / "deleted"
+    old = date.today() - timedelta(days=8)
+    recent = date.today() - timedelta(days=6)
+    for name in (old.isoformat(), recent.isoformat(), "my notes"):
+        (area / name / "upload").mkdir(parents=True)
+        (area / name / "upload" / "x.jpg").write_bytes(b"x")
+    server.write_config("[library]\nkeep_deleted_days = 7\n")
+
+    r = run_cli("run", str(disk.mount_point), config=server.config_path)
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in area.iterdir()) == sorted([recent.isoformat(), "my notes"])
+    assert history(server)[-1]["steps"]["library"]["pruned_days"] == [  # type: ignore[index]
+        old.isoformat()]
+
+
+def test_without_the_keep_area_deletions_are_final(make_exfat, server: Server) -> None:
+    disk = make_exfat()
+    server.write_config("[library]\nkeep_deleted_days = 0\n")
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+    next((server.upload / "upload").rglob("*.jpg")).unlink()
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+    assert library_tree(disk) == tree(server.upload)
+    assert not (disk.marker / "deleted").exists()
 
 
 def test_old_dumps_and_archives_are_pruned_to_keep(make_exfat, server: Server) -> None:
@@ -321,13 +381,35 @@ def test_space_freed_by_deletions_counts(make_exfat, server: Server) -> None:
     disk = make_exfat(size_mb=48)
     big = server.upload / "upload" / "old-video.mp4"
     big.write_bytes(os.urandom(28 * 1024 * 1024))
-    server.write_config("[library]\nmax_delete_percent = 100\n")
+    server.write_config("[library]\nmax_delete_percent = 100\nkeep_deleted_days = 0\n")
     assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
     big.unlink()
     (server.upload / "upload" / "new-video.mp4").write_bytes(os.urandom(28 * 1024 * 1024))
     r = run_cli("run", str(disk.mount_point), config=server.config_path)
     assert r.returncode == 0, r.stdout
     assert library_tree(disk) == tree(server.upload)
+
+
+def test_the_keep_area_counts_as_used_space(make_exfat, server: Server) -> None:
+    # the same swap with the keep area on: the old video is kept, so the new one does not
+    # fit, and the refusal says where the space went; nothing is moved or written
+    disk = make_exfat(size_mb=48)
+    big = server.upload / "upload" / "old-video.mp4"
+    big.write_bytes(os.urandom(28 * 1024 * 1024))
+    server.write_config("[library]\nmax_delete_percent = 100\n")
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+    big.unlink()
+    (server.upload / "upload" / "new-video.mp4").write_bytes(os.urandom(28 * 1024 * 1024))
+    before = snapshot(disk.mount_point)
+
+    r = run_cli("run", str(disk.mount_point), config=server.config_path)
+
+    assert r.returncode == 1
+    rec = history(server)[-1]
+    assert rec["status"] == "refused"
+    assert "not enough space" in rec["problems"][0]  # type: ignore[index]
+    assert "keep area" in rec["problems"][0]  # type: ignore[index]
+    assert snapshot(disk.mount_point) == before
 
 
 # Safety rule 6: what exFAT cannot hold is named, and the run is partial -------------

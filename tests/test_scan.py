@@ -17,6 +17,8 @@ from immich_usb_backup.scan import (
     Plan,
     Problems,
     read_delete_list,
+    read_files_list,
+    read_records,
     scan,
 )
 
@@ -171,11 +173,12 @@ def test_file_with_a_changed_size_is_listed(tmp_path: Path, source: Path) -> Non
     run = run_scan(tmp_path, source, mirror)
 
     assert run.copies == ["profile/user1.jpg"]
-    assert run.deletes == []
+    assert run.deletes == [("R", "profile/user1.jpg")]  # replaced: set aside first
     p = run.plan
     assert p.copy_files == 1
     assert p.copy_bytes == 9000
     assert p.copy_alloc == 12288
+    assert p.replaced_files == 1
     assert p.replaced_alloc == 4096  # the old 3-byte file's cluster
     assert p.largest_replaced_alloc == 4096
     assert p.mirror_files == len(SOURCE_FILES)
@@ -214,18 +217,41 @@ def test_mtime_change_within_one_second_is_not_listed(
     assert run.plan.copy_files == 0
 
 
-def test_copy_all_lists_unchanged_files_too(tmp_path: Path, source: Path) -> None:
+def test_files_list_has_every_backed_up_file_with_its_source_size_time_and_copy_flag(
+    tmp_path: Path, source: Path
+) -> None:
     mirror = tmp_path / "mirror"
     mirror_of(source, mirror)
-    run = run_scan(tmp_path, source, mirror, copy_all=True)
+    put(source, "profile/user1.jpg", b"e" * 9000)  # changed
+    put(source, "upload/user1/new.jpg", b"n" * 7)  # new
+    (source / "upload/bad:name.jpg").write_bytes(b"x")  # not backed up: not listed
+    run = run_scan(tmp_path, source, mirror, list_files=True)
 
-    assert sorted(run.copies) == sorted(SOURCE_FILES)  # folders exist already
-    p = run.plan
-    assert p.copy_files == len(SOURCE_FILES)
-    assert p.copy_bytes == sum(SOURCE_FILES.values())
-    assert p.replaced_alloc == p.source_alloc
-    assert p.largest_replaced_alloc == 8192
-    assert run.deletes == []
+    assert run.plan.files_list is not None
+    records = list(read_files_list(run.plan.files_list))
+    expected = {rel: size for rel, size in SOURCE_FILES.items()}
+    expected.update({"profile/user1.jpg": 9000, "upload/user1/new.jpg": 7})
+    assert {r.rel: r.size for r in records} == expected
+    assert {r.rel for r in records if r.copied} == {"profile/user1.jpg", "upload/user1/new.jpg"}
+    for r in records:
+        assert r.mtime_ns == (source / r.rel).stat().st_mtime_ns
+    # the walk's order: a folder's files (by name), then its subfolders one by one
+    rels = [r.rel for r in records]
+    assert rels.index("upload/user1/new.jpg") < rels.index("upload/user1/ab/cd/IMG_0001.jpg")
+
+
+def test_no_files_list_unless_asked(tmp_path: Path, source: Path) -> None:
+    run = run_scan(tmp_path, source, tmp_path / "mirror")
+    assert run.plan.files_list is None
+    assert not (tmp_path / "work" / "files").exists()
+
+
+def test_read_records_reads_fields_split_across_read_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "list"
+    records = [[b"C", b"%d" % i, b"%d" % (i * 7), b"dir/" + b"x" * (i % 300)]
+               for i in range(3000)]
+    path.write_bytes(b"".join(b"\0".join(r) + b"\0" for r in records))
+    assert list(read_records(path, 4)) == records
 
 
 # deletions ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from immich_usb_backup import __version__, execute, history
-from immich_usb_backup.config import Config, load_config, resolve_config_path
+from immich_usb_backup.config import MODES, Config, load_config, resolve_config_path
 from immich_usb_backup.errors import BackupError, CommandError, ConfigError
 from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.status import read_status
@@ -48,9 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a device (/dev/sdb1), UUID=XXXX-XXXX, the mount point of the "
                      "exFAT backup disk (e.g. /media/backup), or `approved`: every "
                      "approved disk connected now")
-    run.add_argument("--mode", choices=("quick",), help="override library.mode")
+    run.add_argument("--mode", choices=MODES,
+                     help="override library.mode for this run: quick (size and time), "
+                     "verify (also compare the contents of what was copied and of a "
+                     "rolling share of the rest), full (compare every file)")
     run.add_argument("--trigger", choices=("cli", "schedule"), default="cli",
                      help="recorded in the history; a timer passes `schedule`")
+
+    ve = sub.add_parser("verify", help="check a backup disk against its manifest "
+                        "(library.sha256), without the server")
+    ve.add_argument("target", metavar="TARGET",
+                    help="a device (/dev/sdb1), UUID=XXXX-XXXX (mounted read-only for the "
+                    "check), or the mount point of the backup disk")
+    ve.add_argument("--sample", type=_percent, metavar="PERCENT",
+                    help="read back only this share of the files, chosen at random (a "
+                    "quick check); the file lists are always compared in full")
+    ve.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     st = sub.add_parser("status", help="show the running backup's progress")
     st.add_argument("--json", action="store_true", help="print one JSON object")
@@ -85,6 +98,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _percent(text: str) -> float:
+    try:
+        n = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < n <= 100:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 100")
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     default_level = logging.INFO if args.command == "daemon" else logging.WARNING
@@ -102,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     handler = {
         "run": cmd_run,
+        "verify": cmd_verify,
         "status": cmd_status,
         "history": cmd_history,
         "check": cmd_check,
@@ -129,9 +153,9 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
         trigger = args.trigger
         try:
             if args.target == "approved":
-                return await _run_on_approved(config, trigger)
+                return await _run_on_approved(config, trigger, args.mode)
             if is_device_target(args.target):
-                return [await _run_on_device(config, args.target, trigger)]
+                return [await _run_on_device(config, args.target, trigger, args.mode)]
             return [await run_backup(config, Path(args.target), trigger=trigger,
                                      mode=args.mode)]
         except asyncio.CancelledError:
@@ -154,26 +178,93 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if all(r["status"] == "success" for r in records) else EXIT_FAILED
 
 
+def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    from immich_usb_backup import diskcheck  # noqa: PLC0415
+
+    progress = _ProgressPrinter()
+
+    async def main() -> diskcheck.Report | None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        watcher = asyncio.create_task(progress.follow(config.state_dir))
+        try:
+            if is_device_target(args.target):
+                return await diskcheck.verify_device(config, args.target, args.sample)
+            return await diskcheck.verify_path(config, Path(args.target), args.sample)
+        except asyncio.CancelledError:
+            return None
+        finally:
+            watcher.cancel()
+            progress.end()
+
+    try:
+        report = asyncio.run(main())
+    except BackupError as exc:
+        print(f"verify FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if report is None:
+        print("verify interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_verify(report))
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def format_verify(r: Any) -> str:
+    disk = r.disk
+    share = (f" (a random {r.sample_percent:g}% sample)" if r.sample_percent is not None
+             and r.sample_percent < 100 else "")
+    lines = [
+        f"verify {'OK' if r.ok else 'FAILED'}",
+        f"  disk:      {disk.get('label') or '-'} (UUID {disk.get('uuid') or '-'}) at "
+        f"{disk.get('mount_point')}",
+        f"  manifest:  {r.manifest_entries} files listed in library.sha256; "
+        f"{r.files_on_disk} files in library/",
+        f"  read back: {r.checked_files} files, {human_bytes(r.checked_bytes)}{share}",
+        f"  database:  {r.dumps_checked} dump(s) read to the end; config: "
+        f"{r.archives_checked} archive(s) tested",
+    ]
+    for title, found in (("changed (contents differ from the manifest)", r.changed),
+                         ("unreadable", r.unreadable),
+                         ("missing (listed, not on the disk)", r.missing),
+                         ("unexpected (on the disk, not listed)", r.unexpected),
+                         ("damaged dumps or archives", r.damaged),
+                         ("manifest lines that cannot be read", r.bad_lines)):
+        if found.count:
+            lines.append(f"  {title}: {found.count}")
+            lines += [f"    - {p}" for p in found.paths]
+            if found.count > len(found.paths):
+                lines.append(f"    ... and {found.count - len(found.paths)} more")
+    return "\n".join(lines)
+
+
 def is_device_target(target: str) -> bool:
     return target.startswith("/dev/") or target.upper().startswith("UUID=")
 
 
-async def _run_on_device(config: Config, target: str, trigger: str) -> dict[str, Any]:
+async def _run_on_device(config: Config, target: str, trigger: str,
+                         mode: str | None) -> dict[str, Any]:
     from immich_usb_backup.flow import backup_device  # noqa: PLC0415
     from immich_usb_backup.udisks import UDisks  # noqa: PLC0415
 
     udisks = await UDisks.connect()
     try:
         device = await udisks.device_for(target)
-        return await backup_device(config, udisks, device, trigger=trigger)
+        return await backup_device(config, udisks, device, trigger=trigger, mode=mode)
     finally:
         udisks.close()
 
 
-async def _run_on_approved(config: Config, trigger: str) -> list[dict[str, Any]]:
+async def _run_on_approved(config: Config, trigger: str,
+                           mode: str | None) -> list[dict[str, Any]]:
     from immich_usb_backup.flow import backup_approved  # noqa: PLC0415
 
-    return await backup_approved(config, trigger=trigger)
+    return await backup_approved(config, trigger=trigger, mode=mode)
 
 
 def format_summary(r: dict[str, Any]) -> str:

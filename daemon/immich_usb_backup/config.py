@@ -23,7 +23,7 @@ from immich_usb_backup.errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("/etc/immich-usb-backup/config.toml")
 CONFIG_ENV = "IMMICH_USB_BACKUP_CONFIG"
 
-MODES = ("quick",)
+MODES = ("quick", "verify", "full")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S")
 NOTIFY_EVENTS = ("started", "finished", "refused", "needs_approval")
 
@@ -79,7 +79,35 @@ class LibraryConfig:
     """[library]: mirror the upload location with rsync."""
 
     enabled: bool = field(default=True, metadata=_doc("Mirror the upload location."))
-    mode: str = field(default="quick", metadata=_doc("Backup mode.", choices=MODES))
+    mode: str = field(
+        default="quick",
+        metadata=_doc(
+            "How copies are checked: quick (size and time), verify (also compare contents "
+            "of the files copied and of a rolling share of the rest), full (compare every "
+            "file).",
+            choices=MODES,
+        ),
+    )
+    verify_rotation_runs: int = field(
+        default=10,
+        metadata=_doc(
+            "In verify mode, compare 1/N of the files not copied in the run, in turns, so "
+            "the whole library is re-read every N verify runs; 0 = only the copied files.",
+            min=0,
+        ),
+    )
+    manifest: bool = field(
+        default=True,
+        metadata=_doc("Keep library.sha256 on the disk (checkable with sha256sum -c)."),
+    )
+    keep_deleted_days: int = field(
+        default=30,
+        metadata=_doc(
+            "Move files deleted or replaced on the server into deleted/YYYY-MM-DD/ on the "
+            "disk and keep them this many days; 0 = delete them from the backup at once.",
+            min=0,
+        ),
+    )
     excludes: tuple[str, ...] = field(
         default=(), metadata=_doc("Patterns of paths (relative to upload_location) to skip.")
     )

@@ -27,15 +27,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import __version__, approvals, history, notify, policy, report
+from immich_usb_backup import __version__, approvals, history, keep, notify, policy, report
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.fsutil import (
     BackupRoot,
+    allocated,
     atomic_write_bytes,
     cluster_size,
     free_bytes,
 )
+from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.lock import backup_lock
 from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.scan import Plan, Problems
@@ -46,6 +48,8 @@ from immich_usb_backup.steps import (
     config_archive,
     database,
     disk_notes,
+    in_thread,
+    integrity,
     library,
 )
 from immich_usb_backup.target import (
@@ -221,25 +225,17 @@ async def _backup(ctx: RunContext, results: list[StepResult],
         library.check_source(cfg.immich.upload_location, cfg.immich.require_markers)
     dump = database.plan(ctx, cluster) if cfg.database.enabled else None
     plan: Plan | None = None
+    kept: keep.KeepSurvey | None = None
     if cfg.library.enabled:
-        plan = await library.plan(ctx, cluster, copy_all=ctx.mode == "full")
+        plan = await library.plan(ctx, cluster)
         refusal = policy.deletion_refusal(
             plan.delete_files, plan.mirror_files, cfg.library.max_delete_percent
         )
         if refusal:
             raise Refused(refusal)
+        kept = await in_thread(ctx, lambda: library.survey_keep(ctx, cluster))
     config_bytes = config_archive.estimate(ctx)
-    need = policy.SpaceNeed(
-        to_write=(plan.copy_alloc if plan else 0)
-        + (dump.alloc if dump else 0)
-        + config_bytes
-        + SMALL_FILES_RESERVE,
-        freed_before_copy=plan.delete_alloc if plan else 0,
-        freed_by_replacing=plan.replaced_alloc if plan else 0,
-        largest_replaced=plan.largest_replaced_alloc if plan else 0,
-        free=free_bytes(ctx.root.root),
-    )
-    refusal = policy.capacity_refusal(need)
+    refusal = policy.capacity_refusal(_space_need(ctx, cluster, plan, kept, dump, config_bytes))
     if refusal:
         raise Refused(refusal)
 
@@ -255,7 +251,63 @@ async def _backup(ctx: RunContext, results: list[StepResult],
     if cfg.config_backup.enabled:
         results.append(await config_archive.run(ctx))
     if plan is not None:
-        results.append(await library.run(ctx, plan))
+        cache = HashCache(cfg.state_dir) if plan.files_list is not None else None
+        try:
+            lib = await library.run(ctx, plan, kept, cache)
+            results.append(lib)
+            mismatches: list[str] = []
+            if cache is not None and ctx.mode != "quick":
+                lib.info["compared"], mismatches = await integrity.compare(ctx, plan, cache)
+            if cache is not None and cfg.library.manifest:
+                lib.info["manifest"] = await integrity.write_manifest(ctx, plan, cache)
+            else:
+                await in_thread(ctx, lambda: integrity.remove_manifest(ctx))
+        finally:
+            if cache is not None:
+                cache.close()
+        if mismatches:
+            for problem in mismatches:
+                ctx.problems.add(problem)
+            raise BackupError(
+                f"verify: {len(mismatches)} file(s) on the disk differed from the server "
+                "(listed above); something changed data it should not have: check the "
+                "disk and the server's storage")
+
+
+MANIFEST_LINE_BYTES = 200  # a generous average: digest, two spaces, a long Immich path
+
+
+def _space_need(ctx: RunContext, cluster: int, plan: Plan | None,
+                kept: keep.KeepSurvey | None, dump: database.DumpPlan | None,
+                config_bytes: int) -> policy.SpaceNeed:
+    """What the run writes and frees, in allocated bytes (safety rule 5).
+
+    With the keep area on, nothing the run removes from the mirror frees space (it is
+    moved to deleted/); only the dated folders it prunes do.
+    """
+    keeping = ctx.config.library.keep_deleted_days > 0
+    to_write = (dump.alloc if dump else 0) + config_bytes + SMALL_FILES_RESERVE
+    freed = kept.prune_alloc if kept else 0
+    in_keep = (kept.alloc - kept.prune_alloc) if kept else 0
+    replaced = largest = 0
+    if plan is not None:
+        to_write += plan.copy_alloc
+        if plan.files_list is not None and ctx.config.library.manifest:
+            to_write += allocated(plan.source_files * MANIFEST_LINE_BYTES, cluster)
+        if keeping:
+            in_keep += plan.delete_alloc + plan.replaced_alloc
+        else:
+            freed += plan.delete_alloc
+            replaced, largest = plan.replaced_alloc, plan.largest_replaced_alloc
+    return policy.SpaceNeed(
+        to_write=to_write,
+        freed_before_copy=freed,
+        freed_by_replacing=replaced,
+        largest_replaced=largest,
+        free=free_bytes(ctx.root.root),
+        kept=in_keep,
+        keep_days=ctx.config.library.keep_deleted_days,
+    )
 
 
 def _what_to_copy(cfg: Config, dump: database.DumpPlan | None, plan: Plan | None,
@@ -388,7 +440,7 @@ async def backup_plugged(config: Config, udisks: UDisks, device: str, *, uuid: s
 
 
 async def backup_device(config: Config, udisks: UDisks, device: str, *,
-                        trigger: str) -> dict[str, Any]:
+                        trigger: str, mode: str | None = None) -> dict[str, Any]:
     """Mount ``device`` if needed and run the backup, which ends by unmounting and powering
     off what we mounted, before its last notification (a disk someone else mounted is left
     mounted). Return the history record."""
@@ -396,10 +448,11 @@ async def backup_device(config: Config, udisks: UDisks, device: str, *,
     if info.mount_points:
         log.info("%s is already mounted at %s: using it, leaving it mounted",
                  device, info.mount_points[0])
-        return await run_backup(config, Path(info.mount_points[0]), trigger=trigger)
+        return await run_backup(config, Path(info.mount_points[0]), trigger=trigger,
+                                mode=mode)
     mount_point = await udisks.mount(info.object_path)
     log.info("mounted %s at %s", device, mount_point)
-    return await run_backup(config, Path(mount_point), trigger=trigger,
+    return await run_backup(config, Path(mount_point), trigger=trigger, mode=mode,
                             detach=lambda: _detach(config, udisks, info))
 
 
@@ -468,7 +521,8 @@ async def _record_simple(config: Config, status: str, device: str, uuid: str | N
         _append_history(config, record, notifier)
 
 
-async def backup_approved(config: Config, *, trigger: str) -> list[dict[str, Any]]:
+async def backup_approved(config: Config, *, trigger: str,
+                          mode: str | None = None) -> list[dict[str, Any]]:
     """Back up onto every approved USB exFAT disk connected now, one after another (a
     timer's job, for a disk left plugged in). Return their history records: none when no
     approved disk is connected. Only disks approved by UUID count here; `allow_any_marked`
@@ -486,7 +540,8 @@ async def backup_approved(config: Config, *, trigger: str) -> list[dict[str, Any
     udisks = await UDisks.connect()
     try:
         for d in disks:
-            records.append(await backup_device(config, udisks, d.device, trigger=trigger))
+            records.append(await backup_device(config, udisks, d.device, trigger=trigger,
+                                               mode=mode))
     finally:
         udisks.close()
     return records

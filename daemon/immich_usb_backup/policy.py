@@ -109,6 +109,8 @@ class SpaceNeed:
     freed_by_replacing: int
     largest_replaced: int
     free: int
+    kept: int = 0  # the keep area (deleted/) with what this run would move into it
+    keep_days: int = 0
 
     @property
     def available(self) -> int:
@@ -128,7 +130,12 @@ def capacity_refusal(need: SpaceNeed) -> str | None:
         f"the disk has {human_bytes(need.free)} free and the old backup frees "
         f"{human_bytes(need.freed_before_copy + need.freed_by_replacing)}; "
         f"{human_bytes(need.to_write - need.available)} more are needed. "
-        "Free space on the disk or use a bigger one."
+        + (f"{human_bytes(need.kept)} of the disk is (or would be) the keep area "
+           f"(immich-server-backups/deleted/: files removed or changed on the server in "
+           f"the last {need.keep_days} days); delete its oldest dated folders by hand or "
+           "lower library.keep_deleted_days, if you are sure you do not need them. "
+           if need.kept else "")
+        + "Free space on the disk or use a bigger one."
     )
 
 

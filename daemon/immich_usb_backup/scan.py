@@ -69,8 +69,10 @@ class Plan:
     delete_dirs: int = 0
     delete_alloc: int = 0
     skipped_files: int = 0
+    replaced_files: int = 0
     copy_lists: list[Path] = field(default_factory=list)
     delete_list: Path | None = None
+    files_list: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -198,18 +200,26 @@ def scan(
     cluster: int,
     problems: Problems,
     *,
-    copy_all: bool = False,
+    list_files: bool = False,
     on_progress: Callable[[int], None] | None = None,
     batch: int = BATCH_FILES,
 ) -> Plan:
     """Walk ``source`` and ``mirror`` together and return the Plan (see the module doc).
 
-    ``copy_all`` lists every file for copying (a full re-copy). ``on_progress`` is called
-    with the number of source files seen so far, every few thousand files.
+    The delete list holds ``F`` (a file to remove), ``D`` (a folder to remove, after
+    everything in it) and ``R`` (a file the copy will replace with a newer version)
+    records. ``list_files`` also writes the files list: every file the mirror holds
+    after the run, with its size and time in the source and whether it is copied now
+    (see ``read_files_list``). ``on_progress`` is called with the number of source
+    files seen so far, every few thousand files.
     """
     plan = Plan()
     copies = _ListWriter(work_dir, "copy", batch)
     deletes_path = work_dir / "delete"
+    files_out: BinaryIO | None = None
+    if list_files:
+        plan.files_list = work_dir / "files"
+        files_out = open(plan.files_list, "wb")  # noqa: SIM115 - closed below
     with open(deletes_path, "wb") as deletes:
         plan.delete_list = deletes_path
 
@@ -282,11 +292,18 @@ def scan(
                         unchanged = old.size == e.size and abs(
                             old.mtime_ns - e.mtime_ns
                         ) <= MODIFY_WINDOW_NS
-                        if unchanged and not copy_all:
+                        if files_out is not None:
+                            files_out.write(_files_record(
+                                b"U" if unchanged else b"C", e.size, e.mtime_ns, child))
+                        if unchanged:
                             continue
                         old_alloc = allocated(old.size, cluster)
+                        plan.replaced_files += 1
                         plan.replaced_alloc += old_alloc
                         plan.largest_replaced_alloc = max(plan.largest_replaced_alloc, old_alloc)
+                        deletes.write(b"R\0" + os.fsencode(child) + b"\0")
+                    elif files_out is not None:
+                        files_out.write(_files_record(b"C", e.size, e.mtime_ns, child))
                     plan.copy_files += 1
                     plan.copy_bytes += e.size
                     plan.copy_alloc += alloc
@@ -303,6 +320,8 @@ def scan(
                 stack.extend(reversed(subdirs))
         finally:
             ahead.close()
+            if files_out is not None:
+                files_out.close()
     copies.close()
     plan.copy_lists = copies.paths
     return plan
@@ -335,21 +354,48 @@ def _delete_tree(
     return removable
 
 
-def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:
-    """Yield (kind, relative path) from a delete list; kind is "F" or "D".
-
-    Subfolders of a deleted folder are removed by its own "D" record (deepest first).
-    """
+def read_records(path: Path, fields: int) -> Iterator[list[bytes]]:
+    """Yield the records of a NUL-separated list file, ``fields`` fields each, streaming."""
     with open(path, "rb") as f:
         pending = b""
         while chunk := f.read(1 << 16):
             pending += chunk
             parts = pending.split(b"\0")
             pending = parts.pop()
-            if len(parts) % 2:
-                pending = parts.pop() + b"\0" + pending
-            for kind, rel in zip(parts[::2], parts[1::2], strict=True):
-                yield kind.decode(), os.fsdecode(rel)
+            whole = len(parts) - len(parts) % fields
+            if whole < len(parts):
+                pending = b"\0".join([*parts[whole:], pending])
+            for i in range(0, whole, fields):
+                yield parts[i:i + fields]
+
+
+def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:
+    """Yield (kind, relative path) from a delete list; kind is "F", "D" or "R".
+
+    Subfolders of a deleted folder are removed by its own "D" record (deepest first).
+    """
+    for kind, rel in read_records(path, 2):
+        yield kind.decode(), os.fsdecode(rel)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of the mirror after the run: copied now (``copied``) or already there."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+    copied: bool
+
+
+def _files_record(flag: bytes, size: int, mtime_ns: int, rel: str) -> bytes:
+    return b"%s\0%d\0%d\0%s\0" % (flag, size, mtime_ns, os.fsencode(rel))
+
+
+def read_files_list(path: Path) -> Iterator[FileRecord]:
+    """Yield the files list ``scan(list_files=True)`` wrote, in the walk's order."""
+    for flag, size, mtime_ns, rel in read_records(path, 4):
+        yield FileRecord(os.fsdecode(rel), int(size), int(mtime_ns), flag == b"C")
 
 
 def _readlink(path: str) -> str:

@@ -41,6 +41,11 @@ class RunContext:
     cancel: threading.Event = field(default_factory=threading.Event)
     writing: bool = False  # set once the preflight passed and the disk is written to
 
+    @property
+    def disk_key(self) -> str:
+        """What the state dir knows this disk by: its file system UUID."""
+        return self.disk.uuid or f"path:{self.disk.mount_point}"
+
     def check_cancel(self) -> None:
         """Called from worker threads between blocks: stop when the run is interrupted."""
         if self.cancel.is_set():

@@ -22,31 +22,54 @@ This folder is a backup of an Immich photo server, made by immich-usb-backup
 (version {version}) on {host}. Last backup: {finished} ({status}).
 
 What is here
-  library/        a copy of Immich's upload location: your original photos and
-                  videos (upload/, library/), profile pictures, and whatever else
-                  Immich keeps there. Plain files: open them on any computer.
-  database/       Immich's database dumps (immich-db-backup-*.sql.gz): albums,
-                  people, descriptions, who owns what. The newest one matches
-                  the library copy best.
-  config/         zip archives of the server's configuration files, each with a
-                  RESTORE.txt inside.
-  backup-info.toml   details of the last backup run.
-  history.html       every recent backup run: open it in a web browser.
+  library/          a copy of Immich's upload location: your original photos
+                    and videos (upload/, library/), profile pictures, and all
+                    else Immich keeps there. Plain files: open them anywhere.
+  library.sha256    the checksum of every file in library/, to check them.
+  deleted/          files deleted or replaced on the server, kept a while:
+                    deleted/YYYY-MM-DD/<their path in library/>.
+  database/         Immich's database dumps (immich-db-backup-*.sql.gz):
+                    albums, people, descriptions, who owns what.
+  config/           the server's configuration files, zipped, with RESTORE.txt.
+  backup-info.toml  details of the last backup run.
+  history.html      every recent backup run: open it in a web browser.
 
-Only this folder is written by the backup; everything else on this disk is yours
-and is never touched.
+Only this folder is written by the backup; everything else on this disk is
+yours and is never touched.
 
-Getting your photos back
-  Just the photos: copy them out of library/upload/ and library/library/.
+HOW TO RESTORE. The full guide, every command tested: docs/restore.md in the
+immich-usb-backup project. In short:
 
-  The whole server:
-  1. Install Immich again with the same version and the same UPLOAD_LOCATION.
-  2. Copy the contents of library/ back into UPLOAD_LOCATION.
-  3. Restore the newest database dump into Immich's PostgreSQL, with Immich's
-     own steps ("Backup and Restore" in Immich's documentation); for docker:
-       gunzip --stdout database/immich-db-backup-....sql.gz \\
-       | docker exec -i immich_postgres psql --dbname=postgres --username=postgres
-  4. Start Immich. Restore your configuration from the newest config/ zip.
+Check the disk, in this folder: sha256sum -c --quiet library.sha256
+  (macOS: shasum -a 256 -c --quiet library.sha256; where immich-usb-backup
+  is installed: immich-usb-backup verify DISK). Silence: all files are good.
+Just the photos: copy library/upload/ and library/library/ anywhere.
+A deleted photo: copy it out of deleted/<day>/, upload it to Immich again.
+
+The whole server, as root, in this folder:
+1. Unzip the newest config/ zip; put docker-compose.yml and .env (or
+   /etc/nixos) back. Install the Immich version in the newest dump's name
+   (...-v1.130.0-pg14.17.sql.gz: Immich 1.130.0). Keep Immich stopped.
+2. Copy library/ into UPLOAD_LOCATION, owned by Immich's user (docker:
+   root:root, NixOS: immich:immich):
+  rsync -rt --chmod=D750,F640 library/ UPLOAD_LOCATION/
+  chown -R root:root UPLOAD_LOCATION
+3. The newest dump into Immich's PostgreSQL (docker: a new, empty
+   DB_DATA_LOCATION, and only immich_postgres started):
+  DUMP=database/immich-db-backup-....sql.gz
+  OLD="SELECT pg_catalog.set_config('search_path', '', false);"
+  NEW="SELECT pg_catalog.set_config('search_path', 'public, pg_catalog', true);"
+  gunzip --stdout "$DUMP" | sed "s/$OLD/$NEW/g" | PSQL
+   where PSQL depends on the second line of  gunzip --stdout "$DUMP" | head
+   "-- PostgreSQL database cluster dump" (Immich 2.4 and older):
+  docker exec -i immich_postgres psql --dbname=postgres --username=postgres
+  runuser -u postgres -- psql --dbname=postgres                  (NixOS)
+   "-- PostgreSQL database dump": into the empty database immich
+  docker exec -i immich_postgres psql --dbname=immich --username=postgres
+  runuser -u postgres -- psql --dbname=immich                    (NixOS)
+   NixOS, first: runuser -u postgres -- dropdb --force --if-exists immich
+   and for a database dump: runuser -u postgres -- createdb -O immich immich
+4. Start Immich: docker compose up -d, or systemctl start immich-server.
 """
 
 

@@ -9,16 +9,20 @@ rename keep each file whole; its ``--info=progress2`` lines feed the live status
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
-from immich_usb_backup import execute
+from immich_usb_backup import execute, keep
 from immich_usb_backup.errors import BackupError, CommandError, Refused
 from immich_usb_backup.fsutil import ensure_inside
-from immich_usb_backup.scan import Excludes, Plan, read_delete_list, scan
+from immich_usb_backup.hashcache import HashCache
+from immich_usb_backup.hashing import Stopped, hash_files
+from immich_usb_backup.scan import Excludes, Plan, read_delete_list, read_records, scan
 from immich_usb_backup.steps import RunContext, StepResult, in_thread
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ def check_source(upload: Path, require_markers: bool) -> None:
         )
 
 
-async def plan(ctx: RunContext, cluster: int, copy_all: bool = False) -> Plan:
+async def plan(ctx: RunContext, cluster: int) -> Plan:
     """Scan source and mirror side by side (see ``scan``); reads only."""
     cfg = ctx.config
     mirror = ctx.root.path(FOLDER)
@@ -95,20 +99,39 @@ async def plan(ctx: RunContext, cluster: int, copy_all: bool = False) -> Plan:
         ctx.check_cancel()
         ctx.status.progress(0, f"{files} files compared")
 
+    list_files = cfg.library.manifest or ctx.mode != "quick"
     return await in_thread(
         ctx,
         lambda: scan(
             cfg.immich.upload_location, mirror, ctx.work_dir, excludes, cluster,
-            ctx.problems, copy_all=copy_all, on_progress=progress,
+            ctx.problems, list_files=list_files, on_progress=progress,
         ),
     )
 
 
-def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> int:
-    """Remove what the plan lists from the mirror; every path checked inside it."""
-    removed = 0
+def survey_keep(ctx: RunContext, cluster: int) -> keep.KeepSurvey | None:
+    """The keep area as it is, and what this run prunes from it (reads only)."""
+    days = ctx.config.library.keep_deleted_days
+    if not days and not (ctx.root.root / keep.FOLDER).is_dir():
+        return None
+    return keep.survey(ctx.root, ctx.started.date(), days, cluster)
+
+
+def keep_day(ctx: RunContext) -> str | None:
+    """The keep area's folder for this run, or None when deletions are not kept."""
+    if not ctx.config.library.keep_deleted_days:
+        return None
+    return keep.day_name(ctx.started.date())
+
+
+def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> tuple[int, int]:
+    """Remove what the plan lists from the mirror, every path checked inside it: into the
+    keep area when it is on, else for good. Return (files removed because the server
+    deleted them, files moved into the keep area: removed or replaced)."""
+    removed = kept = 0
     if plan.delete_list is None:
-        return 0
+        return 0, 0
+    day = keep_day(ctx)
     for kind, rel in read_delete_list(plan.delete_list):
         ctx.check_cancel()
         path = mirror / rel
@@ -118,28 +141,61 @@ def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> int:
         try:
             if kind == "D":
                 os.rmdir(path)
-            else:
+            elif day is not None:
+                keep.move_into(ctx.root, mirror, rel, day)
+                kept += 1
+                removed += kind == "F"
+            elif kind == "F":
                 os.unlink(path)
                 removed += 1
+            # "R" without a keep area: rsync replaces the file
         except FileNotFoundError:
             continue
         except OSError as exc:
-            ctx.problems.add(f"library: could not delete {rel} from the backup: {exc.strerror}")
-    return removed
+            what = "keep" if day is not None and kind != "D" else "delete"
+            ctx.problems.add(f"library: could not {what} {rel} in the backup: {exc.strerror}")
+    return removed, kept
 
 
 def _number(text: str) -> int:
     return int(re.sub(r"[,.]", "", text))
 
 
-async def run(ctx: RunContext, plan: Plan) -> StepResult:
-    """Apply the plan: deletions first (they free space), then the copies."""
+async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
+              cache: HashCache | None) -> StepResult:
+    """Apply the plan: prune the keep area, set aside what the server deleted or changed
+    (into the keep area, or deleted), then copy. With a ``cache`` in quick mode, the new
+    files are hashed (for the manifest) while rsync copies them."""
     result = StepResult("library")
     mirror = ctx.root.mkdir(FOLDER)
-    if plan.delete_files or plan.delete_dirs:
-        ctx.status.set_phase("delete", 0, f"removing {plan.delete_files} files")
-        result.info["deleted"] = await in_thread(ctx, lambda: _delete(ctx, mirror, plan))
-    ctx.status.set_phase("library", plan.copy_bytes, f"{plan.copy_files} files to copy")
+    if cache is not None and (plan.copy_files or plan.delete_files or plan.delete_dirs):
+        cache.set_manifest_state(ctx.disk_key, None)  # the manifest is stale until rewritten
+    if kept is not None and kept.prune:
+        ctx.status.set_phase("prune", 0, f"removing {len(kept.prune)} expired folder(s) "
+                             "from deleted/")
+        await in_thread(ctx, lambda: keep.prune(ctx.root, kept.prune))
+        result.info["pruned_days"] = kept.prune
+    if plan.delete_files or plan.delete_dirs or plan.replaced_files:
+        ctx.status.set_phase("delete", 0, f"setting aside {plan.delete_files} deleted and "
+                             f"{plan.replaced_files} changed files")
+        removed, moved = await in_thread(ctx, lambda: _delete(ctx, mirror, plan))
+        result.info["deleted"] = removed
+        result.info["kept"] = moved
+    hash_while_copying = cache if ctx.mode == "quick" else None
+    await copy_lists(ctx, plan.copy_lists, plan.copy_files, plan.copy_bytes, result,
+                     hash_while_copying)
+    result.info["source_files"] = plan.source_files
+    result.info["source_bytes"] = plan.source_bytes
+    return result
+
+
+async def copy_lists(ctx: RunContext, lists: list[Path], files: int, total_bytes: int,
+                     result: StepResult, cache: HashCache | None = None) -> None:
+    """Copy the paths in ``lists`` (NUL-separated, relative to the upload location) with
+    rsync, one list at a time, counting into ``result``. With a ``cache``, a thread
+    hashes the source files of each list while rsync copies it."""
+    mirror = ctx.root.path(FOLDER)
+    ctx.status.set_phase("library", total_bytes, f"{files} files to copy")
     source = str(ctx.config.immich.upload_location).rstrip("/") + "/"
     done = {"before": 0, "batch": 0}  # bytes of finished batches, of the running one
 
@@ -157,7 +213,7 @@ async def run(ctx: RunContext, plan: Plan) -> StepResult:
         if m:
             result.bytes += _number(m.group(1))
 
-    for batch in plan.copy_lists:
+    for batch in lists:
         done["batch"] = 0
         argv = [
             *rsync_base_args(ctx.config.library.bwlimit_kib),
@@ -171,14 +227,33 @@ async def run(ctx: RunContext, plan: Plan) -> StepResult:
             str(mirror) + "/",
         ]
         t0 = time.monotonic()
+        stop = threading.Event()
+        hasher = (asyncio.ensure_future(asyncio.to_thread(_hash_list, ctx, batch, cache, stop))
+                  if cache is not None else None)
         try:
             await execute.run(argv, on_line=on_line, ok_codes=(0, RSYNC_VANISHED))
         except CommandError as exc:
             raise BackupError(
                 f"library: rsync failed with status {exc.returncode}: {exc.stderr_tail}"
             ) from exc
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            if hasher is not None:  # a hashing error costs only a cache entry: logged
+                for outcome in await asyncio.shield(
+                        asyncio.gather(hasher, return_exceptions=True)):
+                    if isinstance(outcome, Exception) and not isinstance(outcome, Stopped):
+                        log.warning("hashing while copying failed: %s", outcome)
         log.debug("rsync batch %s: %.1f s", batch.name, time.monotonic() - t0)
         done["before"] += done["batch"]
-    result.info["source_files"] = plan.source_files
-    result.info["source_bytes"] = plan.source_bytes
-    return result
+
+
+def _hash_list(ctx: RunContext, batch: Path, cache: HashCache, stop: threading.Event) -> None:
+    """Hash the source files of a copy list into the cache (folders are skipped)."""
+    source = str(ctx.config.immich.upload_location)
+    rels = (os.fsdecode(r[0]) for r in read_records(batch, 1))
+    for h in hash_files(source, rels, stop=stop):
+        if h.digest is not None:
+            cache.put(h.rel, h.size, h.mtime_ns, h.digest)
+    cache.commit()

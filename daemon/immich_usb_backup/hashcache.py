@@ -1,0 +1,135 @@
+"""The state dir's hash cache: the SHA-256 of each library file, by path, size and time.
+
+So the manifest on the disk is kept up to date by hashing only new or changed files.
+A SQLite database (``<state>/hashes.sqlite``, Python's own ``sqlite3``): a library of a
+million files does not fit in memory as a dict, and a keyed table on disk answers one
+lookup in microseconds. It also keeps two small facts per backup disk: the manifest last
+written to it, and which share of the library a ``verify`` run re-reads next.
+
+The cache is a cache: deleting it costs one run that hashes the whole library again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+CACHE_NAME = "hashes.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS disks (
+    disk TEXT PRIMARY KEY,
+    manifest_size INTEGER,
+    manifest_mtime_ns INTEGER,
+    manifest_complete INTEGER NOT NULL DEFAULT 0,
+    rotation INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class HashCache:
+    """One connection, usable from any thread (calls are serialised by a lock)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / CACHE_NAME
+        self._lock = threading.Lock()
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError:  # damaged: it is only a cache, start again
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            self._db = self._open()
+        self._pending = 0
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        db.execute("BEGIN")
+        return db
+
+    def lookup(self, path: str, size: int, mtime_ns: int) -> str | None:
+        """The cached digest of ``path`` if it was hashed at this size and time."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (path,)
+            ).fetchone()
+        if row is None or row[0] != size or row[1] != mtime_ns:
+            return None
+        return str(row[2])
+
+    def put(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO files (path, size, mtime_ns, sha256) VALUES (?,?,?,?)",
+                (path, size, mtime_ns, digest),
+            )
+            self._pending += 1
+            if self._pending >= 10_000:
+                self._commit()
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM files WHERE path = ?", (path,))
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+        self._pending = 0
+
+    def commit(self) -> None:
+        with self._lock:
+            self._commit()
+
+    # per disk -------------------------------------------------------------------------
+
+    def manifest_state(self, disk: str) -> tuple[int, int, bool] | None:
+        """(size, mtime_ns, complete) of the manifest last written to ``disk``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT manifest_size, manifest_mtime_ns, manifest_complete FROM disks "
+                "WHERE disk = ?", (disk,)
+            ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return int(row[0]), int(row[1]), bool(row[2])
+
+    def set_manifest_state(self, disk: str, state: tuple[int, int, bool] | None) -> None:
+        size, mtime_ns, complete = state if state is not None else (None, None, False)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO disks (disk, manifest_size, manifest_mtime_ns, manifest_complete) "
+                "VALUES (?,?,?,?) ON CONFLICT(disk) DO UPDATE SET "
+                "manifest_size = excluded.manifest_size, "
+                "manifest_mtime_ns = excluded.manifest_mtime_ns, "
+                "manifest_complete = excluded.manifest_complete",
+                (disk, size, mtime_ns, int(complete)),
+            )
+            self._commit()
+
+    def next_rotation(self, disk: str) -> int:
+        """The rotation number of this verify run on ``disk`` (0, 1, 2, ... per run)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT rotation FROM disks WHERE disk = ?", (disk,)
+            ).fetchone()
+            turn = int(row[0]) if row else 0
+            self._db.execute(
+                "INSERT INTO disks (disk, rotation) VALUES (?, ?) ON CONFLICT(disk) "
+                "DO UPDATE SET rotation = excluded.rotation", (disk, turn + 1),
+            )
+            self._commit()
+        return turn
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.execute("COMMIT")
+            self._db.close()

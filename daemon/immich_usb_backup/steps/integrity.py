@@ -1,0 +1,221 @@
+"""After the copy: compare contents (verify and full modes) and write the manifest.
+
+``compare`` reads the server's file and the disk's copy at once (one thread each, see
+``hashing.hash_both``) for the files the mode asks for: in ``verify``, every file copied
+in this run plus one turn of the rest (``library.verify_rotation_runs``); in ``full``,
+every file. A copy that differs is set aside into the keep area and copied again at
+once, then read back; each one is a problem of the run, which ends ``failed``.
+
+``write_manifest`` writes ``library.sha256`` from the run's files list and the hash
+cache, hashing (on the server's side) only what the cache does not know at the file's
+size and time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import zlib
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from immich_usb_backup import keep, manifest
+from immich_usb_backup.fsutil import atomic_write
+from immich_usb_backup.hashcache import HashCache
+from immich_usb_backup.hashing import Hashed, hash_both, hash_files, sha256_file
+from immich_usb_backup.scan import MODIFY_WINDOW_NS, Plan, read_files_list, read_records
+from immich_usb_backup.steps import RunContext, StepResult, in_thread, library
+
+log = logging.getLogger(__name__)
+
+# A copy that differs is given this time, before it is copied again: if the run ends
+# before the new copy is in place, the next run's size-and-time check copies it.
+STALE_MTIME = datetime(1980, 1, 1, 12, 0).timestamp()
+
+
+def _selected(rel: str, copied: bool, mode: str, runs: int, turn: int) -> bool:
+    if copied or mode == "full":
+        return True
+    if mode != "verify" or runs <= 0:
+        return False
+    return zlib.crc32(os.fsencode(rel)) % runs == turn % runs
+
+
+def _write_selection(ctx: RunContext, plan: Plan, turn: int) -> tuple[Path, int, int]:
+    """Write the paths to compare into a list; return it with their count and bytes."""
+    assert plan.files_list is not None
+    runs = ctx.config.library.verify_rotation_runs
+    path = ctx.work_dir / "compare"
+    files = size = 0
+    with open(path, "wb") as out:
+        for rec in read_files_list(plan.files_list):
+            if _selected(rec.rel, rec.copied, ctx.mode, runs, turn):
+                out.write(os.fsencode(rec.rel) + b"\0")
+                files += 1
+                size += rec.size
+    return path, files, size
+
+
+def _rels(path: Path) -> Iterator[str]:
+    return (os.fsdecode(r[0]) for r in read_records(path, 1))
+
+
+def _why(cached: str | None, source: Hashed, disk: Hashed) -> str:
+    if disk.digest is None:
+        return f"the disk's copy cannot be read ({disk.error})"
+    if cached is not None and cached == disk.digest:
+        return ("the server's file changed since it was backed up although its size and "
+                "time did not (damage on the server's storage?)")
+    if cached is not None and cached == source.digest:
+        return "the disk's copy is damaged"
+    return "the contents differ"
+
+
+def _compare_all(ctx: RunContext, selection: Path, cache: HashCache,
+                 mismatched: list[tuple[str, str, str]]) -> tuple[int, int]:
+    """Hash both sides of every selected path; return (files compared, bytes read)."""
+    source = str(ctx.config.immich.upload_location)
+    mirror = str(ctx.root.path(library.FOLDER))
+    read = [0]
+    lock = threading.Lock()
+
+    def on_bytes(n: int) -> None:
+        with lock:
+            read[0] += n
+
+    compared = 0
+    for s, d in hash_both(source, mirror, lambda: _rels(selection), on_bytes=on_bytes,
+                          stop=ctx.cancel):
+        ctx.status.progress(read[0], f"{compared} files compared")
+        if s.digest is None:  # gone or changing on the server: the next run sees it
+            log.info("not compared, the server's file %s: %s", s.rel, s.error)
+            continue
+        if d.digest is not None and (
+            s.size != d.size or abs(s.mtime_ns - d.mtime_ns) > MODIFY_WINDOW_NS
+        ):
+            log.info("not compared, %s changed on the server after it was copied", s.rel)
+            continue
+        compared += 1
+        cached = cache.lookup(s.rel, s.size, s.mtime_ns)
+        cache.put(s.rel, s.size, s.mtime_ns, s.digest)
+        if d.digest != s.digest:
+            mismatched.append((s.rel, _why(cached, s, d), s.digest))
+    cache.commit()
+    return compared, read[0]
+
+
+def _set_aside(ctx: RunContext, rels: list[str]) -> Path:
+    """Mark the differing copies stale, move them into the keep area (or leave them for
+    rsync to replace), and write the list to copy again."""
+    mirror = ctx.root.path(library.FOLDER)
+    day = library.keep_day(ctx)
+    path = ctx.work_dir / "recopy"
+    with open(path, "wb") as out:
+        for rel in rels:
+            target = mirror / rel
+            try:
+                os.utime(target, (STALE_MTIME, STALE_MTIME))
+                if day is not None:
+                    keep.move_into(ctx.root, mirror, rel, day)
+            except FileNotFoundError:
+                pass
+            out.write(os.fsencode(rel) + b"\0")
+    return path
+
+
+async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, list[str]]:
+    """Compare contents (see the module doc); return how many files were compared and
+    the problems found (empty if none)."""
+    turn = cache.next_rotation(ctx.disk_key) if ctx.mode == "verify" else 0
+    selection, files, size = await in_thread(ctx, lambda: _write_selection(ctx, plan, turn))
+    ctx.status.set_phase("verify", 2 * size,
+                         f"comparing {files} files on the server and on the disk")
+    await in_thread(ctx, os.sync)  # the copies reach the disk; their pages can be dropped
+    mismatched: list[tuple[str, str, str]] = []
+    compared, _ = await in_thread(
+        ctx, lambda: _compare_all(ctx, selection, cache, mismatched))
+    log.info("compared %d files (%s mode, turn %d)", compared, ctx.mode, turn)
+    if not mismatched:
+        return compared, []
+    rels = [rel for rel, _, _ in mismatched]
+    recopy = await in_thread(ctx, lambda: _set_aside(ctx, rels))
+    redo = StepResult("recopy")
+    await library.copy_lists(ctx, [recopy], len(rels), 0, redo)
+    await in_thread(ctx, os.sync)
+    mirror = str(ctx.root.path(library.FOLDER))
+    again = await in_thread(ctx, lambda: list(hash_files(mirror, rels, drop_cache=True,
+                                                         stop=ctx.cancel)))
+    day = library.keep_day(ctx)
+    kept = f"; the differing copy is kept in deleted/{day}/" if day else ""
+    problems = []
+    for (rel, why, source_digest), h in zip(mismatched, again, strict=True):
+        if h.digest is not None and h.digest == source_digest:
+            problems.append(f"verify: library/{rel} differed from the server ({why}); "
+                            f"copied again and checked{kept}")
+        else:
+            problems.append(f"verify: library/{rel} differed from the server ({why}) and "
+                            f"still differs after copying it again: the disk may be failing")
+    return compared, problems
+
+
+# The manifest ----------------------------------------------------------------------
+
+def _write_lines(ctx: RunContext, plan: Plan, cache: HashCache, out: BinaryIO,
+                 counts: dict[str, int]) -> None:
+    assert plan.files_list is not None
+    source = str(ctx.config.immich.upload_location)
+    done = 0
+    buf = bytearray(1024 * 1024)
+    for rec in read_files_list(plan.files_list):
+        ctx.check_cancel()
+        digest = cache.lookup(rec.rel, rec.size, rec.mtime_ns)
+        if digest is None:
+            h = sha256_file(os.path.join(source, rec.rel), rec.rel, stop=ctx.cancel, buf=buf)
+            if h.digest is not None:
+                cache.put(rec.rel, h.size, h.mtime_ns, h.digest)
+                counts["hashed"] += 1
+            if h.digest is None or (h.size, h.mtime_ns) != (rec.size, rec.mtime_ns):
+                counts["left_out"] += 1  # changed on the server during the run: next run
+                log.info("not in the manifest this time: %s (%s)", rec.rel,
+                         h.error or "changed during the run")
+                continue
+            digest = h.digest
+        out.write(manifest.line(digest, rec.rel))
+        counts["entries"] += 1
+        done += rec.size
+        if counts["entries"] % 2000 == 0:
+            ctx.status.progress(done, f"{counts['entries']} files listed")
+    cache.commit()
+
+
+async def write_manifest(ctx: RunContext, plan: Plan, cache: HashCache) -> dict[str, int]:
+    """Write ``library.sha256`` unless the one on the disk is already this run's."""
+    final = ctx.root.path(manifest.NAME)
+    known = cache.manifest_state(ctx.disk_key)
+    try:
+        st = os.stat(final)
+        now: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+    except FileNotFoundError:
+        now = None
+    if known is not None and known[2] and now == known[:2]:
+        log.info("the manifest on the disk is up to date")
+        return {"entries": plan.source_files, "hashed": 0, "left_out": 0, "unchanged": 1}
+    ctx.status.set_phase("manifest", plan.source_bytes, "listing the checksums")
+    counts = {"entries": 0, "hashed": 0, "left_out": 0}
+    await in_thread(ctx, lambda: atomic_write(
+        ctx.root, final, lambda f: _write_lines(ctx, plan, cache, f, counts)))
+    st = os.stat(final)
+    cache.set_manifest_state(ctx.disk_key, (st.st_size, st.st_mtime_ns,
+                                            counts["left_out"] == 0))
+    return counts
+
+
+def remove_manifest(ctx: RunContext) -> None:
+    """``library.manifest = false``: a manifest left from before would go stale."""
+    path = ctx.root.path(manifest.NAME)
+    if path.is_file():
+        path.unlink()
+        log.info("removed %s (library.manifest is off)", path)
