@@ -416,6 +416,27 @@ def test_run_with_a_device_or_uuid_mounts_backs_up_and_unmounts(
     assert [x["status"] for x in records(server)] == ["success", "success"]
 
 
+def test_verify_with_a_device_mounts_it_read_only_checks_and_unmounts(
+    real_stack: st.Stack, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    image = st.make_image(tmp_path / "disk.img", "Drawer")
+    plugs.append(st.plug(image))
+    st.settle()
+    r = run_cli("run", plugs[0].device, config=server.config_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    digest = image.digest()
+    watcher = st.MountWatcher(plugs[0].device)
+
+    r = run_cli("verify", f"UUID={uuid_of(image)}", config=server.config_path)
+
+    mounts = watcher.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verify OK" in r.stdout
+    assert mounts and all(opts.split(",")[0] == "ro" for _, opts in mounts), mounts
+    assert not st.is_mounted(plugs[0].device)
+    assert image.digest() == digest  # not a byte written
+
+
 def test_run_approved_for_a_timer_backs_up_every_approved_disk_left_plugged_in(
     real_stack: st.Stack, server: Server, plugs: list[st.Plug], tmp_path: Path
 ) -> None:

@@ -400,3 +400,12 @@ def test_a_usb_disk_that_udev_reports_as_ata_is_a_candidate_by_its_usb_driver() 
     assert not is_candidate("ata", "exfat", "partition", None)  # an internal disk
     assert not is_candidate("ata", "ext4", "partition", "uas")
     assert is_candidate("usb", "exfat", "disk")
+
+
+def test_replacing_most_of_the_backup_is_refused_like_deleting_it() -> None:
+    from immich_usb_backup.policy import replacement_refusal
+
+    assert replacement_refusal(0, 100, 20) is None
+    assert replacement_refusal(20, 100, 20) is None
+    why = replacement_refusal(21, 100, 20)
+    assert why is not None and "replace 21 of the 100 files" in why and "21.0%" in why

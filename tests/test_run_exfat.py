@@ -156,6 +156,26 @@ def test_deleted_and_replaced_files_are_kept_in_a_dated_folder(
     assert (day / rel_dir / f"{stem} (2).{ext}").read_bytes() == b"encrypted by ransomware"
 
 
+def test_most_of_the_library_changing_at_once_is_refused_like_ransomware(
+    make_exfat, server: Server
+) -> None:
+    disk = make_exfat()
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+    photos = sorted((server.upload / "upload").rglob("*.jpg"))
+    for p in photos:
+        p.write_bytes(b"ENCRYPTED" + p.read_bytes()[::-1])
+    before = snapshot(disk.mount_point)
+
+    r = run_cli("run", str(disk.mount_point), config=server.config_path)
+
+    assert r.returncode == 1
+    rec = history(server)[-1]
+    assert rec["status"] == "refused"
+    assert f"replace {len(photos)} of the" in rec["problems"][0]  # type: ignore[index]
+    assert "ransomware" in rec["problems"][0]  # type: ignore[index]
+    assert snapshot(disk.mount_point) == before
+
+
 def test_keep_area_folders_past_their_days_are_pruned_others_left(
     make_exfat, server: Server
 ) -> None:

@@ -20,7 +20,8 @@ product's everyday flow, with the real pieces a Debian server runs:
    backs up again;
 7. stops the daemon (SIGTERM, as ``systemctl stop`` does), attaches the disk read-only
    and checks what is on it: the user's files untouched, the library copy equal to the
-   server's, the newest database dump, the config archive;
+   server's, the newest database dump, the config archive; ``verify`` and
+   ``sha256sum -c`` against the manifest; the deleted photo kept in ``deleted/``;
 8. stops and removes everything it started or made, also on Ctrl-C.
 
 Exit code 0 when both backups succeeded and every check passed, 1 otherwise.
@@ -913,7 +914,28 @@ def demo(s: Session, checks: Checks) -> None:
         for name in sorted(names):
             say(f"  {name}")
 
+    say("\nthe disk checked against its manifest, without the server (read-only):")
+    verify_rc, verify_out = cli("verify", str(mnt), config=config, capture=True)
+    say("\nand with nothing but sha256sum, as on any computer:")
+    say(f"$ cd {backup} && sha256sum -c --quiet library.sha256 && echo all files OK")
+    sums = subprocess.run(["sha256sum", "-c", "--quiet", "library.sha256"], cwd=backup,
+                          capture_output=True, text=True, check=False)
+    for line in (sums.stdout + sums.stderr).splitlines()[:5]:
+        say(f"  {line}")
+    if sums.returncode == 0:
+        say("all files OK")
+    kept_day = backup / "deleted" / datetime.now().date().isoformat()
+    kept = kept_day / gone.relative_to(srv.upload)
+
     heading("8. checks")
+    checks.check(verify_rc == 0 and "verify OK" in verify_out,
+                 "`verify` read every file back and found it as the manifest says",
+                 f"exit code {verify_rc}")
+    checks.check(sums.returncode == 0, "`sha256sum -c library.sha256` passes on the disk",
+                 (sums.stdout + sums.stderr)[-500:])
+    checks.check(kept.is_file(),
+                 f"the photo deleted in Immich is still on the disk, in "
+                 f"deleted/{kept_day.name}/ (kept 30 days)", str(kept))
     user_files = {rel: hashlib.sha256(data).hexdigest() for rel, data in USER_FILES.items()}
     root_before = sorted({MARKER} | {rel.split("/")[0] for rel in USER_FILES})
     after = {

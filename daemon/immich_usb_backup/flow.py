@@ -230,6 +230,8 @@ async def _backup(ctx: RunContext, results: list[StepResult],
         plan = await library.plan(ctx, cluster)
         refusal = policy.deletion_refusal(
             plan.delete_files, plan.mirror_files, cfg.library.max_delete_percent
+        ) or policy.replacement_refusal(
+            plan.replaced_files, plan.mirror_files, cfg.library.max_delete_percent
         )
         if refusal:
             raise Refused(refusal)

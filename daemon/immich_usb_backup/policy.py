@@ -100,6 +100,26 @@ def deletion_refusal(deletes: int, backed_up_files: int, max_delete_percent: flo
     )
 
 
+def replacement_refusal(replaced: int, backed_up_files: int,
+                        max_delete_percent: float) -> str | None:
+    """Say why replacing ``replaced`` of ``backed_up_files`` with new versions is refused.
+
+    Immich never rewrites an original in place, so most of a library changing at once is
+    what ransomware encrypting the server looks like; the same share as for deletions.
+    """
+    if replaced == 0 or replaced <= delete_limit(backed_up_files, max_delete_percent):
+        return None
+    share = 100 * replaced / max(backed_up_files, 1)
+    return (
+        f"this run would replace {replaced} of the {backed_up_files} files in the backup "
+        f"({share:.1f}%) with changed versions, more than library.max_delete_percent = "
+        f"{max_delete_percent:g}%. Immich does not change its files in place, so this "
+        "looks like damage on the server (ransomware encrypting the photos?): check a few "
+        "of the changed files on the server. If you know why they changed (restored "
+        "with new times, for example), raise library.max_delete_percent for one run."
+    )
+
+
 @dataclass(frozen=True)
 class SpaceNeed:
     """What a run will write and what it frees, in allocated bytes on the disk."""
