@@ -238,6 +238,9 @@ def test_full_mode_names_a_file_changed_on_the_server_behind_its_time(
     # the backup's earlier, good copy is not lost
     kept = disk.marker / "deleted" / date.today().isoformat() / rel
     assert kept.read_bytes() == good
+    # and the manifest describes what the disk holds now
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "library.sha256"],
+                          cwd=disk.marker).returncode == 0
 
 
 def test_verify_mode_rereads_the_whole_library_over_its_rotation(

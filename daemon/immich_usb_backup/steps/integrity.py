@@ -140,6 +140,7 @@ async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, l
     log.info("compared %d files (%s mode, turn %d)", compared, ctx.mode, turn)
     if not mismatched:
         return compared, []
+    cache.set_manifest_state(ctx.disk_key, None)  # what is copied again may differ
     rels = [rel for rel, _, _ in mismatched]
     recopy = await in_thread(ctx, lambda: _set_aside(ctx, rels))
     redo = StepResult("recopy")
