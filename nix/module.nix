@@ -175,9 +175,27 @@ in
           };
 
           library.mode = mkOption {
-            type = types.enum [ "quick" ];
+            type = types.enum [
+              "quick"
+              "verify"
+              "full"
+            ];
             default = "quick";
-            description = "How files are compared: `quick` = by size and modification time.";
+            description = ''
+              How the copy is checked: `quick` (size and modification time), `verify`
+              (also compare the contents of the files copied and of a rolling share of
+              the rest), `full` (compare the contents of every file).
+            '';
+          };
+
+          library.keep_deleted_days = mkOption {
+            type = types.ints.unsigned;
+            default = 30;
+            description = ''
+              Files deleted or changed on the server are moved into
+              `immich-server-backups/deleted/YYYY-MM-DD/` on the disk and kept this many
+              days; 0 deletes them at once.
+            '';
           };
 
           library.excludes = mkOption {

@@ -120,3 +120,12 @@ def test_module_options_are_documented() -> None:
     assert "services.immich-usb-backup" in doc
     missing = sorted(o for o in MODULE_OPTIONS if not re.search(rf"\b{o}\b", doc))
     assert not missing, f"docs/install.md does not mention the module options {missing}"
+
+
+def test_module_offers_exactly_the_programs_modes() -> None:
+    from immich_usb_backup.config import MODES
+
+    block = re.search(r"library\.mode = mkOption \{\s*type = types\.enum \[([^\]]*)\]",
+                      MODULE.read_text())
+    assert block is not None
+    assert tuple(re.findall(r'"([^"]+)"', block.group(1))) == MODES
