@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -174,6 +175,20 @@ def test_verify_sample_reads_back_only_a_share(make_exfat, server: Server) -> No
     checked = int(report["checked_files"])  # type: ignore[call-overload]
     assert 0.15 * total < checked < 0.45 * total
     assert report["sample_percent"] == 30
+
+
+def test_verify_works_on_a_machine_without_a_configuration(
+    make_exfat, server: Server
+) -> None:
+    disk = make_exfat()
+    assert backup(server, disk).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "IMMICH_USB_BACKUP_CONFIG"}
+    assert not Path("/etc/immich-usb-backup/config.toml").exists()
+    r = subprocess.run([sys.executable, "-m", "immich_usb_backup", "verify",
+                        str(disk.mount_point)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verify OK" in r.stdout
 
 
 def test_verify_without_a_manifest_says_so(make_exfat, server: Server) -> None:

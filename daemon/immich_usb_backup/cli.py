@@ -15,13 +15,20 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from immich_usb_backup import __version__, execute, history
-from immich_usb_backup.config import MODES, Config, load_config, resolve_config_path
+from immich_usb_backup.config import (
+    MODES,
+    Config,
+    load_config,
+    parse_config,
+    resolve_config_path,
+)
 from immich_usb_backup.errors import BackupError, CommandError, ConfigError
 from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.status import read_status
@@ -116,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     path = resolve_config_path(args.config)
+    if args.command == "verify" and not args.config and not path.exists():
+        return _verify_without_config(args)
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -213,6 +222,20 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     else:
         print(format_verify(report))
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _verify_without_config(args: argparse.Namespace) -> int:
+    """``verify`` on a machine that has no configuration (a laptop, a new server): it
+    only needs the disk, and a scratch state dir for its lock and lists."""
+    scratch = Path(tempfile.mkdtemp(prefix="immich-usb-backup-verify-"))
+    try:
+        state = scratch / "state"
+        config = parse_config({"immich": {"upload_location": str(scratch / "no-server")},
+                               "state": {"dir": str(state)}},
+                              "(verify without a configuration file)")
+        return cmd_verify(config, args)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def format_verify(r: Any) -> str:

@@ -30,45 +30,52 @@ What is here
                     deleted/YYYY-MM-DD/<their path in library/>.
   database/         Immich's database dumps (immich-db-backup-*.sql.gz):
                     albums, people, descriptions, who owns what.
-  config/           the server's configuration files, zipped, with RESTORE.txt.
+  config/           the server's configuration files, zipped, with a
+                    RESTORE.txt inside.
   backup-info.toml  details of the last backup run.
   history.html      every recent backup run: open it in a web browser.
 
 Only this folder is written by the backup; everything else on this disk is
 yours and is never touched.
 
-HOW TO RESTORE. The full guide, every command tested: docs/restore.md in the
-immich-usb-backup project. In short:
+HOW TO RESTORE
+The full guide, every command tested: docs/restore.md in the immich-usb-backup
+project. In short:
 
-Check the disk, in this folder: sha256sum -c --quiet library.sha256
-  (macOS: shasum -a 256 -c --quiet library.sha256; where immich-usb-backup
-  is installed: immich-usb-backup verify DISK). Silence: all files are good.
+Check the disk. In this folder:  sha256sum -c --quiet library.sha256
+  on a Mac:                      shasum -a 256 -c --quiet library.sha256
+  where immich-usb-backup runs:  immich-usb-backup verify DISK
+  No FAILED line: every file is as it was backed up.
+
 Just the photos: copy library/upload/ and library/library/ anywhere.
-A deleted photo: copy it out of deleted/<day>/, upload it to Immich again.
 
-The whole server, as root, in this folder:
+A deleted photo: copy it out of deleted/<day>/ and upload it to Immich again.
+
+The whole server (as root, in this folder):
 1. Unzip the newest config/ zip; put docker-compose.yml and .env (or
    /etc/nixos) back. Install the Immich version in the newest dump's name
    (...-v1.130.0-pg14.17.sql.gz: Immich 1.130.0). Keep Immich stopped.
 2. Copy library/ into UPLOAD_LOCATION, owned by Immich's user (docker:
    root:root, NixOS: immich:immich):
-  rsync -rt --chmod=D750,F640 library/ UPLOAD_LOCATION/
-  chown -R root:root UPLOAD_LOCATION
-3. The newest dump into Immich's PostgreSQL (docker: a new, empty
-   DB_DATA_LOCATION, and only immich_postgres started):
-  DUMP=database/immich-db-backup-....sql.gz
-  OLD="SELECT pg_catalog.set_config('search_path', '', false);"
-  NEW="SELECT pg_catalog.set_config('search_path', 'public, pg_catalog', true);"
-  gunzip --stdout "$DUMP" | sed "s/$OLD/$NEW/g" | PSQL
-   where PSQL depends on the second line of  gunzip --stdout "$DUMP" | head
+     rsync -rt --chmod=D750,F640 library/ UPLOAD_LOCATION/
+     chown -R root:root UPLOAD_LOCATION
+3. Restore the newest dump into Immich's PostgreSQL:
+     DUMP=database/immich-db-backup-....sql.gz
+     OLD="set_config('search_path', '', false)"
+     NEW="set_config('search_path', 'public, pg_catalog', true)"
+     gunzip --stdout "$DUMP" | sed "s/$OLD/$NEW/g" | PSQL
+   where PSQL depends on the 2nd line of  gunzip --stdout "$DUMP" | head -n 2
    "-- PostgreSQL database cluster dump" (Immich 2.4 and older):
-  docker exec -i immich_postgres psql --dbname=postgres --username=postgres
-  runuser -u postgres -- psql --dbname=postgres                  (NixOS)
-   "-- PostgreSQL database dump": into the empty database immich
-  docker exec -i immich_postgres psql --dbname=immich --username=postgres
-  runuser -u postgres -- psql --dbname=immich                    (NixOS)
-   NixOS, first: runuser -u postgres -- dropdb --force --if-exists immich
-   and for a database dump: runuser -u postgres -- createdb -O immich immich
+     docker exec -i immich_postgres psql --dbname=postgres --username=postgres
+     runuser -u postgres -- psql --dbname=postgres                  # NixOS
+   "-- PostgreSQL database dump" (newer), into an empty database immich:
+     docker exec -i immich_postgres psql --dbname=immich --username=postgres
+     runuser -u postgres -- psql --dbname=immich                    # NixOS
+   docker: on a new, empty DB_DATA_LOCATION, with only immich_postgres
+   started (docker compose create; docker start immich_postgres).
+   NixOS, before that:
+     runuser -u postgres -- dropdb --force --if-exists immich
+     runuser -u postgres -- createdb -O immich immich     # database dump only
 4. Start Immich: docker compose up -d, or systemctl start immich-server.
 """
 
