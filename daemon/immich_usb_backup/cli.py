@@ -17,9 +17,9 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from immich_usb_backup import __version__, execute, history
 from immich_usb_backup.config import (
@@ -35,6 +35,7 @@ from immich_usb_backup.status import read_status
 from immich_usb_backup.steps.library import RSYNC_MIN_VERSION
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,15 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from immich_usb_backup.flow import run_backup  # noqa: PLC0415 - keeps `status` fast
 
-    progress = _ProgressPrinter()
-
-    async def main() -> list[dict[str, Any]] | None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        watcher = asyncio.create_task(progress.follow(config.state_dir))
+    async def work() -> list[dict[str, Any]]:
         trigger = args.trigger
         try:
             if args.target == "approved":
@@ -167,16 +160,11 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
                 return [await _run_on_device(config, args.target, trigger, args.mode)]
             return [await run_backup(config, Path(args.target), trigger=trigger,
                                      mode=args.mode)]
-        except asyncio.CancelledError:
-            return None
         except BackupError as exc:  # the device could not be found or mounted
             print(f"error: {exc}", file=sys.stderr)
             return [{"status": "failed", "problems": [str(exc)]}]
-        finally:
-            watcher.cancel()
-            progress.end()
 
-    records = asyncio.run(main())
+    records = asyncio.run(_with_progress(config, work))
     if records is None:
         last = history.last_records(config.state_dir, 1)
         records = [last[0] if last else {"status": "interrupted", "problems": []}]
@@ -187,30 +175,35 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if all(r["status"] == "success" for r in records) else EXIT_FAILED
 
 
+async def _with_progress(config: Config, work: Callable[[], Awaitable[T]]) -> T | None:
+    """Run ``work`` with the live progress on stderr; Ctrl-C or SIGTERM cancels it (the
+    work records what it must) and gives None."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    progress = _ProgressPrinter()
+    watcher = asyncio.create_task(progress.follow(config.state_dir))
+    try:
+        return await work()
+    except asyncio.CancelledError:
+        return None
+    finally:
+        watcher.cancel()
+        progress.end()
+
+
 def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     from immich_usb_backup import diskcheck  # noqa: PLC0415
 
-    progress = _ProgressPrinter()
-
-    async def main() -> diskcheck.Report | None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        watcher = asyncio.create_task(progress.follow(config.state_dir))
-        try:
-            if is_device_target(args.target):
-                return await diskcheck.verify_device(config, args.target, args.sample)
-            return await diskcheck.verify_path(config, Path(args.target), args.sample)
-        except asyncio.CancelledError:
-            return None
-        finally:
-            watcher.cancel()
-            progress.end()
+    async def work() -> diskcheck.Report:
+        if is_device_target(args.target):
+            return await diskcheck.verify_device(config, args.target, args.sample)
+        return await diskcheck.verify_path(config, Path(args.target), args.sample)
 
     try:
-        report = asyncio.run(main())
+        report = asyncio.run(_with_progress(config, work))
     except BackupError as exc:
         print(f"verify FAILED: {exc}", file=sys.stderr)
         return EXIT_FAILED
