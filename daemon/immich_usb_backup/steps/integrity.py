@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from immich_usb_backup import keep, manifest
+from immich_usb_backup.errors import BackupError
 from immich_usb_backup.fsutil import atomic_write
 from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.hashing import Hashed, hash_both, hash_files, sha256_file
@@ -143,14 +144,18 @@ async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, l
     cache.set_manifest_state(ctx.disk_key, None)  # what is copied again may differ
     rels = [rel for rel, _, _ in mismatched]
     recopy = await in_thread(ctx, lambda: _set_aside(ctx, rels))
-    redo = StepResult("recopy")
-    await library.copy_lists(ctx, [recopy], len(rels), 0, redo)
+    day = library.keep_day(ctx)
+    kept = f"; the differing copy is kept in deleted/{day}/" if day else ""
+    try:
+        await library.copy_lists(ctx, [recopy], len(rels), 0, StepResult("recopy"))
+    except BackupError as exc:
+        return compared, [
+            f"verify: library/{rel} differed from the server ({why}){kept}; copying it "
+            f"again failed ({exc}): the next run copies it" for rel, why, _ in mismatched]
     await in_thread(ctx, os.sync)
     mirror = str(ctx.root.path(library.FOLDER))
     again = await in_thread(ctx, lambda: list(hash_files(mirror, rels, drop_cache=True,
                                                          stop=ctx.cancel)))
-    day = library.keep_day(ctx)
-    kept = f"; the differing copy is kept in deleted/{day}/" if day else ""
     problems = []
     for (rel, why, source_digest), h in zip(mismatched, again, strict=True):
         if h.digest is not None and h.digest == source_digest:
