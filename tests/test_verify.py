@@ -258,6 +258,31 @@ def test_full_mode_names_a_file_changed_on_the_server_behind_its_time(
                           cwd=disk.marker).returncode == 0
 
 
+def sectors_read(device: str) -> int:
+    return int(Path(f"/sys/block/{Path(device).name}/stat").read_text().split()[2])
+
+
+def test_the_disk_side_is_read_from_the_disk_not_from_memory(
+    make_exfat, server: Server
+) -> None:
+    # Right after a copy, the copy's blocks are still cached in memory (with a FUSE
+    # driver, in the block device's own cache): a check must not be answered from there.
+    size = 24 * 1024 * 1024
+    (server.upload / "upload" / "video.mp4").write_bytes(os.urandom(size))
+    disk = make_exfat()
+    assert backup(server, disk).returncode == 0
+    before = sectors_read(disk.device)
+
+    assert backup(server, disk, "--mode", "full").returncode == 0
+
+    assert (sectors_read(disk.device) - before) * 512 >= size
+
+    before = sectors_read(disk.device)
+    code, _ = verify(server, disk)
+    assert code == 0
+    assert (sectors_read(disk.device) - before) * 512 >= size
+
+
 def test_verify_mode_rereads_the_whole_library_over_its_rotation(
     make_exfat, server: Server
 ) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 from immich_usb_backup import manifest
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
-from immich_usb_backup.hashing import BLOCK, Stopped, sha256_file
+from immich_usb_backup.hashing import BLOCK, Stopped, drop_device_cache, sha256_file
 from immich_usb_backup.lock import backup_lock
 from immich_usb_backup.scan import Excludes
 from immich_usb_backup.status import StatusWriter
@@ -162,7 +162,8 @@ def check(config: Config, disk: Disk, sample: float | None, status: StatusWriter
     try:
         db = sqlite3.connect(work / "lists.sqlite")
         try:
-            return _check(config, root, listing, db, report, sample, status, stop)
+            return _check(config, root, listing, db, report, sample, status, stop,
+                          disk.device)
         finally:
             db.close()
     finally:
@@ -170,7 +171,8 @@ def check(config: Config, disk: Disk, sample: float | None, status: StatusWriter
 
 
 def _check(config: Config, root: Path, listing: Path, db: sqlite3.Connection, report: Report,
-           sample: float | None, status: StatusWriter, stop: threading.Event) -> Report:
+           sample: float | None, status: StatusWriter, stop: threading.Event,
+           device: str) -> Report:
     db.executescript("""
         PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;
         CREATE TABLE m (path TEXT PRIMARY KEY, digest TEXT NOT NULL) WITHOUT ROWID;
@@ -219,6 +221,7 @@ def _check(config: Config, root: Path, listing: Path, db: sqlite3.Connection, re
         done[0] += n
         status.progress(done[0])
 
+    drop_device_cache(device)  # read the disk, not what a FUSE driver left in memory
     buf = bytearray(BLOCK)
     for rel, digest, _size in db.execute("SELECT path, digest, size FROM s ORDER BY path"):
         h = sha256_file(str(mirror / rel), rel, drop_cache=True, on_bytes=on_bytes, stop=stop,

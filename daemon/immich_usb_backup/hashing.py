@@ -9,7 +9,8 @@ still in the kernel's page cache, and a hash of the cache proves nothing about t
 ``drop_cache=True`` asks the kernel to drop the file's cached pages first
 (``posix_fadvise(DONTNEED)``; the run syncs before it verifies, so the pages are clean
 and can be dropped), and again after reading, so a long verify does not push the
-server's working set out of memory.
+server's working set out of memory. A FUSE driver reads the disk through the block
+device's cache: ``drop_device_cache`` empties that, once, before a check.
 """
 
 from __future__ import annotations
@@ -50,6 +51,29 @@ def _drop(fd: int) -> None:
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def drop_device_cache(device: str) -> bool:
+    """Ask the kernel to drop the clean cached blocks of the block device ``device``.
+
+    A FUSE exFAT driver reads the disk through the device's own cache, which a
+    per-file ``DONTNEED`` does not touch: right after a copy, the data would come back
+    from memory. Call after a sync. Return False when the device cannot be opened (not
+    a block device, gone); the check then reads what the kernel gives.
+    """
+    try:
+        fd = os.open(device, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return False
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    except (OSError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
 
 
 def sha256_file(

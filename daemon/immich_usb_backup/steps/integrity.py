@@ -26,7 +26,13 @@ from immich_usb_backup import keep, manifest
 from immich_usb_backup.errors import BackupError
 from immich_usb_backup.fsutil import atomic_write
 from immich_usb_backup.hashcache import HashCache
-from immich_usb_backup.hashing import Hashed, hash_both, hash_files, sha256_file
+from immich_usb_backup.hashing import (
+    Hashed,
+    drop_device_cache,
+    hash_both,
+    hash_files,
+    sha256_file,
+)
 from immich_usb_backup.scan import MODIFY_WINDOW_NS, Plan, read_files_list, read_records
 from immich_usb_backup.steps import RunContext, StepResult, in_thread, library
 
@@ -127,6 +133,15 @@ def _set_aside(ctx: RunContext, rels: list[str]) -> Path:
     return path
 
 
+def _settle(ctx: RunContext) -> None:
+    """Before reading copies back: sync them to the disk, then drop the device's cached
+    blocks (see ``hashing.drop_device_cache``), so the check reads the disk."""
+    os.sync()
+    if not drop_device_cache(ctx.disk.device):
+        log.info("could not drop the cache of %s: the check may read from memory",
+                 ctx.disk.device)
+
+
 async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, list[str]]:
     """Compare contents (see the module doc); return how many files were compared and
     the problems found (empty if none)."""
@@ -134,7 +149,7 @@ async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, l
     selection, files, size = await in_thread(ctx, lambda: _write_selection(ctx, plan, turn))
     ctx.status.set_phase("verify", 2 * size,
                          f"comparing {files} files on the server and on the disk")
-    await in_thread(ctx, os.sync)  # the copies reach the disk; their pages can be dropped
+    await in_thread(ctx, lambda: _settle(ctx))
     mismatched: list[tuple[str, str, str]] = []
     compared, _ = await in_thread(
         ctx, lambda: _compare_all(ctx, selection, cache, mismatched))
@@ -152,7 +167,7 @@ async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, l
         return compared, [
             f"verify: library/{rel} differed from the server ({why}){kept}; copying it "
             f"again failed ({exc}): the next run copies it" for rel, why, _ in mismatched]
-    await in_thread(ctx, os.sync)
+    await in_thread(ctx, lambda: _settle(ctx))
     mirror = str(ctx.root.path(library.FOLDER))
     again = await in_thread(ctx, lambda: list(hash_files(mirror, rels, drop_cache=True,
                                                          stop=ctx.cancel)))
