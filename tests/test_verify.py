@@ -93,6 +93,22 @@ def test_manifest_hashes_only_new_or_changed_files(make_exfat, server: Server) -
     assert listed[new_rel] == r.stdout.split()[0]
 
 
+def test_a_second_disk_is_not_hashed_again(make_exfat, server: Server) -> None:
+    # the cache is the server's: a second disk's first (full) copy reuses it
+    first, second = make_exfat(label="One"), make_exfat(label="Two")
+    assert backup(server, first).returncode == 0
+    _, rel = some_photo(server)
+    fake = "f" * 64
+    db = sqlite3.connect(server.state / "hashes.sqlite")
+    assert db.execute("UPDATE files SET sha256 = ? WHERE path = ?", (fake, rel)).rowcount == 1
+    db.commit()
+    db.close()
+
+    assert backup(server, second).returncode == 0
+
+    assert manifest_lines(second)[f"library/{rel}"] == fake
+
+
 def test_unchanged_run_leaves_the_manifest_as_it_is(make_exfat, server: Server) -> None:
     disk = make_exfat()
     assert backup(server, disk).returncode == 0

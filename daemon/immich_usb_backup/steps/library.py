@@ -13,8 +13,10 @@ import asyncio
 import logging
 import os
 import re
+import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from immich_usb_backup import execute, keep
@@ -250,10 +252,23 @@ async def copy_lists(ctx: RunContext, lists: list[Path], files: int, total_bytes
 
 
 def _hash_list(ctx: RunContext, batch: Path, cache: HashCache, stop: threading.Event) -> None:
-    """Hash the source files of a copy list into the cache (folders are skipped)."""
+    """Hash the source files of a copy list into the cache: those it does not know at
+    their size and time (a second disk's first backup hashes nothing again). Folders
+    are skipped."""
     source = str(ctx.config.immich.upload_location)
-    rels = (os.fsdecode(r[0]) for r in read_records(batch, 1))
-    for h in hash_files(source, rels, stop=stop):
+
+    def unknown() -> Iterator[str]:
+        for (raw,) in read_records(batch, 1):
+            rel = os.fsdecode(raw)
+            try:
+                st = os.stat(os.path.join(source, rel), follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and cache.lookup(rel, st.st_size,
+                                                          st.st_mtime_ns) is None:
+                yield rel
+
+    for h in hash_files(source, unknown(), stop=stop):
         if h.digest is not None:
             cache.put(h.rel, h.size, h.mtime_ns, h.digest)
     cache.commit()
