@@ -550,6 +550,22 @@ def test_the_finished_message_says_safe_to_unplug_only_when_it_is(
     assert msg.title == "Immich backup: success on Backup"
 
 
+def test_the_finished_message_says_what_was_set_aside_and_compared() -> None:
+    steps = {"library": {"kept": 3, "keep_day": "2026-11-27", "keep_days": 30,
+                         "compared": 120}}
+    msg = notify.finished(record(steps=steps), notify.DiskEnd("unmounted"))
+    assert ("Set aside: 3 files deleted or changed on the server, kept in "
+            "deleted/2026-11-27/ on the disk for 30 days.") in msg.body
+    assert "Compared by content with the server: 120 files." in msg.body
+    assert "did not complete" not in msg.body
+    failed = notify.finished(record(status="failed", steps={"library": {"mismatches": 1}}),
+                             notify.DiskEnd("unmounted"))
+    assert "Everything was copied, but the check found copies" in failed.body
+    assert "did not complete" not in failed.body
+    plain = notify.finished(record(steps={"library": {"kept": 0}}), notify.DiskEnd("unmounted"))
+    assert "Set aside" not in plain.body and "Compared" not in plain.body
+
+
 def test_the_finished_message_shows_the_first_problems_and_counts_the_rest() -> None:
     problems = [f"problem {i}" for i in range(1, 9)]
     msg = notify.finished(record(status="failed", problems=problems),

@@ -244,6 +244,7 @@ def test_full_mode_finds_damage_on_the_disk_recopies_and_fails(
     text = "\n".join(rec["problems"])  # type: ignore[arg-type]
     assert f"library/{rel}" in text and "the disk's copy is damaged" in text
     assert "copied again and checked" in text
+    assert rec["steps"]["library"]["mismatches"] == 1  # type: ignore[index]
     assert on_disk.read_bytes() == photo.read_bytes()
     kept = disk.marker / "deleted" / date.today().isoformat() / rel
     assert kept.read_bytes() == damaged

@@ -268,6 +268,7 @@ async def _backup(ctx: RunContext, results: list[StepResult],
             if cache is not None:
                 cache.close()
         if mismatches:
+            lib.info["mismatches"] = len(mismatches)
             for problem in mismatches:
                 ctx.problems.add(problem)
             raise BackupError(

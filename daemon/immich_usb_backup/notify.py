@@ -110,7 +110,11 @@ def finished(record: Mapping[str, Any], end: DiskEnd) -> Message:
         f"The backup of {record.get('host') or socket.gethostname()} to the disk "
         f"{_disk_full(label, uuid, record.get('target'))} ended: {status}.",
     ]
-    if _STATUS_LINE.get(status):
+    library = (record.get("steps") or {}).get("library") or {}
+    if library.get("mismatches"):
+        lines.append("Everything was copied, but the check found copies on the disk that "
+                     "differed from the server's files: see the problems below.")
+    elif _STATUS_LINE.get(status):
         lines.append(_STATUS_LINE[status])
     lines += [
         "",
@@ -118,6 +122,7 @@ def finished(record: Mapping[str, Any], end: DiskEnd) -> Message:
         f"{human_bytes(int(record.get('bytes_transferred') or 0))}, in "
         f"{_duration(float(record.get('duration_s') or 0))}.",
     ]
+    lines += _library_lines(library)
     if end.free_bytes is not None and end.size_bytes:
         lines.append(f"Free space left on the disk: {human_bytes(end.free_bytes)} of "
                      f"{human_bytes(end.size_bytes)}.")
@@ -126,6 +131,20 @@ def finished(record: Mapping[str, Any], end: DiskEnd) -> Message:
     name = _disk_name(label, uuid, record.get("target"))
     return Message("finished", f"{TITLE}: {status} on {name}", "\n".join(lines),
                    _KIND.get(status, "failure"))
+
+
+def _library_lines(lib: Mapping[str, Any]) -> list[str]:
+    """What the library step set aside and checked, in words (nothing when nothing)."""
+    lines = []
+    kept = int(lib.get("kept") or 0)
+    if kept:
+        where = f"deleted/{lib['keep_day']}/" if lib.get("keep_day") else "deleted/"
+        days = f" for {lib['keep_days']} days" if lib.get("keep_days") else ""
+        lines.append(f"Set aside: {kept} files deleted or changed on the server, kept in "
+                     f"{where} on the disk{days}.")
+    if "compared" in lib:
+        lines.append(f"Compared by content with the server: {lib['compared']} files.")
+    return lines
 
 
 def refused(record: Mapping[str, Any], end: DiskEnd) -> Message:

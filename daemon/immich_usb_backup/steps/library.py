@@ -183,6 +183,9 @@ async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
         removed, moved = await in_thread(ctx, lambda: _delete(ctx, mirror, plan))
         result.info["deleted"] = removed
         result.info["kept"] = moved
+        if moved:
+            result.info["keep_day"] = keep_day(ctx)
+            result.info["keep_days"] = ctx.config.library.keep_deleted_days
     hash_while_copying = cache if ctx.mode == "quick" else None
     await copy_lists(ctx, plan.copy_lists, plan.copy_files, plan.copy_bytes, result,
                      hash_while_copying)
