@@ -13,12 +13,12 @@ import sys
 import time
 import tomllib
 import zipfile
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from conftest import ExfatDisk, Server, run_cli, tree
+from conftest import ExfatDisk, Server, run_cli, tree, write_dump
 
 pytestmark = pytest.mark.exfat
 
@@ -194,6 +194,19 @@ def test_keep_area_folders_past_their_days_are_pruned_others_left(
     assert sorted(p.name for p in area.iterdir()) == sorted([recent.isoformat(), "my notes"])
     assert history(server)[-1]["steps"]["library"]["pruned_days"] == [  # type: ignore[index]
         old.isoformat()]
+
+
+def test_dumps_immich_rotated_away_are_not_kept(make_exfat, server: Server) -> None:
+    disk = make_exfat()
+    older = write_dump(server.upload / "backups", datetime.now() - timedelta(days=1))
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+    assert (disk.marker / "library" / "backups" / older.name).is_file()
+    older.unlink()  # Immich's nightly job keeps its last 14
+
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+
+    assert not (disk.marker / "library" / "backups" / older.name).exists()
+    assert not (disk.marker / "deleted").exists()
 
 
 def test_without_the_keep_area_deletions_are_final(make_exfat, server: Server) -> None:

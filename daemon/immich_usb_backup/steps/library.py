@@ -126,6 +126,18 @@ def keep_day(ctx: RunContext) -> str | None:
     return keep.day_name(ctx.started.date())
 
 
+def _rotated_prefix(ctx: RunContext) -> str | None:
+    """``backups/`` (Immich's dumps folder, when it is inside the upload location): Immich
+    rotates its nightly dumps itself, and the newest are kept in ``database/`` on the
+    disk, so a dump Immich removed is removed from the mirror too, not kept."""
+    upload = ctx.config.immich.upload_location
+    try:
+        rel = ctx.config.dumps_dir.relative_to(upload)
+    except ValueError:
+        return None
+    return f"{rel.as_posix()}/" if rel.parts else None
+
+
 def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> tuple[int, int]:
     """Remove what the plan lists from the mirror, every path checked inside it: into the
     keep area when it is on, else for good. Return (files removed because the server
@@ -134,6 +146,7 @@ def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> tuple[int, int]:
     if plan.delete_list is None:
         return 0, 0
     day = keep_day(ctx)
+    rotated = _rotated_prefix(ctx)
     for kind, rel in read_delete_list(plan.delete_list):
         ctx.check_cancel()
         path = mirror / rel
@@ -143,7 +156,7 @@ def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> tuple[int, int]:
         try:
             if kind == "D":
                 os.rmdir(path)
-            elif day is not None:
+            elif day is not None and not (rotated and rel.startswith(rotated)):
                 keep.move_into(ctx.root, mirror, rel, day)
                 kept += 1
                 removed += kind == "F"
