@@ -547,6 +547,44 @@ def test_sigterm_mid_copy_stops_rsync_records_interrupted_and_next_run_finishes(
     assert library_tree(disk) == tree(server.upload)
 
 
+def test_a_manifest_left_stale_by_an_interrupted_run_is_rewritten_by_the_next(
+    make_exfat, server: Server
+) -> None:
+    disk = make_exfat(size_mb=128)
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+    small = server.upload / "upload" / "a-small"  # copied first (the walk's order)
+    small.mkdir()
+    for i in range(5):
+        (small / f"{i}.jpg").write_bytes(os.urandom(3000))
+    video = server.upload / "upload" / "z-video" / "video.mp4"
+    video.parent.mkdir()
+    video.write_bytes(os.urandom(12 * 1024 * 1024))
+    server.write_config("[library]\nbwlimit_kib = 1024\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "immich_usb_backup", "-c", str(server.config_path), "run",
+         str(disk.mount_point)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def copying_video() -> bool:
+        st = json.loads(run_cli("status", "--json", config=server.config_path).stdout)
+        return st["state"] == "running" and st["phase"] == "library" and st["percent"] > 1
+
+    _wait_for(copying_video)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert (disk.marker / "library" / "upload" / "a-small" / "0.jpg").is_file()
+    video.unlink()
+    video.parent.rmdir()
+    server.write_config()
+
+    # nothing left to copy, yet the manifest on the disk lacks the small files
+    assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+
+    r = run_cli("verify", str(disk.mount_point), config=server.config_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = (disk.marker / "library.sha256").read_text()
+    assert "library/upload/a-small/4.jpg" in listed
+
+
 # Safety rule 8: one backup at a time -------------------------------------------------
 
 def test_a_second_backup_while_one_runs_is_refused(make_exfat, server: Server) -> None:
