@@ -32,7 +32,7 @@ from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.hashing import BLOCK, Stopped, drop_device_cache, sha256_file
 from immich_usb_backup.lock import backup_lock
-from immich_usb_backup.scan import Excludes
+from immich_usb_backup.scan import Excludes, list_dir
 from immich_usb_backup.status import StatusWriter
 from immich_usb_backup.target import Disk, find_backup_root, inspect_mount
 
@@ -95,18 +95,15 @@ def _walk_files(top: Path, excludes: Excludes) -> Iterator[tuple[str, int, bool]
     stack = [""]
     while stack:
         rel = stack.pop()
-        with os.scandir(top / rel) as it:
-            entries = sorted(it, key=lambda e: e.name)
         subdirs = []
-        for e in entries:
+        for e in sorted(list_dir(os.path.join(top, rel)), key=lambda e: e.name):
             child = f"{rel}/{e.name}" if rel else e.name
             if excludes.match(child):
                 continue
-            if e.is_dir(follow_symlinks=False):
+            if e.kind == "dir":
                 subdirs.append(child)
             else:
-                regular = e.is_file(follow_symlinks=False)
-                yield child, e.stat(follow_symlinks=False).st_size if regular else 0, regular
+                yield child, e.size, e.kind == "file"
         stack.extend(reversed(subdirs))
 
 

@@ -76,10 +76,6 @@ class HashCache:
             if self._pending >= 10_000:
                 self._commit()
 
-    def forget(self, path: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM files WHERE path = ?", (path,))
-
     def _commit(self) -> None:
         self._db.execute("COMMIT")
         self._db.execute("BEGIN")

@@ -76,7 +76,7 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Entry:
     name: str
     kind: str  # "file", "dir", "link", "other"
     size: int = 0
@@ -142,18 +142,18 @@ class _ListWriter:
             self._f = None
 
 
-def _list_dir(path: str) -> Iterator[_Entry]:
+def list_dir(path: str) -> Iterator[Entry]:
     with os.scandir(path) as it:
         for e in it:
             if e.is_symlink():
-                yield _Entry(e.name, "link")
+                yield Entry(e.name, "link")
             elif e.is_dir(follow_symlinks=False):
-                yield _Entry(e.name, "dir")
+                yield Entry(e.name, "dir")
             elif e.is_file(follow_symlinks=False):
                 st = e.stat(follow_symlinks=False)
-                yield _Entry(e.name, "file", st.st_size, st.st_mtime_ns)
+                yield Entry(e.name, "file", st.st_size, st.st_mtime_ns)
             else:
-                yield _Entry(e.name, "other")
+                yield Entry(e.name, "other")
 
 
 class _Lookahead:
@@ -168,15 +168,15 @@ class _Lookahead:
     def __init__(self, workers: int = 8, limit: int = 64) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan")
         self.limit = limit
-        self.pending: dict[str, Future[list[_Entry]]] = {}
+        self.pending: dict[str, Future[list[Entry]]] = {}
 
     def want(self, path: str) -> None:
         if len(self.pending) < self.limit and path not in self.pending:
-            self.pending[path] = self.pool.submit(lambda: list(_list_dir(path)))
+            self.pending[path] = self.pool.submit(lambda: list(list_dir(path)))
 
-    def get(self, path: str) -> list[_Entry]:
+    def get(self, path: str) -> list[Entry]:
         future = self.pending.pop(path, None)
-        return future.result() if future is not None else list(_list_dir(path))
+        return future.result() if future is not None else list(list_dir(path))
 
     def close(self) -> None:
         for future in self.pending.values():
@@ -184,7 +184,7 @@ class _Lookahead:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _sort_key(entry: _Entry) -> bytes:
+def _sort_key(entry: Entry) -> bytes:
     return os.fsencode(entry.name)
 
 
@@ -223,7 +223,7 @@ def scan(
     with open(deletes_path, "wb") as deletes:
         plan.delete_list = deletes_path
 
-        def delete(rel: str, entry: _Entry) -> None:
+        def delete(rel: str, entry: Entry) -> None:
             if entry.kind == "dir":
                 _delete_tree(mirror, rel, plan, deletes, cluster, excludes)
             else:
@@ -239,7 +239,7 @@ def scan(
             while stack:
                 rel, in_mirror = stack.pop()
                 src_entries = sorted(ahead.get(os.path.join(source, rel)), key=_sort_key)
-                mirrored: dict[str, _Entry] = {}
+                mirrored: dict[str, Entry] = {}
                 if in_mirror:
                     for e in ahead.get(os.path.join(mirror, rel)):
                         mirrored[exfat_fold(e.name)] = e
@@ -336,7 +336,7 @@ def _delete_tree(
     the folder itself is listed for removal.
     """
     removable = True
-    entries = sorted(_list_dir(os.path.join(mirror, rel)), key=_sort_key)
+    entries = sorted(list_dir(os.path.join(mirror, rel)), key=_sort_key)
     for e in entries:
         child = _join(rel, e.name)
         if excludes.match(child):
@@ -367,6 +367,12 @@ def read_records(path: Path, fields: int) -> Iterator[list[bytes]]:
                 pending = b"\0".join([*parts[whole:], pending])
             for i in range(0, whole, fields):
                 yield parts[i:i + fields]
+
+
+def read_paths(path: Path) -> Iterator[str]:
+    """Yield the paths of a NUL-separated path list (a copy list), streaming."""
+    for (rel,) in read_records(path, 1):
+        yield os.fsdecode(rel)
 
 
 def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:

@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -33,7 +32,7 @@ from immich_usb_backup.hashing import (
     hash_files,
     sha256_file,
 )
-from immich_usb_backup.scan import MODIFY_WINDOW_NS, Plan, read_files_list, read_records
+from immich_usb_backup.scan import MODIFY_WINDOW_NS, Plan, read_files_list, read_paths
 from immich_usb_backup.steps import RunContext, StepResult, in_thread, library
 
 log = logging.getLogger(__name__)
@@ -66,10 +65,6 @@ def _write_selection(ctx: RunContext, plan: Plan, turn: int) -> tuple[Path, int,
     return path, files, size
 
 
-def _rels(path: Path) -> Iterator[str]:
-    return (os.fsdecode(r[0]) for r in read_records(path, 1))
-
-
 def _why(cached: str | None, source: Hashed, disk: Hashed) -> str:
     if disk.digest is None:
         return f"the disk's copy cannot be read ({disk.error})"
@@ -82,8 +77,8 @@ def _why(cached: str | None, source: Hashed, disk: Hashed) -> str:
 
 
 def _compare_all(ctx: RunContext, selection: Path, cache: HashCache,
-                 mismatched: list[tuple[str, str, str]]) -> tuple[int, int]:
-    """Hash both sides of every selected path; return (files compared, bytes read)."""
+                 mismatched: list[tuple[str, str, str]]) -> int:
+    """Hash both sides of every selected path; return how many files were compared."""
     source = str(ctx.config.immich.upload_location)
     mirror = str(ctx.root.path(library.FOLDER))
     read = [0]
@@ -94,7 +89,7 @@ def _compare_all(ctx: RunContext, selection: Path, cache: HashCache,
             read[0] += n
 
     compared = 0
-    for s, d in hash_both(source, mirror, lambda: _rels(selection), on_bytes=on_bytes,
+    for s, d in hash_both(source, mirror, lambda: read_paths(selection), on_bytes=on_bytes,
                           stop=ctx.cancel):
         ctx.status.progress(read[0], f"{compared} files compared")
         if s.digest is None:  # gone or changing on the server: the next run sees it
@@ -111,7 +106,7 @@ def _compare_all(ctx: RunContext, selection: Path, cache: HashCache,
         if d.digest != s.digest:
             mismatched.append((s.rel, _why(cached, s, d), s.digest))
     cache.commit()
-    return compared, read[0]
+    return compared
 
 
 def _set_aside(ctx: RunContext, rels: list[str]) -> Path:
@@ -151,7 +146,7 @@ async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, l
                          f"comparing {files} files on the server and on the disk")
     await in_thread(ctx, lambda: _settle(ctx))
     mismatched: list[tuple[str, str, str]] = []
-    compared, _ = await in_thread(
+    compared = await in_thread(
         ctx, lambda: _compare_all(ctx, selection, cache, mismatched))
     log.info("compared %d files (%s mode, turn %d)", compared, ctx.mode, turn)
     if not mismatched:

@@ -24,7 +24,7 @@ from immich_usb_backup.errors import BackupError, CommandError, Refused
 from immich_usb_backup.fsutil import ensure_inside
 from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.hashing import Stopped, hash_files
-from immich_usb_backup.scan import Excludes, Plan, read_delete_list, read_records, scan
+from immich_usb_backup.scan import Excludes, Plan, read_delete_list, read_paths, scan
 from immich_usb_backup.steps import RunContext, StepResult, in_thread
 
 log = logging.getLogger(__name__)
@@ -274,8 +274,7 @@ def _hash_list(ctx: RunContext, batch: Path, cache: HashCache, stop: threading.E
     source = str(ctx.config.immich.upload_location)
 
     def unknown() -> Iterator[str]:
-        for (raw,) in read_records(batch, 1):
-            rel = os.fsdecode(raw)
+        for rel in read_paths(batch):
             try:
                 st = os.stat(os.path.join(source, rel), follow_symlinks=False)
             except OSError:
