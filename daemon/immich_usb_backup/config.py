@@ -2,12 +2,16 @@
 
 The dataclasses below are the schema. ``load_config`` validates a file against them and
 reports every problem at once, each naming the file, the key path and what is wrong.
-Nothing else in the project reads TOML configuration.
+Nothing else in the project reads TOML configuration. The schema is also the one source
+of the documentation: each section's docstring and each key's ``_doc`` metadata are what
+``tools/config-docs`` renders into ``config.example.toml`` and the key tables of
+``docs/configuration.md``, so they are written for users.
 """
 
 from __future__ import annotations
 
 import difflib
+import enum
 import math
 import os
 import re
@@ -25,159 +29,359 @@ CONFIG_ENV = "IMMICH_USB_BACKUP_CONFIG"
 
 MODES = ("quick", "verify", "full")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S")
-NOTIFY_EVENTS = ("started", "finished", "refused", "needs_approval")
 
 
-def _doc(text: str, **constraints: Any) -> dict[str, Any]:
-    return {"doc": text, **constraints}
+class Event(enum.StrEnum):
+    """The notifications a run can send; ``[notify] events`` names them by value."""
+
+    STARTED = "started"
+    FINISHED = "finished"
+    REFUSED = "refused"
+    NEEDS_APPROVAL = "needs_approval"
+
+
+NOTIFY_EVENTS = tuple(e.value for e in Event)
+
+
+def _doc(
+    text: str,
+    *,
+    values: dict[str, str] | None = None,
+    more: str = "",
+    example: Any = None,
+    default_doc: str = "",
+    **constraints: Any,
+) -> dict[str, Any]:
+    """Return a field's metadata: its documentation and the constraints load_config checks.
+
+    The documentation is what ``tools/config-docs`` renders into ``config.example.toml``
+    (as comments) and into the key tables of ``docs/configuration.md``, so it is written
+    for users, in Markdown, one paragraph without ``|``: ``text`` says what the key does,
+    ``values`` describes each allowed value (in order), ``more`` follows them, ``example``
+    is a value worth showing besides the default (commented out in the example file;
+    needed when there is no default), and ``default_doc`` (Markdown) says what a default
+    of None means. ``constraints`` are ``required``, ``min``, ``max`` and ``choices``.
+    """
+    return {
+        "doc": text,
+        "values": values or {},
+        "more": more,
+        "example": example,
+        "default_doc": default_doc,
+        **constraints,
+    }
 
 
 @dataclass(frozen=True)
 class ImmichConfig:
-    """[immich]: where Immich keeps its files."""
+    """Where Immich keeps its files."""
 
     upload_location: Path = field(
-        metadata=_doc("Immich's UPLOAD_LOCATION (the folder mounted at /data).", required=True)
+        metadata=_doc(
+            "Immich's `UPLOAD_LOCATION`: the folder mounted at `/data` in Immich's container "
+            "(it holds `upload/`, `library/`, `profile/`, `thumbs/`, `encoded-video/` and "
+            "`backups/`). Mirrored into `library/` on the disk.",
+            example="/srv/immich/library",
+            required=True,
+        )
     )
     require_markers: bool = field(
         default=True,
         metadata=_doc(
-            "Refuse to mirror unless Immich's `.immich` marker files are in its folders."
+            "Refuse to back up unless each of Immich's folders (`upload/`, `library/`, "
+            "`profile/`, `thumbs/`, `encoded-video/`, `backups/`) that exists holds Immich's "
+            "empty `.immich` file, and at least one of them exists. This is how an unmounted "
+            "or moved library is told apart from a real one, so a mirror never wipes a good "
+            "backup. Turn off only for Immich versions that write no markers."
         ),
     )
 
 
 @dataclass(frozen=True)
 class DatabaseConfig:
-    """[database]: copy Immich's newest nightly database dump."""
+    """Immich's database: its nightly dumps, the newest copied into `database/` on the disk."""
 
-    enabled: bool = field(default=True, metadata=_doc("Copy the newest database dump."))
+    enabled: bool = field(
+        default=True,
+        metadata=_doc(
+            "Copy the newest of Immich's nightly database dumps into `database/` on the disk."
+        ),
+    )
     dumps_dir: Path | None = field(
         default=None,
-        metadata=_doc("Where Immich writes its dumps; default `<upload_location>/backups`."),
+        metadata=_doc(
+            "Where Immich writes its dumps.",
+            example="/srv/immich/library/backups",
+            default_doc="`<upload_location>/backups`",
+        ),
     )
-    keep: int = field(default=3, metadata=_doc("Dumps kept on the disk.", min=1))
+    keep: int = field(
+        default=3,
+        metadata=_doc(
+            "How many dumps to keep on the disk (the newest); older ones (by the time in "
+            "their names) are removed after the new one is safely written.",
+            min=1,
+        ),
+    )
     max_age_hours: float = field(
         default=26.0,
-        metadata=_doc("Report a problem when the newest dump is older than this.", min=0),
+        metadata=_doc(
+            "When the newest dump is older than this many hours, the run reports a problem "
+            "(and is `partial`): Immich's nightly dump job may have stopped.",
+            min=0,
+        ),
     )
 
 
 @dataclass(frozen=True)
 class ConfigBackupConfig:
-    """[config_backup]: zip the server's configuration files."""
+    """The server's configuration files, zipped into `config/` on the disk."""
 
-    enabled: bool = field(default=True, metadata=_doc("Zip the configured paths."))
-    paths: tuple[Path, ...] = field(
-        default=(), metadata=_doc("Files and folders (recursively) to put in the zip.")
+    enabled: bool = field(
+        default=True,
+        metadata=_doc(
+            "Zip the configured paths into `config/config-YYYY-MM-DDTHHMMSS.zip` on the disk, "
+            "with a `RESTORE.txt` note."
+        ),
     )
-    keep: int = field(default=10, metadata=_doc("Config archives kept on the disk.", min=1))
+    paths: tuple[Path, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Files, and folders recursively, to archive (absolute paths). Each file is stored "
+            "under its full path without the leading `/` (`etc/nixos/configuration.nix`). The "
+            "`RESTORE.txt` note in the zip lists the paths and how to put them back. A missing "
+            "or unreadable path is reported as a problem. Links to folders are not followed "
+            "(they are listed in the note).",
+            example=("/etc/nixos", "/srv/immich/immich-config.json", "/root/immich-app"),
+        ),
+    )
+    keep: int = field(
+        default=10,
+        metadata=_doc("How many archives to keep on the disk (the newest).", min=1),
+    )
 
 
 @dataclass(frozen=True)
 class LibraryConfig:
-    """[library]: mirror the upload location with rsync."""
+    """The photos and videos: `upload_location` mirrored into `library/` with rsync."""
 
-    enabled: bool = field(default=True, metadata=_doc("Mirror the upload location."))
+    enabled: bool = field(
+        default=True,
+        metadata=_doc("Mirror `upload_location` into `library/` on the disk with rsync."),
+    )
     mode: str = field(
         default="quick",
         metadata=_doc(
-            "How copies are checked: quick (size and time), verify (also compare contents "
-            "of the files copied and of a rolling share of the rest), full (compare every "
-            "file).",
+            "How the copy is checked.",
+            values={
+                "quick": "files are compared by size and modification time (with a "
+                "one-second window, as exFAT stores times coarsely); fast, like rsync.",
+                "verify": "quick, then the contents (SHA-256) of the server's file and the "
+                "disk's copy are compared for every file copied in the run, plus one turn of "
+                "the rest (`verify_rotation_runs`), both read at once.",
+                "full": "quick, then the contents of every file are compared.",
+            },
+            more="A file whose copy differs is copied again at once (the differing copy is "
+            "kept in `deleted/`), and the run is reported as failed with the file's path, "
+            "because something (the disk, or the server's storage) changed data it should "
+            "not have. `run --mode` overrides this for one run. See "
+            "[Verified backups](usage.md#verified-backups).",
             choices=MODES,
         ),
     )
     verify_rotation_runs: int = field(
         default=10,
         metadata=_doc(
-            "In verify mode, compare 1/N of the files not copied in the run, in turns, so "
-            "the whole library is re-read every N verify runs; 0 = only the copied files.",
+            "In `verify` mode, the files not copied in the run are compared in turns: 1/N of "
+            "them per run (a fixed share for each path, taken in turn per disk), so the whole "
+            "library is re-read every N verify runs. `0` compares only the files copied in "
+            "the run.",
             min=0,
         ),
     )
     manifest: bool = field(
         default=True,
-        metadata=_doc("Keep library.sha256 on the disk (checkable with sha256sum -c)."),
+        metadata=_doc(
+            "Keep `immich-server-backups/library.sha256` on the disk: the SHA-256 of every "
+            "file in `library/`, in `sha256sum`'s format, so any computer can check the "
+            "backup without this program (`cd immich-server-backups && sha256sum -c "
+            "library.sha256`; on macOS `shasum -a 256 -c library.sha256`) and "
+            "`immich-usb-backup verify` can find bit rot. Only new or changed files are "
+            "hashed (a cache in the state dir, `hashes.sqlite`), in quick mode while rsync "
+            "copies them. `false` removes a manifest left from before, as it would go stale."
+        ),
     )
     keep_deleted_days: int = field(
         default=30,
         metadata=_doc(
-            "Move files deleted or replaced on the server into deleted/YYYY-MM-DD/ on the "
-            "disk and keep them this many days; 0 = delete them from the backup at once.",
+            "Files deleted or changed on the server are not deleted or overwritten in the "
+            "backup: the disk's copy is moved into `immich-server-backups/deleted/YYYY-MM-DD/` "
+            "(the day of the run, then its path inside `library/`) and kept this many days, "
+            "so a photo deleted by mistake, or encrypted by ransomware on the server, can "
+            "still be got back. Dated folders older than that are removed at the start of a "
+            "later backup (only folders named as dates; anything else you put there is left "
+            "alone). A second version of a path on the same day is kept beside the first as "
+            "`name (2).ext`. Immich's own nightly dumps in `backups/`, which Immich rotates "
+            "itself, are not kept (the newest are in `database/`). The capacity check counts "
+            "the keep area as used space: when the disk is full because of it, the run is "
+            "refused with its size, never pruned early. `0` deletes at once (no keep area).",
             min=0,
         ),
     )
     excludes: tuple[str, ...] = field(
-        default=(), metadata=_doc("Patterns of paths (relative to upload_location) to skip.")
+        default=(),
+        metadata=_doc(
+            "Paths to leave out, relative to `upload_location`. A pattern without `/` "
+            "matches a name at any depth (`*.tmp`, `thumbs`); a pattern that starts with `/` "
+            "or has one inside matches the whole path from the top (`/thumbs` is only the "
+            "top folder, `upload/some-user`). A trailing `/` is ignored. Shell wildcards `*`, "
+            "`?`, `[...]`. A matching folder is skipped with everything in it. Paths "
+            "excluded that are already on the disk are left there: never deleted, never "
+            "counted. Patterns that would exclude everything (`*`, `/`, `/*`) and patterns "
+            "with `..` are refused. `thumbs/` and `encoded-video/` hold files Immich "
+            "generates from the originals: after a restore, Immich's jobs (\"Generate "
+            "thumbnails\", \"Transcode videos\") rebuild them, which takes hours on a big "
+            "library, so excluding them saves space on the disk at that cost. The default "
+            "keeps everything.",
+            example=("/thumbs", "/encoded-video"),
+        ),
     )
     max_delete_percent: float = field(
         default=20.0,
         metadata=_doc(
-            "Refuse a run that would delete more than this share of the backed-up files.",
+            "Refuse a run that would delete more than this share (percent) of the files in "
+            "the backup, or replace more than this share with changed versions (Immich never "
+            "changes an original in place: most of a library changing at once looks like "
+            "ransomware encrypting the server). It stops a mistake on the server (a wiped or "
+            "moved library) from spreading to the disk: nothing is deleted or replaced then, "
+            "and the run is `refused`. Raise it for one run when you really removed that "
+            "many photos, after turning on Immich's storage template (which moves every "
+            "file), or when you know why the files changed.",
             min=0,
             max=100,
         ),
     )
     bwlimit_kib: int = field(
-        default=0, metadata=_doc("Limit the copy to this many KiB/s; 0 means no limit.", min=0)
+        default=0,
+        metadata=_doc(
+            "Limit the copy speed to this many KiB/s (rsync's `--bwlimit`), to keep a small "
+            "server responsive; `0` means no limit.",
+            min=0,
+        ),
     )
 
 
 @dataclass(frozen=True)
 class DisksConfig:
-    """[disks]: which plugged-in disks the daemon backs up to."""
+    """Which plugged-in disks the daemon backs up to.
+
+    A disk is written to only when it is a USB exFAT file system, has the folder
+    `immich-server-backups` at its root, and is approved (or `allow_any_marked` is on).
+    """
 
     approved: tuple[str, ...] = field(
         default=(),
-        metadata=_doc("File system UUIDs of approved disks (`approve` adds to the state dir)."),
+        metadata=_doc(
+            "File system UUIDs (`XXXX-XXXX` for exFAT, any case; `immich-usb-backup disks` "
+            "shows them) of disks the daemon backs up to. Usually you run "
+            "`immich-usb-backup approve /dev/sdX1` instead, which records the disk in the "
+            "state dir (`disks.toml`); both count. List disks here when the configuration is "
+            "managed elsewhere (NixOS).",
+            example=("6F5F-FDC3",),
+        ),
     )
     allow_any_marked: bool = field(
         default=False,
-        metadata=_doc("Back up to any USB exFAT disk that has the marker folder."),
+        metadata=_doc(
+            "`true`: back up to any USB exFAT disk that carries the `immich-server-backups` "
+            "folder, approved or not."
+        ),
     )
     power_off: bool = field(
         default=True,
-        metadata=_doc("Power the disk off after a backup that mounted it, when it can."),
+        metadata=_doc(
+            "After a backup that mounted the disk, unmount it and power it off (UDisks2 "
+            "`Drive.PowerOff`, when the drive can), so it is safe to unplug. A disk someone "
+            "else had mounted is left mounted and on."
+        ),
     )
 
 
 @dataclass(frozen=True)
 class NotifyConfig:
-    """[notify]: messages by e-mail, push or chat through Apprise (docs/notifications.md)."""
+    """Messages by e-mail, push or chat through Apprise.
+
+    Sent when a backup starts, finishes, is refused, or a disk needs approval. See
+    [notifications](notifications.md) for setting up each service. A message that cannot
+    be sent never fails a backup.
+    """
 
     urls: tuple[str, ...] = field(
         default=(),
-        metadata=_doc("Apprise URLs to notify (mailto://, ntfy://, tgram://, json://...)."),
+        metadata=_doc(
+            "[Apprise](https://github.com/caronc/apprise/wiki) URLs to send messages to: "
+            "`mailto://…`, `ntfy://…`, `tgram://…`, `json://…` and a hundred more, e.g. "
+            "`mailto://user:app-password@gmail.com`, `ntfys://ntfy.sh/my-topic`, "
+            "`tgram://bottoken/chatid`. Passwords written here end up in this file: prefer "
+            "`urls_file`. A URL that does not look like `scheme://…` is a configuration "
+            "error (the message names its position, never the URL, which may hold a "
+            "password).",
+            example=("ntfys://ntfy.sh/my-secret-topic",),
+        ),
     )
     urls_file: Path | None = field(
         default=None,
         metadata=_doc(
-            "A file of more Apprise URLs, one a line (`#` starts a comment line): keeps "
-            "passwords out of this file."
+            "A file with more URLs, one a line; blank lines and lines starting with `#` are "
+            "skipped. It is read at each notification, so it may be readable by root only, "
+            "and it is never put in the config archive. The way to keep passwords out of "
+            "`config.toml` (which on NixOS lives in the world-readable store). The "
+            "environment variable `IMMICH_USB_BACKUP_NOTIFY_URLS` can hold more URLs; all "
+            "three sources are used together.",
+            example="/etc/immich-usb-backup/notify-urls",
         ),
     )
     events: tuple[str, ...] = field(
         default=NOTIFY_EVENTS,
         metadata=_doc(
-            "Which events are sent: started, finished, refused, needs_approval.",
+            "Which events are sent; remove the ones you do not want.",
+            values={
+                "started": "the checks passed and writing begins (the message says what "
+                "will be copied).",
+                "finished": "the result (files and bytes copied, duration, free space, the "
+                "first problems) and whether the disk is safe to unplug.",
+                "refused": "a safety rule stopped the backup; the message says why, and what "
+                "to do.",
+                "needs_approval": "a disk with the backup folder was plugged in but is not "
+                "approved; the message has the exact `approve` command.",
+            },
             choices=NOTIFY_EVENTS,
         ),
     )
     timeout_s: float = field(
         default=30.0,
-        metadata=_doc("Give up sending one notification after this many seconds.", min=1,
-                      max=60),
+        metadata=_doc(
+            "Give up on a service that has not answered after this many seconds. Sending "
+            "never blocks the backup: `started` is sent while the copy runs.",
+            min=1,
+            max=60,
+        ),
     )
 
 
 @dataclass(frozen=True)
 class StateConfig:
-    """[state]: where history, status and caches live."""
+    """Where the program keeps what it knows between runs, on the server."""
 
     dir: Path = field(
         default=Path("/var/lib/immich-usb-backup"),
-        metadata=_doc("Directory for history, live status, lock and caches."),
+        metadata=_doc(
+            "Holds `history.jsonl` (one record per run), `status.json` (the running backup's "
+            "progress), `backup.lock` (one backup at a time), `disks.toml` (disks approved "
+            "with `approve`), `hashes.sqlite` (the manifest's cache) and `run/` (the current "
+            "run's file lists, removed at its end). Must be on the server: a state dir "
+            "inside `upload_location`, or on the backup disk, is refused."
+        ),
     )
 
 
@@ -218,15 +422,6 @@ SECTIONS: dict[str, type[Any]] = {
 def schema_keys() -> list[str]:
     """Return every configuration key as ``section.key``, in schema order."""
     return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)]
-
-
-def schema_doc(key: str) -> str:
-    """Return the one-line description of ``section.key``."""
-    section, name = key.split(".", 1)
-    for f in fields(SECTIONS[section]):
-        if f.name == name:
-            return str(f.metadata["doc"])
-    raise KeyError(key)
 
 
 def resolve_config_path(cli_value: str | None) -> Path:
