@@ -8,6 +8,9 @@
 #   imports = [ ./immich-usb-backup/nix/module.nix ];   # or the flake's nixosModules.default
 #   services.immich-usb-backup = {
 #     enable = true;
+#     # Immich's UPLOAD_LOCATION. Leave it out when Immich runs from its own NixOS module
+#     # here (services.immich.enable): then it is services.immich.mediaLocation.
+#     settings.immich.upload_location = "/srv/immich/library";
 #     approvedDisks = [ "6F5F-FDC3" ];
 #     notificationUrlsFile = "/run/secrets/immich-usb-backup-notify";
 #   };
