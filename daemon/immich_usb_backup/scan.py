@@ -222,109 +222,196 @@ def scan(
         files_out = open(plan.files_list, "wb")  # noqa: SIM115 - closed below
     with open(deletes_path, "wb") as deletes:
         plan.delete_list = deletes_path
-
-        def delete(rel: str, entry: Entry) -> None:
-            if entry.kind == "dir":
-                _delete_tree(mirror, rel, plan, deletes, cluster, excludes)
-            else:
-                plan.delete_files += 1
-                plan.mirror_files += 1
-                plan.delete_alloc += allocated(entry.size, cluster)
-                deletes.write(b"F\0" + os.fsencode(rel) + b"\0")
-
-        stack: list[tuple[str, bool]] = [("", mirror.is_dir())]
-        next_report = 5000
-        ahead = _Lookahead()
+        walk = _Walk(source, mirror, excludes, cluster, problems, on_progress,
+                     plan, copies, deletes, files_out)
         try:
-            while stack:
-                rel, in_mirror = stack.pop()
-                src_entries = sorted(ahead.get(os.path.join(source, rel)), key=_sort_key)
-                mirrored: dict[str, Entry] = {}
-                if in_mirror:
-                    for e in ahead.get(os.path.join(mirror, rel)):
-                        mirrored[exfat_fold(e.name)] = e
-                seen: dict[str, str] = {}
-                subdirs: list[tuple[str, bool]] = []
-                for e in src_entries:
-                    child = _join(rel, e.name)
-                    key = exfat_fold(e.name)
-                    if excludes.match(child):
-                        mirrored.pop(key, None)
-                        continue
-                    why = exfat_name_problem(e.name)
-                    if why is None and e.kind == "link":
-                        target = _readlink(os.path.join(source, child))
-                        why = f"symbolic link (exFAT cannot store links; it points to {target})"
-                    if why is None and e.kind == "other":
-                        why = "not a regular file or folder (socket, device or pipe)"
-                    if why is None and key in seen:
-                        why = (
-                            f"differs only in case from {_join(rel, seen[key])}; exFAT cannot "
-                            "hold both in one folder"
-                        )
-                    if why is not None:
-                        problems.add(f"not backed up: {child}: {why}")
-                        plan.skipped_files += 1
-                        continue
-                    seen[key] = e.name
-                    old = mirrored.pop(key, None)
-                    if e.kind == "dir":
-                        if old is not None and (old.kind != "dir" or old.name != e.name):
-                            delete(_join(rel, old.name), old)
-                            old = None
-                        if old is None:
-                            copies.add(os.fsencode(child) + b"\0")
-                        subdirs.append((child, old is not None))
-                        continue
-                    # a regular file
-                    alloc = allocated(e.size, cluster)
-                    plan.source_files += 1
-                    plan.source_bytes += e.size
-                    plan.source_alloc += alloc
-                    if plan.source_files >= next_report and on_progress:
-                        on_progress(plan.source_files)
-                        next_report += 5000
-                    if old is not None and (old.kind != "file" or old.name != e.name):
-                        delete(_join(rel, old.name), old)
-                        old = None
-                    if old is not None:
-                        plan.mirror_files += 1
-                        unchanged = old.size == e.size and abs(
-                            old.mtime_ns - e.mtime_ns
-                        ) <= MODIFY_WINDOW_NS
-                        if files_out is not None:
-                            files_out.write(_files_record(
-                                b"U" if unchanged else b"C", e.size, e.mtime_ns, child))
-                        if unchanged:
-                            continue
-                        old_alloc = allocated(old.size, cluster)
-                        plan.replaced_files += 1
-                        plan.replaced_alloc += old_alloc
-                        plan.largest_replaced_alloc = max(plan.largest_replaced_alloc, old_alloc)
-                        deletes.write(b"R\0" + os.fsencode(child) + b"\0")
-                    elif files_out is not None:
-                        files_out.write(_files_record(b"C", e.size, e.mtime_ns, child))
-                    plan.copy_files += 1
-                    plan.copy_bytes += e.size
-                    plan.copy_alloc += alloc
-                    copies.add(os.fsencode(child) + b"\0")
-                for old in sorted(mirrored.values(), key=_sort_key):
-                    child = _join(rel, old.name)
-                    if excludes.match(child):
-                        continue
-                    delete(child, old)
-                for child, child_in_mirror in subdirs:
-                    ahead.want(os.path.join(source, child))
-                    if child_in_mirror:
-                        ahead.want(os.path.join(mirror, child))
-                stack.extend(reversed(subdirs))
+            walk.run()
         finally:
-            ahead.close()
+            walk.ahead.close()
             if files_out is not None:
                 files_out.close()
     copies.close()
     plan.copy_lists = copies.paths
     return plan
+
+
+class _Walk:
+    """One scan's side-by-side walk of the source and the mirror, one folder at a time.
+
+    It holds the folders still to visit, the lists it writes (copy list, delete list and,
+    when asked for, the files list) and the counters of the Plan it fills in.
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        mirror: Path,
+        excludes: Excludes,
+        cluster: int,
+        problems: Problems,
+        on_progress: Callable[[int], None] | None,
+        plan: Plan,
+        copies: _ListWriter,
+        deletes: BinaryIO,
+        files_out: BinaryIO | None,
+    ) -> None:
+        self.source = source
+        self.mirror = mirror
+        self.excludes = excludes
+        self.cluster = cluster
+        self.problems = problems
+        self.on_progress = on_progress
+        self.plan = plan
+        self.copies = copies
+        self.deletes = deletes
+        self.files_out = files_out
+        self.next_report = 5000  # the source file count at which on_progress is called next
+        self.to_visit: list[tuple[str, bool]] = [("", mirror.is_dir())]  # (folder, in mirror?)
+        self.ahead = _Lookahead()
+
+    def run(self) -> None:
+        """Visit every folder, depth first in sorted order: compare its entries with the
+        mirror's, list the mirror's leftovers for deletion, then go into its subfolders."""
+        to_visit = self.to_visit
+        while to_visit:
+            rel, in_mirror = to_visit.pop()
+            src_entries, mirrored = self._list_folder(rel, in_mirror)
+            subdirs = self._compare_entries(rel, src_entries, mirrored)
+            self._delete_leftovers(rel, mirrored)
+            self._list_ahead(subdirs)
+            to_visit.extend(reversed(subdirs))
+
+    def _list_folder(self, rel: str, in_mirror: bool) -> tuple[list[Entry], dict[str, Entry]]:
+        """The folder's source entries, sorted, and its mirror entries by exFAT-folded name."""
+        src_entries = sorted(self.ahead.get(os.path.join(self.source, rel)), key=_sort_key)
+        mirrored: dict[str, Entry] = {}
+        if in_mirror:
+            for e in self.ahead.get(os.path.join(self.mirror, rel)):
+                mirrored[exfat_fold(e.name)] = e
+        return src_entries, mirrored
+
+    def _compare_entries(
+        self, rel: str, src_entries: list[Entry], mirrored: dict[str, Entry]
+    ) -> list[tuple[str, bool]]:
+        """Decide for each source entry of folder ``rel``: skip it (excluded, or exFAT
+        cannot hold it), or count it and copy, replace or keep it. Take the matched entries
+        out of ``mirrored``; return the subfolders to visit, with whether the mirror has
+        them. The hot loop, once per file: add no function call to it."""
+        plan, copies, deletes, files_out = self.plan, self.copies, self.deletes, self.files_out
+        excludes, cluster, on_progress = self.excludes, self.cluster, self.on_progress
+        next_report = self.next_report
+        seen: dict[str, str] = {}
+        subdirs: list[tuple[str, bool]] = []
+        for e in src_entries:
+            child = _join(rel, e.name)
+            key = exfat_fold(e.name)
+            if excludes.match(child):
+                mirrored.pop(key, None)
+                continue
+            why = exfat_name_problem(e.name)
+            if why is None and (e.kind in {"link", "other"} or key in seen):
+                why = _not_storable(self.source, rel, child, e, seen.get(key))
+            if why is not None:
+                self.problems.add(f"not backed up: {child}: {why}")
+                plan.skipped_files += 1
+                continue
+            seen[key] = e.name
+            old = mirrored.pop(key, None)
+            if e.kind == "dir":
+                subdirs.append(self._source_folder(rel, child, e, old))
+                continue
+            # a regular file
+            alloc = allocated(e.size, cluster)
+            plan.source_files += 1
+            plan.source_bytes += e.size
+            plan.source_alloc += alloc
+            if plan.source_files >= next_report and on_progress:
+                on_progress(plan.source_files)
+                next_report += 5000
+            if old is not None and (old.kind != "file" or old.name != e.name):
+                self._delete(_join(rel, old.name), old)
+                old = None
+            if old is not None:
+                plan.mirror_files += 1
+                unchanged = (old.size == e.size
+                             and abs(old.mtime_ns - e.mtime_ns) <= MODIFY_WINDOW_NS)
+                if files_out is not None:
+                    files_out.write(_files_record(
+                        b"U" if unchanged else b"C", e.size, e.mtime_ns, child))
+                if unchanged:
+                    continue
+                old_alloc = allocated(old.size, cluster)
+                plan.replaced_files += 1
+                plan.replaced_alloc += old_alloc
+                plan.largest_replaced_alloc = max(plan.largest_replaced_alloc, old_alloc)
+                deletes.write(b"R\0" + os.fsencode(child) + b"\0")
+            elif files_out is not None:
+                files_out.write(_files_record(b"C", e.size, e.mtime_ns, child))
+            plan.copy_files += 1
+            plan.copy_bytes += e.size
+            plan.copy_alloc += alloc
+            copies.add(os.fsencode(child) + b"\0")
+        self.next_report = next_report
+        return subdirs
+
+    def _source_folder(
+        self, rel: str, child: str, entry: Entry, old: Entry | None
+    ) -> tuple[str, bool]:
+        """A source subfolder ``child``: what the mirror has under its name (``old``) goes
+        if it is not this very folder, and a folder the mirror lacks is created by the
+        copy. Return it as a folder to visit, with whether the mirror has it."""
+        if old is not None and (old.kind != "dir" or old.name != entry.name):
+            self._delete(_join(rel, old.name), old)
+            old = None
+        if old is None:
+            self.copies.add(os.fsencode(child) + b"\0")
+        return child, old is not None
+
+    def _delete_leftovers(self, rel: str, mirrored: dict[str, Entry]) -> None:
+        """The mirror's entries of folder ``rel`` that no source entry matched go, in
+        sorted order (excluded ones stay)."""
+        for old in sorted(mirrored.values(), key=_sort_key):
+            child = _join(rel, old.name)
+            if self.excludes.match(child):
+                continue
+            self._delete(child, old)
+
+    def _delete(self, rel: str, entry: Entry) -> None:
+        """Put a mirror entry on the delete list: a file, or a folder with all in it."""
+        plan = self.plan
+        if entry.kind == "dir":
+            _delete_tree(self.mirror, rel, plan, self.deletes, self.cluster, self.excludes)
+        else:
+            plan.delete_files += 1
+            plan.mirror_files += 1
+            plan.delete_alloc += allocated(entry.size, self.cluster)
+            self.deletes.write(b"F\0" + os.fsencode(rel) + b"\0")
+
+    def _list_ahead(self, subdirs: list[tuple[str, bool]]) -> None:
+        """Start listing the subfolders (both sides) while the walk goes on."""
+        for child, child_in_mirror in subdirs:
+            self.ahead.want(os.path.join(self.source, child))
+            if child_in_mirror:
+                self.ahead.want(os.path.join(self.mirror, child))
+
+
+def _not_storable(
+    source: Path, rel: str, child: str, entry: Entry, case_twin: str | None
+) -> str | None:
+    """Why exFAT cannot hold the source entry ``child`` of folder ``rel`` beyond its name:
+    a symbolic link, a socket, device or pipe, or a name that differs only in case from
+    ``case_twin``, already seen in that folder. None when it can."""
+    if entry.kind == "link":
+        target = _readlink(os.path.join(source, child))
+        return f"symbolic link (exFAT cannot store links; it points to {target})"
+    if entry.kind == "other":
+        return "not a regular file or folder (socket, device or pipe)"
+    if case_twin is not None:
+        return (
+            f"differs only in case from {_join(rel, case_twin)}; exFAT cannot "
+            "hold both in one folder"
+        )
+    return None
 
 
 def _delete_tree(
