@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from immich_usb_backup import history, status
 from immich_usb_backup.errors import Refused
 from immich_usb_backup.lock import LOCK_NAME, backup_lock, is_running
+from immich_usb_backup.record import RunRecord
 from immich_usb_backup.status import STATUS_NAME, StatusWriter, read_status
 
 DISK = {"label": "Backup-A", "uuid": "1234-ABCD", "mount_point": "/media/backup"}
@@ -27,17 +29,88 @@ DISK = {"label": "Backup-A", "uuid": "1234-ABCD", "mount_point": "/media/backup"
 def record(n: int, **extra: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "started_at": f"2025-01-0{n}T02:00:00+01:00",
+        "finished_at": f"2025-01-0{n}T02:00:05+01:00",
         "status": "success",
-        "trigger": "udev",
+        "trigger": "plug",
         "mode": "quick",
-        "disk": {"label": f"Disk-{n}", "uuid": f"UUID-{n}"},
+        "disk": {"uuid": f"UUID-{n}", "label": f"Disk-{n}"},
+        "target": "/media/backup",
         "files_transferred": n,
         "bytes_transferred": n * 1024,
         "duration_s": 5,
         "problems": [],
+        "host": "nas",
+        "version": "0.1.0",
+        "steps": {},
     }
     base.update(extra)
     return base
+
+
+def table_of(recs: list[dict[str, Any]]) -> str:
+    return history.format_table([RunRecord.from_dict(r) for r in recs])
+
+
+def append(state: Path, rec: dict[str, Any]) -> None:
+    history.append(state, RunRecord.from_dict(rec))
+
+
+# A line as the release before the typed record wrote it (flow.py's dict), verbatim.
+OLD_LINE = (
+    '{"started_at": "2026-11-20T18:02:11+01:00", "finished_at": "2026-11-20T18:03:40+01:00", '
+    '"status": "partial", "trigger": "plug", "mode": "verify", "disk": {"uuid": "6F9C-FA9C", '
+    '"label": "Backup"}, "target": "/media/root/Backup", "files_transferred": 14, '
+    '"bytes_transferred": 48213377, "duration_s": 89.4, "problems": ["library: skipped '
+    'upload/a/b/what?.jpg: exFAT cannot hold a name with ?"], "host": "nas", "version": '
+    '"0.1.0", "steps": {"database": {"files": 1, "bytes": 1234, "dump": '
+    '"immich-db-backup-20261120T020000-v1.130.0-pg14.17.sql.gz"}, "config": {"files": 1, '
+    '"bytes": 5120, "archive": "config-2026-11-20T180211.zip", "files_in_archive": 3}, '
+    '"library": {"files": 12, "bytes": 48206023, "pruned_days": ["2026-10-01"], '
+    '"deleted": 1, "kept": 2, "keep_day": "2026-11-20", "keep_days": 30, "source_files": '
+    '207, "source_bytes": 912345678, "compared": 33, "manifest": {"entries": 207, '
+    '"hashed": 12, "left_out": 0}}}, "notifications": [{"event": "started", "ok": true}, '
+    '{"event": "finished", "ok": false, "error": "JSON (notify.urls #1): timed out after '
+    '10 s"}]}\n'
+)
+
+
+def test_a_line_the_previous_release_wrote_loads_and_is_written_back_unchanged(
+        tmp_path: Path) -> None:
+    (tmp_path / history.HISTORY_NAME).write_text(OLD_LINE, encoding="utf-8")
+    (run,) = history.load_runs(tmp_path, None)
+    assert (run.status, run.mode, run.trigger) == ("partial", "verify", "plug")
+    assert (run.disk.uuid, run.disk.label) == ("6F9C-FA9C", "Backup")
+    assert (run.files_transferred, run.bytes_transferred, run.duration_s) == (
+        14, 48213377, 89.4)
+    assert run.problems == ["library: skipped upload/a/b/what?.jpg: exFAT cannot hold a "
+                            "name with ?"]
+    assert run.steps["library"].files == 12
+    assert run.steps["library"].extra["kept"] == 2
+    assert run.notifications[1]["ok"] is False
+    again = tmp_path / "again"
+    history.append(again, run)
+    assert (again / history.HISTORY_NAME).read_text(encoding="utf-8") == OLD_LINE
+
+
+def test_a_run_record_written_now_has_the_fields_the_contract_names(tmp_path: Path) -> None:
+    from immich_usb_backup.steps.library import LibraryResult
+
+    run = RunRecord.begin("cli", "quick", "/media/backup")
+    run.steps["library"] = LibraryResult(files=3, bytes=300, source_files=10,
+                                         source_bytes=1000, kept=1, keep_day="2026-12-01",
+                                         keep_days=30)
+    run.status = "success"
+    run.conclude([])
+    history.append(tmp_path, run)
+    (stored,) = history.last_records(tmp_path, None)
+    for key in ("started_at", "finished_at", "status", "trigger", "mode", "disk",
+                "files_transferred", "bytes_transferred", "duration_s", "problems"):
+        assert key in stored, key
+    assert stored["files_transferred"] == 3 and stored["bytes_transferred"] == 300
+    assert stored["steps"]["library"] == {
+        "files": 3, "bytes": 300, "kept": 1, "keep_day": "2026-12-01", "keep_days": 30,
+        "source_files": 10, "source_bytes": 1000}
+    assert datetime.fromisoformat(stored["finished_at"]).utcoffset() is not None
 
 
 # history -----------------------------------------------------------------------------
@@ -47,15 +120,15 @@ def test_appended_records_are_read_back_oldest_first(tmp_path: Path) -> None:
     state = tmp_path / "state"
     records = [record(1), record(2, status="partial"), record(3, status="refused")]
     for r in records:
-        history.append(state, r)
+        append(state, r)
     assert list(history.iter_records(state)) == records
     assert history.last_records(state, None) == records
 
 
 def test_append_writes_one_line_per_record_and_creates_the_state_dir(tmp_path: Path) -> None:
     state = tmp_path / "deep" / "state"
-    history.append(state, record(1, problems=["Müller: photo 日本.jpg"]))
-    history.append(state, record(2))
+    append(state, record(1, problems=["Müller: photo 日本.jpg"]))
+    append(state, record(2))
     lines = (state / history.HISTORY_NAME).read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2
     assert json.loads(lines[0])["problems"] == ["Müller: photo 日本.jpg"]
@@ -64,15 +137,15 @@ def test_append_writes_one_line_per_record_and_creates_the_state_dir(tmp_path: P
 
 def test_last_records_returns_the_last_n_oldest_first(tmp_path: Path) -> None:
     for i in range(1, 6):
-        history.append(tmp_path, record(i))
+        append(tmp_path, record(i))
     last = history.last_records(tmp_path, 2)
     assert [r["files_transferred"] for r in last] == [4, 5]
     assert [r["files_transferred"] for r in history.last_records(tmp_path, 1)] == [5]
 
 
 def test_last_records_with_n_above_the_count_returns_everything(tmp_path: Path) -> None:
-    history.append(tmp_path, record(1))
-    history.append(tmp_path, record(2))
+    append(tmp_path, record(1))
+    append(tmp_path, record(2))
     assert [r["files_transferred"] for r in history.last_records(tmp_path, 10)] == [1, 2]
 
 
@@ -84,11 +157,11 @@ def test_no_history_file_means_no_records(tmp_path: Path) -> None:
 def test_damaged_line_is_skipped_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    history.append(tmp_path, record(1))
+    append(tmp_path, record(1))
     with open(tmp_path / history.HISTORY_NAME, "a", encoding="utf-8") as f:
         f.write('{"status": "succ')  # a power cut mid-append
         f.write("\n")
-    history.append(tmp_path, record(2))
+    append(tmp_path, record(2))
     with caplog.at_level(logging.WARNING, logger=history.__name__):
         got = history.last_records(tmp_path, None)
     assert [r["files_transferred"] for r in got] == [1, 2]
@@ -107,7 +180,7 @@ def test_format_table_shows_each_runs_status_and_disk_label() -> None:
         record(2, status="refused", problems=["would delete 90 of 100 files"]),
         record(3, status="failed"),
     ]
-    table = history.format_table(records)
+    table = table_of(records)
     lines = table.splitlines()
     assert len(lines) == 1 + len(records)
     assert lines[0].split()[:2] == ["started", "status"]
@@ -119,7 +192,7 @@ def test_format_table_shows_each_runs_status_and_disk_label() -> None:
 
 
 def test_format_table_falls_back_to_uuid_then_dash_for_the_disk() -> None:
-    table = history.format_table([
+    table = table_of([
         record(1, disk={"label": "", "uuid": "ABCD-0001"}),
         record(2, disk=None),
     ])
@@ -130,7 +203,7 @@ def test_format_table_falls_back_to_uuid_then_dash_for_the_disk() -> None:
 
 def test_format_table_shortens_a_long_first_problem() -> None:
     long_problem = "not backed up: " + "x" * 200
-    line = history.format_table([record(1, problems=[long_problem, "second"])]).splitlines()[1]
+    line = table_of([record(1, problems=[long_problem, "second"])]).splitlines()[1]
     assert "2: not backed up: xxx" in line
     assert line.endswith("...")
     assert "x" * 100 not in line
@@ -140,12 +213,12 @@ def test_format_table_shortens_a_long_first_problem() -> None:
     ("seconds", "shown"), [(5, "5s"), (59.4, "59s"), (125, "2m05s"), (3660, "1h01m")]
 )
 def test_format_table_shows_durations_readably(seconds: float, shown: str) -> None:
-    line = history.format_table([record(1, duration_s=seconds)]).splitlines()[1]
+    line = table_of([record(1, duration_s=seconds)]).splitlines()[1]
     assert f" {shown} " in f" {line} "
 
 
 def test_format_table_tolerates_missing_fields() -> None:
-    table = history.format_table([{"status": "interrupted"}])
+    table = table_of([{"status": "interrupted"}])
     assert "interrupted" in table.splitlines()[1]
 
 

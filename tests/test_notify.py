@@ -30,8 +30,10 @@ import pytest
 
 from conftest import ExfatDisk, Server, run_cli
 from immich_usb_backup import notify
-from immich_usb_backup.config import NotifyConfig, parse_config
+from immich_usb_backup.config import Event, NotifyConfig, parse_config
 from immich_usb_backup.errors import ConfigError
+from immich_usb_backup.record import RunRecord
+from immich_usb_backup.steps.library import LibraryResult
 
 SECRET = "s3cret-Pa55"  # noqa: S105 - the password that must never leak
 
@@ -445,7 +447,7 @@ def test_a_disk_detached_by_the_run_is_unmounted_before_the_finished_message(
 
     record = asyncio.run(flow.run_backup(config, disk.mount_point, detach=detach))
 
-    assert record["status"] == "success"
+    assert record.status == "success"
     _, finished = hook.wait_for(2)
     assert finished["title"] == "Immich backup: success on Backup"
     assert str(disk.mount_point) not in hook.mounted_at_arrival[1]
@@ -522,13 +524,18 @@ def test_disabled_events_and_no_urls_send_and_record_nothing(
 
 # The messages, from plain data ------------------------------------------------------------
 
-def record(**overrides: Any) -> dict[str, Any]:
+def record(**overrides: Any) -> RunRecord:
+    """A run record as the flow fills it; ``steps`` gives the library step's fields."""
     base: dict[str, Any] = {
         "status": "success", "disk": {"uuid": "1A2B-3C4D", "label": "Backup"},
         "target": "/media/backup", "host": "nas", "files_transferred": 12,
         "bytes_transferred": 3 * 1024 * 1024, "duration_s": 75.0, "problems": [],
     }
-    return base | overrides
+    steps = overrides.pop("steps", {})
+    run = RunRecord.from_dict(base | overrides)
+    if "library" in steps:
+        run.steps["library"] = LibraryResult(**steps["library"])
+    return run
 
 
 @pytest.mark.parametrize(("state", "sentence"), [
@@ -642,7 +649,7 @@ def test_a_bad_url_in_the_config_is_an_error_that_does_not_show_it(tmp_path: Pat
 
 def test_an_url_apprise_does_not_know_is_recorded_without_showing_it(hook: Hook) -> None:
     notifier = notify.Notifier(NotifyConfig(urls=(f"nosuch://user:{SECRET}@x", hook.url())))
-    asyncio.run(notifier.send(notify.Message("finished", "t", "b")))
+    asyncio.run(notifier.send(notify.Message(Event.FINISHED, "t", "b")))
     assert hook.wait_for(1)[0]["title"] == "t"
     assert notifier.outcomes == [{"event": "finished", "ok": False, "error":
                                   "notify.urls #1: not a URL Apprise understands "
@@ -659,7 +666,7 @@ def test_a_notifier_that_breaks_records_it_and_never_raises(
 
     monkeypatch.setattr(apprise.Apprise, "instantiate", explode)
     notifier = notify.Notifier(NotifyConfig(urls=("json://127.0.0.1:1/",)))
-    asyncio.run(notifier.send(notify.Message("finished", "t", "b")))
+    asyncio.run(notifier.send(notify.Message(Event.FINISHED, "t", "b")))
     assert notifier.outcomes == [{"event": "finished", "ok": False, "error":
                                   "cannot prepare the notifications: "
                                   "RuntimeError('plugin bug')"}]

@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, need, run_cli
 from immich_usb_backup import history, report
 from immich_usb_backup.policy import human_bytes
+from immich_usb_backup.record import RunRecord
 
 STATUSES = ("success", "partial", "failed", "refused", "interrupted")
 HOSTILE = "<script>alert(1)</script>"
@@ -45,6 +46,14 @@ def record(n: int, status: str = "success", **extra: Any) -> dict[str, Any]:
     }
     base.update(extra)
     return base
+
+
+def runs(recs: list[dict[str, Any]]) -> list[RunRecord]:
+    return [RunRecord.from_dict(r) for r in recs]
+
+
+def render(recs: list[dict[str, Any]], **kwargs: Any) -> str:
+    return report.render_html(runs(recs), **kwargs)
 
 
 def one_of_each() -> list[dict[str, Any]]:
@@ -121,7 +130,7 @@ def local(iso: str) -> datetime:
 
 
 def test_each_status_has_its_bar_row_class_data_status_and_colour() -> None:
-    page = Page(report.render_html(one_of_each()))
+    page = Page(render(one_of_each()))
 
     assert [b["data-status"] for b in page.bars] == list(STATUSES)
     for bar, status in zip(page.bars, STATUSES, strict=True):
@@ -152,7 +161,7 @@ def test_hostile_label_and_problems_are_escaped_everywhere() -> None:
                problems=["Tom & Jerry <b>bold</b> 'single' \"double\"", "日本 Müller.jpg"]),
         record(1, "failed", disk={"uuid": "2", "label": quote_label}, problems=[HOSTILE]),
     ]
-    markup = report.render_html(recs)
+    markup = render(recs)
     page = Page(markup)
 
     assert "<script" not in markup.lower()
@@ -172,7 +181,7 @@ def test_hostile_label_and_problems_are_escaped_everywhere() -> None:
 
 
 def test_no_records_says_no_backups_yet_and_is_still_a_whole_page() -> None:
-    markup = report.render_html([])
+    markup = render([])
     page = Page(markup)
 
     assert markup.startswith("<!DOCTYPE html>")
@@ -186,7 +195,7 @@ def test_no_records_says_no_backups_yet_and_is_still_a_whole_page() -> None:
 
 def test_the_strip_shows_only_the_last_30_runs_oldest_left_and_the_table_all() -> None:
     recs = [record(i, STATUSES[i % 5]) for i in range(40)]
-    page = Page(report.render_html(recs))
+    page = Page(render(recs))
 
     assert len(page.bars) == report.STRIP_RUNS == 30
     assert [b["data-status"] for b in page.bars] == [r["status"] for r in recs[10:]]
@@ -197,7 +206,7 @@ def test_the_strip_shows_only_the_last_30_runs_oldest_left_and_the_table_all() -
 
 
 def test_fewer_runs_than_the_strip_fill_the_left_with_empty_slots() -> None:
-    page = Page(report.render_html([record(0), record(1, "failed")]))
+    page = Page(render([record(0), record(1, "failed")]))
     slots = page.all("li", "bar")
     assert len(slots) == 30
     assert ["data-status" in s for s in slots] == [False] * 28 + [True, True]
@@ -206,7 +215,7 @@ def test_fewer_runs_than_the_strip_fill_the_left_with_empty_slots() -> None:
 
 def test_the_table_lists_the_newest_run_first() -> None:
     recs = [record(i, s) for i, s in enumerate(STATUSES)]
-    page = Page(report.render_html(recs))
+    page = Page(render(recs))
 
     assert [r["data-status"] for r in page.rows] == list(reversed(STATUSES))
     assert [t.split()[0] for t in page.row_texts] == [
@@ -222,11 +231,11 @@ def test_the_table_lists_the_newest_run_first() -> None:
 
 def test_the_page_is_self_contained() -> None:
     recs = [*one_of_each(), record(9, "partial", problems=["see https://example.org/x"])]
-    markup = report.render_html(recs)
+    markup = render(recs)
     page = Page(markup)
     # a problem may quote a URL as text; the page itself refers to nothing outside
     recs[-1]["problems"] = ["no link"]
-    clean = report.render_html(recs)
+    clean = render(recs)
 
     assert "http://" not in clean and "https://" not in clean
     assert "<script" not in markup and "<link" not in markup and "@import" not in markup
@@ -243,7 +252,7 @@ def test_header_row_values_are_readable_and_every_problem_is_listed() -> None:
                duration_s=3725, problems=problems),
     ]
     now = local(recs[-1]["finished_at"]) + timedelta(hours=5)
-    markup = report.render_html(recs, generated_at=now, title="My & backups")
+    markup = render(recs, generated_at=now, title="My & backups")
     page = Page(markup)
     text = "".join(page.text)
 
@@ -271,7 +280,7 @@ def test_damaged_values_still_render() -> None:
          "files_transferred": "many", "bytes_transferred": None, "problems": "one string"},
         {},
     ]
-    page = Page(report.render_html(recs))
+    page = Page(render(recs))
     assert [r["data-status"] for r in page.rows] == ["unknown", "weird"]
     assert all("status-unknown" in r["class"].split() for r in page.rows)
     weird = page.row_texts[1]
@@ -280,7 +289,7 @@ def test_damaged_values_still_render() -> None:
 
 def test_naive_times_are_taken_as_local() -> None:
     r = record(0, started_at="2025-03-01T10:30:00")
-    page = Page(report.render_html([r]))
+    page = Page(render([r]))
     assert "Sat 1 Mar 2025, 10:30" in page.row_texts[0]
 
 
@@ -290,7 +299,7 @@ def test_naive_times_are_taken_as_local() -> None:
 def test_write_html_replaces_the_file_atomically_and_leaves_no_temp(tmp_path: Path) -> None:
     out = tmp_path / "report.html"
     out.write_text("old page")
-    report.write_html(out, one_of_each())
+    report.write_html(out, runs(one_of_each()))
 
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert "Bäckup Disk" in out.read_bytes().decode("utf-8")
@@ -309,7 +318,7 @@ def test_write_html_keeps_the_old_page_when_the_rename_fails(
 
     monkeypatch.setattr(os, "replace", broken_replace)  # wherever the page is written from
     with pytest.raises(OSError, match="No space"):
-        report.write_html(out, one_of_each())
+        report.write_html(out, runs(one_of_each()))
     assert out.read_text() == "old page"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
 
@@ -320,7 +329,7 @@ def test_write_html_keeps_the_old_page_when_the_rename_fails(
 def write_state(tmp_path: Path, records: list[dict[str, Any]]) -> Path:
     state = tmp_path / "state"
     for r in records:
-        history.append(state, r)
+        history.append(state, RunRecord.from_dict(r))
     config = tmp_path / "config.toml"
     config.write_text(f'[immich]\nupload_location = "{tmp_path / "immich"}"\n\n'
                       f'[state]\ndir = "{state}"\n')

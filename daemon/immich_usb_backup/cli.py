@@ -31,6 +31,7 @@ from immich_usb_backup.config import (
 )
 from immich_usb_backup.errors import BackupError, CommandError, ConfigError
 from immich_usb_backup.policy import human_bytes
+from immich_usb_backup.record import RunRecord
 from immich_usb_backup.status import read_status
 from immich_usb_backup.steps.library import RSYNC_MIN_VERSION
 
@@ -151,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from immich_usb_backup.flow import run_backup  # noqa: PLC0415 - keeps `status` fast
 
-    async def work() -> list[dict[str, Any]]:
+    async def work() -> list[RunRecord]:
         trigger = args.trigger
         try:
             if args.target == "approved":
@@ -162,17 +163,22 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
                                      mode=args.mode)]
         except BackupError as exc:  # the device could not be found or mounted
             print(f"error: {exc}", file=sys.stderr)
-            return [{"status": "failed", "problems": [str(exc)]}]
+            failed = RunRecord.begin(trigger, args.mode or config.library.mode, args.target)
+            failed.conclude([str(exc)])
+            return [failed]
 
     records = asyncio.run(_with_progress(config, work))
     if records is None:
-        last = history.last_records(config.state_dir, 1)
-        records = [last[0] if last else {"status": "interrupted", "problems": []}]
+        last = history.load_runs(config.state_dir, 1)
+        if not last:
+            last = [RunRecord.begin(args.trigger, "", args.target)]
+            last[0].status = "interrupted"
+        records = last[-1:]
     if not records:
         print("no approved disk is connected: nothing to do")
         return EXIT_OK
     print("\n".join(format_summary(r) for r in records))
-    return EXIT_OK if all(r["status"] == "success" for r in records) else EXIT_FAILED
+    return EXIT_OK if all(r.status == "success" for r in records) else EXIT_FAILED
 
 
 async def _with_progress(config: Config, work: Callable[[], Awaitable[T]]) -> T | None:
@@ -264,7 +270,7 @@ def is_device_target(target: str) -> bool:
 
 
 async def _run_on_device(config: Config, target: str, trigger: str,
-                         mode: str | None) -> dict[str, Any]:
+                         mode: str | None) -> RunRecord:
     from immich_usb_backup.flow import backup_device  # noqa: PLC0415
     from immich_usb_backup.udisks import UDisks  # noqa: PLC0415
 
@@ -277,22 +283,20 @@ async def _run_on_device(config: Config, target: str, trigger: str,
 
 
 async def _run_on_approved(config: Config, trigger: str,
-                           mode: str | None) -> list[dict[str, Any]]:
+                           mode: str | None) -> list[RunRecord]:
     from immich_usb_backup.flow import backup_approved  # noqa: PLC0415
 
     return await backup_approved(config, trigger=trigger, mode=mode)
 
 
-def format_summary(r: dict[str, Any]) -> str:
-    disk = r.get("disk") or {}
+def format_summary(r: RunRecord) -> str:
     lines = [
-        f"backup {r.get('status', '?').upper()}",
-        f"  disk:     {disk.get('label') or '-'} (UUID {disk.get('uuid') or '-'})",
-        f"  copied:   {r.get('files_transferred', 0)} files, "
-        f"{human_bytes(int(r.get('bytes_transferred', 0) or 0))}",
-        f"  took:     {r.get('duration_s', 0)} s",
+        f"backup {r.status.upper()}",
+        f"  disk:     {r.disk.label or '-'} (UUID {r.disk.uuid or '-'})",
+        f"  copied:   {r.files_transferred} files, {human_bytes(r.bytes_transferred or 0)}",
+        f"  took:     {r.duration_s} s",
     ]
-    problems = r.get("problems") or []
+    problems = r.problems
     if problems:
         lines.append(f"  problems ({len(problems)}):")
         lines += [f"    - {p}" for p in problems]
@@ -388,22 +392,24 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def _idle_text(config: Config, just_finished: bool) -> str:
-    last = history.last_records(config.state_dir, 1)
+    last = history.load_runs(config.state_dir, 1)
     if not last:
         return "idle: no backup is running (no backups yet)"
     r = last[0]
-    when = str(r.get("finished_at") or r.get("started_at") or "?")[:19].replace("T", " ")
-    disk = (r.get("disk") or {}).get("label") or "-"
-    summary = (f"{r.get('status', '?')} on {disk} at {when}: "
-               f"{r.get('files_transferred', 0)} files, "
-               f"{human_bytes(int(r.get('bytes_transferred', 0) or 0))}")
+    when = (r.finished_at or r.started_at or "?")[:19].replace("T", " ")
+    summary = (f"{r.status} on {r.disk.label or '-'} at {when}: "
+               f"{r.files_transferred} files, {human_bytes(r.bytes_transferred or 0)}")
     if just_finished:
         return f"finished: {summary}"
     return f"idle: no backup is running; last backup {summary}"
 
 
 def cmd_history(config: Config, args: argparse.Namespace) -> int:
-    records = history.last_records(config.state_dir, args.last)
+    if args.json:  # as stored, whatever version wrote it
+        print(json.dumps(history.last_records(config.state_dir, args.last), indent=2,
+                         ensure_ascii=False))
+        return EXIT_OK
+    records = history.load_runs(config.state_dir, args.last)
     if args.html is not None:
         from immich_usb_backup import report  # noqa: PLC0415 - only this option needs it
 
@@ -414,9 +420,7 @@ def cmd_history(config: Config, args: argparse.Namespace) -> int:
             return EXIT_USAGE
         print(f"wrote {args.html} ({len(records)} run{'' if len(records) == 1 else 's'})")
         return EXIT_OK
-    if args.json:
-        print(json.dumps(records, indent=2, ensure_ascii=False))
-    elif not records:
+    if not records:
         print("no backups yet")
     else:
         print(history.format_table(records))

@@ -261,7 +261,7 @@ async def verify_path(config: Config, target: Path, sample: float | None) -> Rep
 async def verify_device(config: Config, target: str, sample: float | None) -> Report:
     """Check the disk ``target`` (``/dev/...`` or ``UUID=...``): mounted read-only for the
     check, if it is not mounted already, and unmounted again."""
-    from immich_usb_backup.udisks import UDisks, UDisksError  # noqa: PLC0415 - dbus when needed
+    from immich_usb_backup.udisks import UDisks, mounted  # noqa: PLC0415 - dbus when needed
 
     udisks = await UDisks.connect()
     try:
@@ -269,15 +269,7 @@ async def verify_device(config: Config, target: str, sample: float | None) -> Re
         info = await udisks.wait_for_filesystem(device)
         if info.fs_type != "exfat":
             raise Refused(f"{device} holds {info.fs_type or 'no'} file system, not exFAT")
-        if info.mount_points:
-            return await verify_path(config, Path(info.mount_points[0]), sample)
-        mount_point = await udisks.mount(info.object_path, read_only=True)
-        try:
-            return await verify_path(config, Path(mount_point), sample)
-        finally:
-            try:
-                await asyncio.shield(udisks.unmount(info.object_path))
-            except UDisksError as exc:
-                log.warning("could not unmount %s after the check: %s", device, exc)
+        async with mounted(udisks, info, read_only=True) as mount:
+            return await verify_path(config, mount.mount_point, sample)
     finally:
         udisks.close()

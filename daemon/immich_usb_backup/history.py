@@ -15,16 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from immich_usb_backup.record import RunRecord
+
 log = logging.getLogger(__name__)
 
 HISTORY_NAME = "history.jsonl"
-STATUSES = ("success", "partial", "failed", "refused", "interrupted")
 
 
-def append(state_dir: Path, record: dict[str, Any]) -> None:
+def append(state_dir: Path, record: RunRecord) -> None:
     """Append ``record`` as one line and flush it to disk."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
+    line = json.dumps(record.to_dict(), ensure_ascii=False, sort_keys=False) + "\n"
     fd = os.open(state_dir / HISTORY_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -35,7 +36,7 @@ def append(state_dir: Path, record: dict[str, Any]) -> None:
 
 
 def iter_records(state_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every record, oldest first."""
+    """Every record as it is stored (a JSON object), oldest first."""
     try:
         f = open(state_dir / HISTORY_NAME, encoding="utf-8")  # noqa: SIM115
     except FileNotFoundError:
@@ -54,11 +55,17 @@ def iter_records(state_dir: Path) -> Iterator[dict[str, Any]]:
 
 
 def last_records(state_dir: Path, n: int | None) -> list[dict[str, Any]]:
-    """The last ``n`` records (all when None), oldest first."""
+    """The last ``n`` records as stored (all when None), oldest first: what
+    ``history --json`` prints, unchanged."""
     return list(collections.deque(iter_records(state_dir), maxlen=n))
 
 
-def format_table(records: list[dict[str, Any]]) -> str:
+def load_runs(state_dir: Path, n: int | None) -> list[RunRecord]:
+    """The last ``n`` records (all when None), oldest first, read into ``RunRecord``."""
+    return [RunRecord.from_dict(r) for r in last_records(state_dir, n)]
+
+
+def format_table(records: list[RunRecord]) -> str:
     """A table a person reads at a glance: one row a run, newest last."""
     from immich_usb_backup.policy import human_bytes  # noqa: PLC0415 - keep import light
 
@@ -66,20 +73,18 @@ def format_table(records: list[dict[str, Any]]) -> str:
               "problems")
     rows = [header]
     for r in records:
-        disk = r.get("disk") or {}
-        problems = r.get("problems") or []
-        first = f"{len(problems)}: {problems[0]}" if problems else ""
+        first = f"{len(r.problems)}: {r.problems[0]}" if r.problems else ""
         if len(first) > 60:
             first = first[:57] + "..."
         rows.append((
-            str(r.get("started_at", ""))[:19].replace("T", " "),
-            str(r.get("status", "")),
-            str(r.get("trigger", "")),
-            str(r.get("mode", "")),
-            str(disk.get("label") or disk.get("uuid") or "-"),
-            str(r.get("files_transferred", 0)),
-            human_bytes(int(r.get("bytes_transferred", 0) or 0)),
-            _duration(float(r.get("duration_s", 0) or 0)),
+            r.started_at[:19].replace("T", " "),
+            r.status,
+            r.trigger,
+            r.mode,
+            r.disk.name or "-",
+            "?" if r.files_transferred is None else str(r.files_transferred),
+            "?" if r.bytes_transferred is None else human_bytes(r.bytes_transferred),
+            "?" if r.duration_s is None else format_duration(r.duration_s),
             first,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -88,7 +93,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """95 -> "1m35s": short, for tables."""
     s = round(seconds)
     if s < 60:
         return f"{s}s"

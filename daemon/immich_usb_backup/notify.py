@@ -32,9 +32,10 @@ from urllib.parse import quote, unquote
 
 import apprise
 
-from immich_usb_backup.config import NotifyConfig
+from immich_usb_backup.config import Event, NotifyConfig
 from immich_usb_backup.execute import mask_secrets
 from immich_usb_backup.policy import human_bytes
+from immich_usb_backup.record import DiskState, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,13 @@ GUARD_S = 5.0  # past the timeout Apprise is given, we stop waiting for it ourse
 SOCKET_GRACE_S = 1.0  # sockets give up this long after Apprise reported the timeout
 
 Kind = Literal["info", "success", "warning", "failure"]
-# How a run left the disk, which decides whether the last message says "safe to unplug".
-DiskState = Literal["powered-off", "unmounted", "not-mounted", "left-mounted", "gone", "busy"]
 
 
 # The messages: plain data in, title and body out -----------------------------------------
 
 @dataclass(frozen=True)
 class Message:
-    event: str  # one of config.NOTIFY_EVENTS
+    event: Event
     title: str
     body: str
     kind: Kind = "info"
@@ -84,7 +83,7 @@ def started(label: str | None, uuid: str | None, what: Sequence[str], files: int
         "",
         "Do not unplug the disk until the message that the backup finished arrives.",
     ]
-    return Message("started", f"{TITLE}: started on {disk}", "\n".join(lines), "info")
+    return Message(Event.STARTED, f"{TITLE}: started on {disk}", "\n".join(lines), "info")
 
 
 _STATUS_LINE = {
@@ -100,61 +99,43 @@ _KIND: dict[str, Kind] = {"success": "success", "partial": "warning", "failed": 
                           "interrupted": "warning", "refused": "warning"}
 
 
-def finished(record: Mapping[str, Any], end: DiskEnd) -> Message:
+def finished(record: RunRecord, end: DiskEnd) -> Message:
     """The run ended (success, partial, failed, interrupted): counts, space, problems,
     and whether the disk is safe to unplug."""
-    status = str(record.get("status", "failed"))
-    disk = record.get("disk") or {}
-    label, uuid = disk.get("label"), disk.get("uuid")
+    status = record.status
+    disk = _disk_full(record.disk.label, record.disk.uuid, record.target)
     lines = [
-        f"The backup of {record.get('host') or socket.gethostname()} to the disk "
-        f"{_disk_full(label, uuid, record.get('target'))} ended: {status}.",
+        f"The backup of {record.host or socket.gethostname()} to the disk {disk} ended: "
+        f"{status}.",
     ]
-    library = (record.get("steps") or {}).get("library") or {}
-    if library.get("mismatches"):
+    if record.verify_failed:
         lines.append("Everything was copied, but the check found copies on the disk that "
                      "differed from the server's files: see the problems below.")
     elif _STATUS_LINE.get(status):
         lines.append(_STATUS_LINE[status])
     lines += [
         "",
-        f"Copied: {record.get('files_transferred', 0)} files, "
-        f"{human_bytes(int(record.get('bytes_transferred') or 0))}, in "
-        f"{_duration(float(record.get('duration_s') or 0))}.",
+        f"Copied: {record.files_transferred or 0} files, "
+        f"{human_bytes(record.bytes_transferred or 0)}, in "
+        f"{_duration(record.duration_s or 0.0)}.",
+        *record.finished_lines,
     ]
-    lines += _library_lines(library)
     if end.free_bytes is not None and end.size_bytes:
         lines.append(f"Free space left on the disk: {human_bytes(end.free_bytes)} of "
                      f"{human_bytes(end.size_bytes)}.")
-    lines += _problem_lines(record.get("problems") or [])
+    lines += _problem_lines(record.problems)
     lines += ["", _unplug_line(end)]
-    name = _disk_name(label, uuid, record.get("target"))
-    return Message("finished", f"{TITLE}: {status} on {name}", "\n".join(lines),
+    name = _disk_name(record.disk.label, record.disk.uuid, record.target)
+    return Message(Event.FINISHED, f"{TITLE}: {status} on {name}", "\n".join(lines),
                    _KIND.get(status, "failure"))
 
 
-def _library_lines(lib: Mapping[str, Any]) -> list[str]:
-    """What the library step set aside and checked, in words (nothing when nothing)."""
-    lines = []
-    kept = int(lib.get("kept") or 0)
-    if kept:
-        where = f"deleted/{lib['keep_day']}/" if lib.get("keep_day") else "deleted/"
-        days = f" for {lib['keep_days']} days" if lib.get("keep_days") else ""
-        lines.append(f"Set aside: {kept} files deleted or changed on the server, kept in "
-                     f"{where} on the disk{days}.")
-    if "compared" in lib:
-        lines.append(f"Compared by content with the server: {lib['compared']} files.")
-    return lines
-
-
-def refused(record: Mapping[str, Any], end: DiskEnd) -> Message:
+def refused(record: RunRecord, end: DiskEnd) -> Message:
     """A safety rule stopped the run: why, and what to do."""
-    disk = record.get("disk") or {}
-    label, uuid = disk.get("label"), disk.get("uuid")
-    problems = [str(p) for p in record.get("problems") or []]
+    label, uuid, problems = record.disk.label, record.disk.uuid, record.problems
     lines = [
-        f"The backup of {record.get('host') or socket.gethostname()} to the disk "
-        f"{_disk_full(label, uuid, record.get('target'))} was refused"
+        f"The backup of {record.host or socket.gethostname()} to the disk "
+        f"{_disk_full(label, uuid, record.target)} was refused"
         + ("." if end.wrote else ": nothing was copied or deleted."),
         "",
         f"Why: {problems[0] if problems else 'a safety rule stopped it'}",
@@ -165,13 +146,13 @@ def refused(record: Mapping[str, Any], end: DiskEnd) -> Message:
         "",
         _unplug_line(end),
     ]
-    name = _disk_name(label, uuid, record.get("target"))
-    return Message("refused", f"{TITLE}: refused on {name}", "\n".join(lines), "warning")
+    name = _disk_name(label, uuid, record.target)
+    return Message(Event.REFUSED, f"{TITLE}: refused on {name}", "\n".join(lines), "warning")
 
 
-def end_message(record: Mapping[str, Any], end: DiskEnd) -> Message:
+def end_message(record: RunRecord, end: DiskEnd) -> Message:
     """The last message of a run: ``refused`` or ``finished``, by the record's status."""
-    return refused(record, end) if record.get("status") == "refused" else finished(record, end)
+    return refused(record, end) if record.status == "refused" else finished(record, end)
 
 
 def needs_approval(label: str | None, uuid: str | None, device: str, command: str,
@@ -190,7 +171,7 @@ def needs_approval(label: str | None, uuid: str | None, device: str, command: st
         "",
         _unplug_line(end),
     ]
-    return Message("needs_approval", f"{TITLE}: disk {_disk_name(label, uuid, device)} "
+    return Message(Event.NEEDS_APPROVAL, f"{TITLE}: disk {_disk_name(label, uuid, device)} "
                    "needs approval", "\n".join(lines), "warning")
 
 
@@ -419,7 +400,7 @@ class Notifier:
     _targets: tuple[list[_Target], list[str]] | None = field(default=None, init=False)
     _pending: list[asyncio.Task[None]] = field(default_factory=list, init=False)
 
-    def wants(self, event: str) -> bool:
+    def wants(self, event: Event) -> bool:
         return event in self.config.events
 
     def send_soon(self, message: Message) -> None:
@@ -468,9 +449,9 @@ class Notifier:
                 task.cancel()
         self._record(message.event, errors, sent=len(targets) - len(errors) + len(problems))
 
-    def _record(self, event: str, errors: list[str], sent: int = 0) -> None:
+    def _record(self, event: Event, errors: list[str], sent: int = 0) -> None:
         errors = [mask(e) for e in errors]
-        outcome: dict[str, Any] = {"event": event, "ok": not errors}
+        outcome: dict[str, Any] = {"event": event.value, "ok": not errors}
         if errors:
             outcome["error"] = "; ".join(errors)
             log.warning("notification %s: %d sent, not sent: %s", event, sent,

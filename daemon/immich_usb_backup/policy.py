@@ -121,6 +121,32 @@ def replacement_refusal(replaced: int, backed_up_files: int,
 
 
 @dataclass(frozen=True)
+class Space:
+    """What one step will write and free on the disk, in allocated bytes; steps' spaces
+    add up to the run's."""
+
+    to_write: int = 0
+    freed_before_copy: int = 0  # removed before anything is copied
+    freed_by_replacing: int = 0  # old versions rsync removes as it replaces them
+    largest_replaced: int = 0  # rsync holds one new and one old version at once
+    kept: int = 0  # the keep area (deleted/) with what this run would move into it
+
+    def __add__(self, other: Space) -> Space:
+        return Space(
+            self.to_write + other.to_write,
+            self.freed_before_copy + other.freed_before_copy,
+            self.freed_by_replacing + other.freed_by_replacing,
+            max(self.largest_replaced, other.largest_replaced),
+            self.kept + other.kept,
+        )
+
+    def against(self, free: int, keep_days: int) -> SpaceNeed:
+        """The run's need against the disk's ``free`` bytes (safety rule 5)."""
+        return SpaceNeed(self.to_write, self.freed_before_copy, self.freed_by_replacing,
+                         self.largest_replaced, free, self.kept, keep_days)
+
+
+@dataclass(frozen=True)
 class SpaceNeed:
     """What a run will write and what it frees, in allocated bytes on the disk."""
 

@@ -13,16 +13,16 @@ half a file.
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from immich_usb_backup import __version__
 from immich_usb_backup.fsutil import replace_file
-from immich_usb_backup.history import STATUSES
-from immich_usb_backup.history import _duration as format_duration
+from immich_usb_backup.history import format_duration
 from immich_usb_backup.policy import human_bytes
+from immich_usb_backup.record import STATUSES, RunRecord
 
 STRIP_RUNS = 30
 """How many runs the coloured strip shows at most (the table shows all it is given)."""
@@ -166,13 +166,13 @@ footer { font-size: .85rem; color: var(--muted); margin: 1.5rem 0 1rem; }
 
 
 def render_html(
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[RunRecord],
     generated_at: datetime | None = None,
     title: str = DEFAULT_TITLE,
 ) -> str:
     """Return one complete HTML document (``str``) for ``records``.
 
-    ``records`` are history records oldest first, as :func:`history.last_records` returns
+    ``records`` are history records oldest first, as :func:`history.load_runs` returns
     them; the page shows them all in its table, newest first, and the last
     :data:`STRIP_RUNS` of them as bars, oldest left. ``generated_at`` (default: now) is
     printed in the footer and used for "... ago"; a naive value is taken as local time.
@@ -183,7 +183,7 @@ def render_html(
     - self-contained: no ``http://``/``https://`` reference, no script, inline CSS only;
     - every bar (``li.bar``) and table row (``tbody tr``) carries ``data-status`` with the
       record's status and the class ``status-<s>`` (``status-unknown`` for a status not
-      in :data:`history.STATUSES`); failed and refused share the red colour;
+      in :data:`record.STATUSES`); failed and refused share the red colour;
     - every value from a record is HTML-escaped; damaged values (a time that does not
       parse, a count that is not a number) are shown as they are or as ``?``;
     - with no records the page says "No backups yet" and has no table.
@@ -208,7 +208,7 @@ def render_html(
     ]
     if recs:
         parts += [_strip(recs), _table(recs)]
-    host = next((str(r["host"]) for r in reversed(recs) if r.get("host")), "")
+    host = next((r.host for r in reversed(recs) if r.host), "")
     on_host = f" for <strong>{_e(host)}</strong>" if host else ""
     runs = f"{len(recs)} run{'' if len(recs) == 1 else 's'}"
     parts += [
@@ -224,7 +224,7 @@ def render_html(
 
 def write_html(
     path: Path,
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[RunRecord],
     generated_at: datetime | None = None,
     title: str = DEFAULT_TITLE,
 ) -> None:
@@ -242,7 +242,7 @@ def write_html(
 # parts of the page --------------------------------------------------------------------
 
 
-def _summary(recs: list[Mapping[str, Any]], now: datetime) -> str:
+def _summary(recs: list[RunRecord], now: datetime) -> str:
     if not recs:
         return ('<section class="card summary" data-status="none">'
                 '<p class="verdict">No backups yet</p>'
@@ -250,12 +250,12 @@ def _summary(recs: list[Mapping[str, Any]], now: datetime) -> str:
                 "</section>")
     last = recs[-1]
     status = _status(last)
-    when = _parse_time(last.get("started_at"))
+    when = _parse_time(last.started_at)
     verdict = _VERDICTS.get(status, f"Backup status: {status}")
     lines = [
         f'<section class="card summary {_css_class(status)}" data-status="{_e(status)}">',
         f'<p class="verdict">{_e(verdict)}</p>',
-        f"<p>Last run: {_when(last.get('started_at'))}"
+        f"<p>Last run: {_when(last.started_at)}"
         + (f' <span class="muted">({_e(_ago(when, now))})</span>' if when else "")
         + f" on {_e(_disk_name(last))}</p>",
         f"<p>{_e(_copied(last))}</p>",
@@ -265,10 +265,10 @@ def _summary(recs: list[Mapping[str, Any]], now: datetime) -> str:
         if ok is None:
             lines.append('<p class="muted">No successful backup in this report.</p>')
         else:
-            ok_when = _parse_time(ok.get("started_at"))
+            ok_when = _parse_time(ok.started_at)
             ago = f" ({_e(_ago(ok_when, now))})" if ok_when else ""
             lines.append(f'<p class="muted">Last successful backup: '
-                         f"{_when(ok.get('started_at'))}{ago}</p>")
+                         f"{_when(ok.started_at)}{ago}</p>")
     problems = _problems(last)
     if problems:
         lines.append(f"<p>{len(problems)} problem{'' if len(problems) == 1 else 's'}: "
@@ -277,13 +277,13 @@ def _summary(recs: list[Mapping[str, Any]], now: datetime) -> str:
     return "\n".join(lines)
 
 
-def _strip(recs: list[Mapping[str, Any]]) -> str:
+def _strip(recs: list[RunRecord]) -> str:
     shown = recs[-STRIP_RUNS:]
     first_index = len(recs) - len(shown)
     items = ['<li class="bar empty" aria-hidden="true"></li>'] * (STRIP_RUNS - len(shown))
     for i, r in enumerate(shown, start=first_index):
         status = _status(r)
-        tip = f"{_plain_time(r.get('started_at'))} · {status} · {_disk_name(r)}"
+        tip = f"{_plain_time(r.started_at)} · {status} · {_disk_name(r)}"
         items.append(
             f'<li class="bar {_css_class(status)}" data-status="{_e(status)}" '
             f'title="{_e(tip)}"><a href="#run-{i}"><span class="vh">{_e(tip)}</span></a></li>'
@@ -313,7 +313,7 @@ def _strip(recs: list[Mapping[str, Any]]) -> str:
 _COLUMNS = ("Time", "Disk", "Mode", "Status", "Files", "Copied", "Duration", "Problems")
 
 
-def _table(recs: list[Mapping[str, Any]]) -> str:
+def _table(recs: list[RunRecord]) -> str:
     head = "".join(f'<th scope="col">{c}</th>' for c in _COLUMNS)
     rows = [_row(i, r) for i, r in reversed(list(enumerate(recs)))]
     return "\n".join([
@@ -331,19 +331,15 @@ def _table(recs: list[Mapping[str, Any]]) -> str:
     ])
 
 
-def _row(index: int, r: Mapping[str, Any]) -> str:
+def _row(index: int, r: RunRecord) -> str:
     status = _status(r)
-    disk = r.get("disk")
-    uuid = str(disk.get("uuid") or "") if isinstance(disk, Mapping) else ""
-    has_label = isinstance(disk, Mapping) and bool(disk.get("label"))
-    disk_title = f' title="UUID {_e(uuid)}"' if uuid and has_label else ""
-    files = _int(r.get("files_transferred"))
-    size = _int(r.get("bytes_transferred"))
-    seconds = _float(r.get("duration_s"))
+    uuid = r.disk.uuid or ""
+    disk_title = f' title="UUID {_e(uuid)}"' if uuid and r.disk.label else ""
+    files, size, seconds = r.files_transferred, r.bytes_transferred, r.duration_s
     cells = [
-        ("Time", "time", _when(r.get("started_at"))),
+        ("Time", "time", _when(r.started_at)),
         ("Disk", "disk", f"<span{disk_title}>{_e(_disk_name(r))}</span>"),
-        ("Mode", "mode", _e(str(r.get("mode") or "-"))),
+        ("Mode", "mode", _e(r.mode or "-")),
         ("Status", "status", f'<span class="badge">{_e(status)}</span>'),
         ("Files", "num files", "?" if files is None else f"{files:,}"),
         ("Copied", "num bytes", "?" if size is None else _e(human_bytes(size))),
@@ -357,10 +353,8 @@ def _row(index: int, r: Mapping[str, Any]) -> str:
             f'data-status="{_e(status)}">{tds}</tr>')
 
 
-def _copied(r: Mapping[str, Any]) -> str:
-    files = _int(r.get("files_transferred"))
-    size = _int(r.get("bytes_transferred"))
-    seconds = _float(r.get("duration_s"))
+def _copied(r: RunRecord) -> str:
+    files, size, seconds = r.files_transferred, r.bytes_transferred, r.duration_s
     took = "" if seconds is None else f" in {format_duration(seconds)}"
     if files == 0 and size == 0:
         return f"Nothing was copied{took}."
@@ -388,46 +382,20 @@ def _e(value: str) -> str:
     return html.escape(value, quote=True)
 
 
-def _status(r: Mapping[str, Any]) -> str:
-    return str(r.get("status") or "unknown")
+def _status(r: RunRecord) -> str:
+    return r.status or "unknown"
 
 
 def _css_class(status: str) -> str:
     return f"status-{status}" if status in STATUSES else "status-unknown"
 
 
-def _disk_name(r: Mapping[str, Any]) -> str:
-    disk = r.get("disk")
-    if not isinstance(disk, Mapping):
-        return "-"
-    return str(disk.get("label") or disk.get("uuid") or "-")
+def _disk_name(r: RunRecord) -> str:
+    return r.disk.name or "-"
 
 
-def _problems(r: Mapping[str, Any]) -> list[str]:
-    problems = r.get("problems")
-    if isinstance(problems, str):
-        return [problems]
-    if not isinstance(problems, list):
-        return []
-    return [str(p) for p in problems]
-
-
-def _int(value: Any) -> int | None:
-    if value is None:
-        return 0
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(value: Any) -> float | None:
-    if value is None:
-        return 0.0
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+def _problems(r: RunRecord) -> list[str]:
+    return r.problems
 
 
 def _parse_time(value: Any) -> datetime | None:

@@ -9,15 +9,19 @@ daemon never waits for a password prompt nobody can answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from immich_usb_backup.errors import BackupError
+from immich_usb_backup.record import DiskState
 
 log = logging.getLogger(__name__)
 
@@ -227,3 +231,78 @@ class UDisks:
         await self._call(drive, IFACE_DRIVE, "PowerOff", "a{sv}", [dict(NO_INTERACTION)],
                          timeout_s=ACTION_TIMEOUT_S)
         return True
+
+
+# Mount, use, unmount: the one way every caller does it -----------------------------------
+
+_GONE = ("org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.UnknownObject")
+
+
+@dataclass
+class Mount:
+    """A file system in use: where it is mounted, and whether we mounted it (and so
+    unmount it). ``state`` says how it was left once ``release`` ran."""
+
+    udisks: UDisks
+    info: BlockInfo
+    mount_point: Path
+    ours: bool
+    read_only: bool
+    state: DiskState = "busy"
+    released: bool = field(default=False, repr=False)
+
+    async def release(self, *, power_off: bool = False) -> DiskState:
+        """Unmount (and power off, when asked and the drive can) what we mounted; leave
+        a disk someone else mounted as it was. Return how the disk is left; a second call
+        returns the first answer.
+
+        The sync and the unmount are shielded from cancellation (a SIGTERM during them
+        must not leave a half-written disk mounted); a failure is logged, never raised:
+        the state says "busy" (still mounted) or "gone" (pulled out).
+        """
+        if self.released:
+            return self.state
+        self.released = True
+        if not self.ours:
+            self.state = "left-mounted"
+            return self.state
+        device = self.info.device
+        try:
+            if not self.read_only:
+                await asyncio.shield(asyncio.to_thread(os.sync))
+            await asyncio.shield(self.udisks.unmount(self.info.object_path))
+            log.info("unmounted %s", device)
+            self.state = "unmounted"
+            if power_off and self.info.drive and await self.udisks.power_off(self.info.drive):
+                log.info("powered off %s: safe to unplug", device)
+                self.state = "powered-off"
+        except UDisksError as exc:
+            if exc.name in _GONE:
+                log.info("%s is gone (pulled out?); UDisks2 cleans up its mount point", device)
+                if self.state == "busy":
+                    self.state = "gone"
+            else:
+                log.warning("could not %s %s: %s", "power off" if self.state == "unmounted"
+                            else "unmount", device, exc)
+        return self.state
+
+
+@contextlib.asynccontextmanager
+async def mounted(udisks: UDisks, info: BlockInfo, *,
+                  read_only: bool = False) -> AsyncIterator[Mount]:
+    """Use the file system ``info`` describes: as it is when it is mounted already (and
+    then left mounted), else mounted here (read-only when asked) and unmounted again on
+    the way out, whatever happens inside (see ``Mount.release``)."""
+    if info.mount_points:
+        yield Mount(udisks, info, Path(info.mount_points[0]), ours=False,
+                    read_only=read_only)
+        return
+    mount = Mount(udisks, info, Path(await udisks.mount(info.object_path,
+                                                        read_only=read_only)),
+                  ours=True, read_only=read_only)
+    log.info("mounted %s at %s%s", info.device, mount.mount_point,
+             " (read-only)" if read_only else "")
+    try:
+        yield mount
+    finally:
+        await mount.release()

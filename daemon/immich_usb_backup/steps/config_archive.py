@@ -14,19 +14,50 @@ import os
 import socket
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from immich_usb_backup import __version__, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError
 from immich_usb_backup.fsutil import atomic_write, fsync_dir, remove_stale_temps
-from immich_usb_backup.steps import RunContext, StepResult, in_thread
+from immich_usb_backup.policy import Space
+from immich_usb_backup.record import StepResult
+from immich_usb_backup.steps.base import Preflight, RunContext, Step, in_thread
 
 log = logging.getLogger(__name__)
 
 FOLDER = "config"
 NOTE_NAME = "RESTORE.txt"
+
+
+@dataclass
+class ConfigResult(StepResult):
+    archive: str | None = None  # the archive's name in config/
+    files_in_archive: int | None = None
+
+    def disk_info(self) -> dict[str, Any]:
+        return {"latest_archive": self.archive} if self.archive else {}
+
+
+class ConfigStep(Step):
+    """Zip the configured paths into ``config/``, keep the last N archives."""
+
+    name = "config"
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return config.config_backup.enabled
+
+    async def preflight(self, cluster: int) -> Preflight:
+        size = await in_thread(self.ctx, lambda: estimate(self.ctx))
+        paths = len(self.ctx.config.config_backup.paths)
+        return Preflight(Space(to_write=size), f"config: an archive of {paths} configured "
+                         "path(s)", 1, size)
+
+    async def write(self) -> StepResult:
+        return await run(self.ctx)
 
 
 def _walk(path: Path, skipped: list[str]) -> Iterator[Path]:
@@ -64,6 +95,12 @@ def estimate(ctx: RunContext) -> int:
             except OSError:
                 continue
     return total + 64 * 1024
+
+
+def _start(ctx: RunContext) -> str:
+    """Make the folder, remove what an interrupted run left; return the archive's name."""
+    remove_stale_temps(ctx.root.mkdir(FOLDER))
+    return archive_name(ctx)
 
 
 def archive_name(ctx: RunContext) -> str:
@@ -110,13 +147,11 @@ def _restore_note(ctx: RunContext, included: list[str], problems: list[str],
     return "\n".join(lines) + "\n"
 
 
-async def run(ctx: RunContext) -> StepResult:
+async def run(ctx: RunContext) -> ConfigResult:
     """Write the archive (temp name, fsync, rename), then prune beyond ``keep``."""
-    result = StepResult("config")
+    result = ConfigResult()
     cfg = ctx.config.config_backup
-    folder = ctx.root.mkdir(FOLDER)
-    remove_stale_temps(folder)
-    name = archive_name(ctx)
+    name = await in_thread(ctx, lambda: _start(ctx))
     final = ctx.root.path(FOLDER, name)
     ctx.status.set_phase("config", 0, name)
     skipped: list[str] = []
@@ -155,11 +190,17 @@ async def run(ctx: RunContext) -> StepResult:
         raise BackupError(f"config: writing {name} failed: {exc}") from exc
     for s in skipped:
         ctx.problems.add(f"config: not in the archive: {s}")
-    result.files, result.bytes = 1, final.stat().st_size
-    result.info.update(archive=name, files_in_archive=files)
+    result.files, result.bytes = 1, await in_thread(ctx, lambda: _prune(ctx, final))
+    result.archive, result.files_in_archive = name, files
+    return result
+
+
+def _prune(ctx: RunContext, final: Path) -> int:
+    """Prune archives beyond ``keep``; return the size of the new one."""
+    folder = final.parent
     names = [e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
-    for old in policy.archives_to_prune(names, cfg.keep):
+    for old in policy.archives_to_prune(names, ctx.config.config_backup.keep):
         ctx.root.path(FOLDER, old).unlink()
         log.info("pruned old config archive %s", old)
     fsync_dir(folder)
-    return result
+    return final.stat().st_size

@@ -32,8 +32,10 @@ from immich_usb_backup.hashing import (
     hash_files,
     sha256_file,
 )
+from immich_usb_backup.record import StepResult
 from immich_usb_backup.scan import MODIFY_WINDOW_NS, Plan, read_files_list, read_paths
-from immich_usb_backup.steps import RunContext, StepResult, in_thread, library
+from immich_usb_backup.steps import library
+from immich_usb_backup.steps.base import RunContext, in_thread
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, l
     day = library.keep_day(ctx)
     kept = f"; the differing copy is kept in deleted/{day}/" if day else ""
     try:
-        await library.copy_lists(ctx, [recopy], len(rels), 0, StepResult("recopy"))
+        await library.copy_lists(ctx, [recopy], len(rels), 0, StepResult())
     except BackupError as exc:
         return compared, [
             f"verify: library/{rel} differed from the server ({why}){kept}; copying it "

@@ -17,15 +17,20 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from immich_usb_backup import execute, keep
+from immich_usb_backup import execute, keep, policy
+from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, CommandError, Refused
-from immich_usb_backup.fsutil import ensure_inside
+from immich_usb_backup.fsutil import allocated, ensure_inside
 from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.hashing import Stopped, hash_files
+from immich_usb_backup.policy import Space, human_bytes
+from immich_usb_backup.record import StepResult
 from immich_usb_backup.scan import Excludes, Plan, read_delete_list, read_paths, scan
-from immich_usb_backup.steps import RunContext, StepResult, in_thread
+from immich_usb_backup.steps.base import Preflight, RunContext, Step, in_thread
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +40,124 @@ IMMICH_MARKER = ".immich"
 RSYNC_MIN_VERSION = (3, 1, 0)
 RSYNC_VANISHED = 24  # a source file vanished while copying: Immich deleted it; fine
 
+MANIFEST_LINE_BYTES = 200  # a generous average: digest, two spaces, a long Immich path
+
 _PROGRESS = re.compile(r"^\s*([\d,.]+)\s+(\d+)%")
 _STATS_FILES = re.compile(r"^Number of regular files transferred:\s*([\d,.]+)")
 _STATS_BYTES = re.compile(r"^Total transferred file size:\s*([\d,.]+)")
+
+
+@dataclass
+class LibraryResult(StepResult):
+    pruned_days: list[str] | None = None  # dated folders pruned from deleted/
+    deleted: int | None = None  # files removed because the server deleted them
+    kept: int | None = None  # files moved into deleted/ (removed or replaced)
+    keep_day: str | None = None
+    keep_days: int | None = None
+    source_files: int | None = None
+    source_bytes: int | None = None
+    compared: int | None = None  # files compared by content (verify and full modes)
+    manifest: dict[str, int] | None = None  # entries, hashed, left_out (unchanged)
+    mismatches: int | None = None
+
+    def finished_lines(self) -> list[str]:
+        lines = []
+        if self.kept:
+            where = f"deleted/{self.keep_day}/" if self.keep_day else "deleted/"
+            days = f" for {self.keep_days} days" if self.keep_days else ""
+            lines.append(f"Set aside: {self.kept} files deleted or changed on the server, "
+                         f"kept in {where} on the disk{days}.")
+        if self.compared is not None:
+            lines.append(f"Compared by content with the server: {self.compared} files.")
+        return lines
+
+    def disk_info(self) -> dict[str, Any]:
+        return {"library_files": self.source_files or 0,
+                "library_bytes": self.source_bytes or 0}
+
+    @property
+    def verify_failed(self) -> bool:
+        return bool(self.mismatches)
+
+
+class LibraryStep(Step):
+    """Mirror the upload location into ``library/``; compare and list checksums."""
+
+    name = "library"
+    plan: Plan
+    kept: keep.KeepSurvey | None = None
+    cache: HashCache | None = None
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return config.library.enabled
+
+    async def preflight(self, cluster: int) -> Preflight:
+        """Refuse a source that is not Immich's (rule 4), compare the library with the
+        backup, refuse a run that deletes or replaces too much, survey the keep area."""
+        ctx, cfg = self.ctx, self.ctx.config
+        await in_thread(ctx, lambda: check_source(cfg.immich.upload_location,
+                                                  cfg.immich.require_markers))
+        self.plan = p = await plan(ctx, cluster)
+        limit = cfg.library.max_delete_percent
+        refusal = (policy.deletion_refusal(p.delete_files, p.mirror_files, limit)
+                   or policy.replacement_refusal(p.replaced_files, p.mirror_files, limit))
+        if refusal:
+            raise Refused(refusal)
+        self.kept = await in_thread(ctx, lambda: survey_keep(ctx, cluster))
+        log.debug("library preflight: %d files to copy, %d to delete", p.copy_files,
+                  p.delete_files)
+        line = (f"library: {p.copy_files} of {p.source_files} files to copy "
+                f"({human_bytes(p.copy_bytes)}), {p.delete_files} to delete")
+        return Preflight(self._space(cluster), line, p.copy_files, p.copy_bytes)
+
+    def _space(self, cluster: int) -> Space:
+        """With the keep area on, nothing the run removes from the mirror frees space (it
+        is moved to deleted/); only the dated folders it prunes do."""
+        p, kept = self.plan, self.kept
+        to_write = p.copy_alloc
+        if p.files_list is not None and self.ctx.config.library.manifest:
+            to_write += allocated(p.source_files * MANIFEST_LINE_BYTES, cluster)
+        freed = kept.prune_alloc if kept else 0
+        in_keep = (kept.alloc - kept.prune_alloc) if kept else 0
+        if self.ctx.config.library.keep_deleted_days > 0:
+            return Space(to_write, freed, kept=in_keep + p.delete_alloc + p.replaced_alloc)
+        return Space(to_write, freed + p.delete_alloc, p.replaced_alloc,
+                     p.largest_replaced_alloc, in_keep)
+
+    async def write(self) -> StepResult:
+        if self.plan.files_list is not None:
+            self.cache = HashCache(self.ctx.config.state_dir)
+        return await run(self.ctx, self.plan, self.kept, self.cache)
+
+    async def verify(self, result: StepResult) -> None:
+        """Compare contents (verify and full modes) and write the manifest; a difference
+        fails the run, after each is named in the problems."""
+        # integrity uses this module's copying: imported here, not at the top
+        from immich_usb_backup.steps import integrity  # noqa: PLC0415
+
+        assert isinstance(result, LibraryResult)
+        ctx, cache = self.ctx, self.cache
+        mismatches: list[str] = []
+        if cache is not None and ctx.mode != "quick":
+            result.compared, mismatches = await integrity.compare(ctx, self.plan, cache)
+        if cache is not None and ctx.config.library.manifest:
+            result.manifest = await integrity.write_manifest(ctx, self.plan, cache)
+        else:
+            await in_thread(ctx, lambda: integrity.remove_manifest(ctx))
+        if mismatches:
+            result.mismatches = len(mismatches)
+            for problem in mismatches:
+                ctx.problems.add(problem)
+            raise BackupError(
+                f"verify: {len(mismatches)} file(s) on the disk differed from the server "
+                "(listed above); something changed data it should not have: check the "
+                "disk and the server's storage")
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
 
 
 def rsync_base_args(bwlimit_kib: int = 0) -> list[str]:
@@ -177,33 +297,31 @@ def _number(text: str) -> int:
 
 
 async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
-              cache: HashCache | None) -> StepResult:
+              cache: HashCache | None) -> LibraryResult:
     """Apply the plan: prune the keep area, set aside what the server deleted or changed
     (into the keep area, or deleted), then copy. With a ``cache`` in quick mode, the new
     files are hashed (for the manifest) while rsync copies them."""
-    result = StepResult("library")
-    mirror = ctx.root.mkdir(FOLDER)
+    result = LibraryResult()
+    mirror = await in_thread(ctx, lambda: ctx.root.mkdir(FOLDER))
     if cache is not None and (plan.copy_files or plan.delete_files or plan.delete_dirs):
         cache.set_manifest_state(ctx.disk_key, None)  # the manifest is stale until rewritten
     if kept is not None and kept.prune:
         ctx.status.set_phase("prune", 0, f"removing {len(kept.prune)} expired folder(s) "
                              "from deleted/")
         await in_thread(ctx, lambda: keep.prune(ctx.root, kept.prune))
-        result.info["pruned_days"] = kept.prune
+        result.pruned_days = kept.prune
     if plan.delete_files or plan.delete_dirs or plan.replaced_files:
         ctx.status.set_phase("delete", 0, f"setting aside {plan.delete_files} deleted and "
                              f"{plan.replaced_files} changed files")
         removed, moved = await in_thread(ctx, lambda: _delete(ctx, mirror, plan))
-        result.info["deleted"] = removed
-        result.info["kept"] = moved
+        result.deleted, result.kept = removed, moved
         if moved:
-            result.info["keep_day"] = keep_day(ctx)
-            result.info["keep_days"] = ctx.config.library.keep_deleted_days
+            result.keep_day = keep_day(ctx)
+            result.keep_days = ctx.config.library.keep_deleted_days
     hash_while_copying = cache if ctx.mode == "quick" else None
     await copy_lists(ctx, plan.copy_lists, plan.copy_files, plan.copy_bytes, result,
                      hash_while_copying)
-    result.info["source_files"] = plan.source_files
-    result.info["source_bytes"] = plan.source_bytes
+    result.source_files, result.source_bytes = plan.source_files, plan.source_bytes
     return result
 
 
