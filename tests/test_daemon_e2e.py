@@ -22,8 +22,15 @@ from typing import Any
 import pytest
 
 import stack as st
-from conftest import IN_CI, Server, run_cli, tree
+from conftest import IN_CI, LoopWatch, Server, note_loop_blocks, run_cli, tree
 from immich_usb_backup import history
+
+
+@pytest.fixture(autouse=True)
+def _loop_never_blocked(no_blocked_loop: LoopWatch) -> LoopWatch:
+    """Every test fails if the daemon's (or a command's) event loop was blocked for
+    100 ms (conftest). Set up first, so checked last: after the daemons stopped."""
+    return no_blocked_loop
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,9 @@ def real_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st.Stack]:
         if IN_CI:
             pytest.fail(why)
         pytest.skip(why)
-    s = st.Stack(tmp_path_factory.mktemp("stack"))
+    # only the images of this session look like USB disks: not a person's own disks,
+    # nor images an earlier run may have left attached
+    s = st.Stack(tmp_path_factory.mktemp("stack"), tmp_path_factory.getbasetemp())
     try:
         s.start()
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = s.bus_address
@@ -95,8 +104,11 @@ class Daemon:
 
 
 @pytest.fixture
-def start_daemon(real_stack: st.Stack, server: Server, tmp_path: Path
-                 ) -> Iterator[Callable[[], Daemon]]:
+def start_daemon(real_stack: st.Stack, server: Server, tmp_path: Path,
+                 plugs: list[st.Plug]) -> Iterator[Callable[[], Daemon]]:
+    """Start the daemon; it is stopped at the end of the test, before the test's disks are
+    pulled (``plugs`` is set up first, so torn down last), and its log is checked for a
+    blocked event loop."""
     started: list[Daemon] = []
 
     def start() -> Daemon:
@@ -108,20 +120,31 @@ def start_daemon(real_stack: st.Stack, server: Server, tmp_path: Path
         return d
 
     yield start
+    problems = []
     for d in started:
-        d.stop()
+        try:
+            d.stop()
+        except Exception as exc:  # every daemon is stopped; the first problem is told
+            problems.append(exc)
+        note_loop_blocks(f"daemon ({d.log_path})", d.log)
+    if problems:
+        raise problems[0]
 
 
 @pytest.fixture
 def plugs() -> Iterator[list[st.Plug]]:
-    """Plugged disks, pulled at the end of the test whatever happened."""
+    """Plugged disks, unmounted and detached at the end of the test whatever happened
+    (the teardown fails if one cannot be: a disk left attached is found by the next run)."""
     out: list[st.Plug] = []
     yield out
+    problems = []
     for p in out:
-        with contextlib.suppress(Exception):
-            if st.is_mounted(p.device):
-                subprocess.run(["umount", p.device], check=False, capture_output=True)
-            p.pull()
+        try:
+            p.remove()
+        except Exception as exc:
+            problems.append(exc)
+    if problems:
+        raise problems[0]
 
 
 def records(server: Server) -> list[dict[str, Any]]:
@@ -514,5 +537,6 @@ def test_losing_the_system_bus_makes_the_daemon_exit_with_failure_for_a_restart(
             proc.kill()
         if bus.poll() is None:
             bus.kill()
+    note_loop_blocks("daemon", out)
     assert proc.returncode == 1
     assert "lost the connection to the system bus" in out

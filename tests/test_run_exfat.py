@@ -18,9 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ExfatDisk, Server, run_cli, tree, write_dump
+from conftest import ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli, tree, write_dump
 
 pytestmark = pytest.mark.exfat
+
+
+@pytest.fixture(autouse=True)
+def _loop_never_blocked(no_blocked_loop: LoopWatch) -> LoopWatch:
+    """Every test fails if the product's event loop was blocked for 100 ms (conftest)."""
+    return no_blocked_loop
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
@@ -529,6 +535,7 @@ def test_sigterm_mid_copy_stops_rsync_records_interrupted_and_next_run_finishes(
     assert st["disk"]["label"] == "Backup"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
+    note_loop_blocks("immich-usb-backup run (SIGTERM)", err)
 
     assert proc.returncode == 1, out + err
     assert "INTERRUPTED" in out
@@ -570,7 +577,8 @@ def test_a_manifest_left_stale_by_an_interrupted_run_is_rewritten_by_the_next(
 
     _wait_for(copying_video)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
+    note_loop_blocks("immich-usb-backup run (SIGTERM)", err)
     assert (disk.marker / "library" / "upload" / "a-small" / "0.jpg").is_file()
     video.unlink()
     video.parent.rmdir()

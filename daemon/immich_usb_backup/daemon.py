@@ -91,10 +91,17 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         self.udisks = await UDisks.connect()
-        monitor = DeviceMonitor(self.on_event)
-        monitor.start()  # before the coldplug listing, so no plug falls between
-        for dev in list_block_devices():
+        # The monitor starts before the coldplug listing, so no plug falls between. The
+        # listing reads udev's database of every block device: a thread does it, and the
+        # events that arrive meanwhile wait until the disks already there are considered.
+        early: list[DeviceEvent] = []
+        monitor = DeviceMonitor(early.append)
+        monitor.start()
+        for dev in await asyncio.to_thread(list_block_devices):
             self.on_event(DeviceEvent("add", dev))
+        for event in early:
+            self.on_event(event)
+        monitor.on_event = self.on_event
         worker = asyncio.create_task(self.worker())
         systemd.notify("READY=1", "STATUS=idle, waiting for a backup disk")
         log.info("immich-usb-backup daemon ready")
