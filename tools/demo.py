@@ -707,21 +707,27 @@ def _program(proc: subprocess.Popen[bytes]) -> str:
 def describe_stack(stack: st.Stack) -> list[str]:
     """One line per piece: what the demo started or added, and what it found running."""
     pids = {_program(p): p.pid for p in stack.procs}
-    added = {path for _, path in stack.undo}
-    lines = [f"started  a private system D-Bus (dbus-daemon, pid {pids['dbus-daemon']}) at "
-             f"{stack.bus_address}"]
+    added = {path for path, _ in stack.undo}
+    if "dbus-daemon" in pids:
+        lines = [f"started  a private system D-Bus (dbus-daemon, pid {pids['dbus-daemon']}) "
+                 f"at {stack.bus_address}"]
+    else:
+        lines = [f"found    the system D-Bus at {stack.bus_address}: used as it is"]
     if "systemd-udevd" in pids:
         lines.append(f"started  udevd (pid {pids['systemd-udevd']}): none was running")
     else:
         lines.append("found    udevd running: used as it is")
     if st.TEST_RULE in added:
-        lines.append(f"added    {st.TEST_RULE}: loop devices with exFAT look like USB disks")
-    else:
-        lines.append(f"found    {st.TEST_RULE} (already there): loop devices look like USB disks")
+        lines.append(f"added    {st.TEST_RULE}: the demo's loop devices with exFAT look like "
+                     "USB disks")
     if st.MOUNT_EXFAT in added:
         lines.append(f"added    {st.MOUNT_EXFAT} -> exfat-fuse: this kernel has no exFAT driver")
-    lines.append(f"started  UDisks2 (udisksd, pid {pids['udisksd']}) on that bus: it mounts and "
-                 "unmounts disks for the daemon")
+    if "udisksd" in pids:
+        lines.append(f"started  UDisks2 (udisksd, pid {pids['udisksd']}) on that bus: it mounts "
+                     "and unmounts disks for the daemon")
+    else:
+        lines.append("found    UDisks2 running on that bus: used as it is (it mounts and "
+                     "unmounts disks for the daemon)")
     return lines
 
 
@@ -780,12 +786,30 @@ def backup_on_plug(s: Session, daemon: Daemon, config: Path, state: Path, uuid_:
 
 
 def demo(s: Session, checks: Checks) -> None:
+    """The demo's acts, in the order the module doc tells them (main cleans up)."""
+    introduce(s)
+    preflight()
+    srv, config = show_sample_server(s, checks)
+    make_disk(s)
+    start_stack(s)
+    uuid_ = approve_disk(s, config, checks)
+    daemon = start_daemon(s, config)
+    backup_on_plug(s, daemon, config, srv.state, uuid_, checks, "first")
+    added, gone = change_library(srv)
+    backup_on_plug(s, daemon, config, srv.state, uuid_, checks, "second")
+    found = look_at_disk(s, daemon, config, checks)
+    check_disk(s, srv, found, added, gone, checks)
+
+
+def introduce(s: Session) -> None:
     say(f"{BOLD}immich-usb-backup quick-start demo{RESET}")
     say("The daemon backs up a small sample Immich server onto a throwaway exFAT disk image")
     say("each time the disk is plugged in.")
     say(f"Everything lives in {s.tmp} and is removed at the end.")
-    preflight()
 
+
+def show_sample_server(s: Session, checks: Checks) -> tuple[SampleServer, Path]:
+    """Act 1: build the sample server and immich-usb-backup's configuration; show both."""
     heading("1. a sample Immich server")
     srv = build_server(s.tmp / "server")
     say(f"Immich's upload location (UPLOAD_LOCATION): {srv.upload}")
@@ -806,7 +830,11 @@ def demo(s: Session, checks: Checks) -> None:
         say(f"  | {line}")
     say()
     checks.check(cli("check", config=config)[0] == 0, "`immich-usb-backup check` is happy")
+    return srv, config
 
+
+def make_disk(s: Session) -> None:
+    """Act 2: the disk image, prepared as on another computer; not plugged in yet."""
     heading("2. a throwaway USB disk")
     try:
         st.make_image(s.image, LABEL, size_mb=DISK_MB, partitioned=True, files=USER_FILES)
@@ -819,10 +847,13 @@ def demo(s: Session, checks: Checks) -> None:
         say(f"  {rel}   ({human(len(data))}, the user's own)")
     say("It is not plugged in yet.")
 
+
+def start_stack(s: Session) -> None:
+    """Act 3: the private system D-Bus, udevd (if none runs) and UDisks2."""
     heading("3. what a server runs anyway: D-Bus, udev, UDisks2")
     say("The daemon hears about disks from udev and mounts them through UDisks2 on the")
     say("system D-Bus. The demo starts what is missing, privately, and stops it at the end:")
-    s.stack = st.Stack(s.tmp / "stack")
+    s.stack = st.Stack(s.tmp / "stack", images_under=s.tmp)
     try:
         with sheltered_from_ctrl_c():
             s.stack.start()
@@ -832,6 +863,10 @@ def demo(s: Session, checks: Checks) -> None:
     for line in describe_stack(s.stack):
         say(f"  {line}")
 
+
+def approve_disk(s: Session, config: Path, checks: Checks) -> str:
+    """Act 4: plug the disk in, list it with ``disks``, ``approve`` it, pull it out.
+    Return its file system UUID."""
     heading("4. plug the disk in once and approve it")
     plug = s.plug_in()
     uuid_ = disk_uuid(plug.device)
@@ -847,7 +882,11 @@ def demo(s: Session, checks: Checks) -> None:
                  "UUID and unmounted it again)", f"exit code {rc}")
     s.pull_out(plug)
     say(f"pulled the disk out ({plug.device} is gone)")
+    return uuid_
 
+
+def start_daemon(s: Session, config: Path) -> Daemon:
+    """Act 5, first half: start the daemon and wait until it is ready for the plug."""
     heading("5. the daemon: plug the disk in, walk away")
     s.daemon = daemon = Daemon(config, s.tmp)
     say(f"$ immich-usb-backup -c {config.name} -v daemon &     (log: {daemon.log_path})")
@@ -858,8 +897,11 @@ def demo(s: Session, checks: Checks) -> None:
     say(f"the daemon is ready: it sent READY=1 and {told} (what systemd would show)")
     show_log(daemon)
     say()
-    backup_on_plug(s, daemon, config, srv.state, uuid_, checks, "first")
+    return daemon
 
+
+def change_library(srv: SampleServer) -> tuple[list[Path], Path]:
+    """Act 6, first half: 3 photos uploaded, 1 deleted. Return (the added, the deleted)."""
     heading("6. the library changes; plug the disk in again")
     now = datetime.now().astimezone()
     added = [srv.add_photo(72, 64, 40, now - timedelta(minutes=m)) for m in (3, 2, 1)]
@@ -872,8 +914,27 @@ def demo(s: Session, checks: Checks) -> None:
     say("1 photo deleted in Immich:")
     say(f"  - {gone.relative_to(srv.upload)}")
     say()
-    backup_on_plug(s, daemon, config, srv.state, uuid_, checks, "second")
+    return added, gone
 
+
+@dataclass
+class OnDisk:
+    """What act 7 found on the disk (attached read-only), for the checks of act 8."""
+
+    look: LookDisk
+    backup: Path  # the marker folder
+    deleted_day: Path  # where a photo deleted today is kept
+    info: dict[str, object]  # backup-info.toml's [backup]
+    zips: list[Path]  # the config archives
+    zip_names: list[str]  # what the newest of them holds
+    verify_rc: int
+    verify_out: str
+    sums: subprocess.CompletedProcess[str]  # sha256sum -c library.sha256
+
+
+def look_at_disk(s: Session, daemon: Daemon, config: Path, checks: Checks) -> OnDisk:
+    """Act 7: stop the daemon, attach the disk read-only, show what is on it, and check
+    it against its manifest with ``verify`` and with ``sha256sum -c``."""
     heading("7. stop the daemon; what is on the disk")
     say(f"$ kill -TERM {daemon.proc.pid}     (what `systemctl stop` does)")
     stopped = daemon.stop()
@@ -890,11 +951,24 @@ def demo(s: Session, checks: Checks) -> None:
     list_root(mnt)
     say()
     print_tree(backup)
+    show_readme(backup)
+    info = show_backup_info(backup)
+    zips, names = show_config_archive(backup)
+    verify_rc, verify_out, sums = verify_disk(mnt, backup, config)
+    deleted_day = backup / "deleted" / datetime.now().date().isoformat()
+    return OnDisk(look, backup, deleted_day, info, zips, names, verify_rc, verify_out, sums)
+
+
+def show_readme(backup: Path) -> None:
     readme = backup / "README.txt"
     if readme.is_file():
         say("\nREADME.txt (first lines):")
         for line in readme.read_text().splitlines()[:10]:
             say(f"  | {line}")
+
+
+def show_backup_info(backup: Path) -> dict[str, object]:
+    """Show backup-info.toml; return its [backup] table (empty when it cannot be read)."""
     info_path = backup / "backup-info.toml"
     info: dict[str, object] = {}
     if info_path.is_file():
@@ -905,6 +979,11 @@ def demo(s: Session, checks: Checks) -> None:
         with contextlib.suppress(tomllib.TOMLDecodeError):
             section = tomllib.loads(text).get("backup", {})
             info = section if isinstance(section, dict) else {}
+    return info
+
+
+def show_config_archive(backup: Path) -> tuple[list[Path], list[str]]:
+    """Show what the newest config archive holds; return (the archives, its names)."""
     zips = sorted((backup / "config").glob("*.zip")) if (backup / "config").is_dir() else []
     names: list[str] = []
     if zips:
@@ -913,7 +992,13 @@ def demo(s: Session, checks: Checks) -> None:
         say(f"\nconfig/{zips[-1].name} holds:")
         for name in sorted(names):
             say(f"  {name}")
+    return zips, names
 
+
+def verify_disk(
+    mnt: Path, backup: Path, config: Path
+) -> tuple[int, str, subprocess.CompletedProcess[str]]:
+    """Check the disk against its manifest: ``verify``, then plain ``sha256sum -c``."""
     say("\nthe disk checked against its manifest, without the server (read-only):")
     verify_rc, verify_out = cli("verify", str(mnt), config=config, capture=True)
     say("\nand with nothing but sha256sum, as on any computer:")
@@ -924,18 +1009,33 @@ def demo(s: Session, checks: Checks) -> None:
         say(f"  {line}")
     if sums.returncode == 0:
         say("all files OK")
-    kept_day = backup / "deleted" / datetime.now().date().isoformat()
-    kept = kept_day / gone.relative_to(srv.upload)
+    return verify_rc, verify_out, sums
 
+
+def check_disk(s: Session, srv: SampleServer, found: OnDisk, added: list[Path], gone: Path,
+               checks: Checks) -> None:
+    """Act 8: the verdicts on what act 7 found; then detach the disk."""
     heading("8. checks")
-    checks.check(verify_rc == 0 and "verify OK" in verify_out,
+    checks.check(found.verify_rc == 0 and "verify OK" in found.verify_out,
                  "`verify` read every file back and found it as the manifest says",
-                 f"exit code {verify_rc}")
+                 f"exit code {found.verify_rc}")
+    sums = found.sums
     checks.check(sums.returncode == 0, "`sha256sum -c library.sha256` passes on the disk",
                  (sums.stdout + sums.stderr)[-500:])
+    kept = found.deleted_day / gone.relative_to(srv.upload)
     checks.check(kept.is_file(),
                  f"the photo deleted in Immich is still on the disk, in "
-                 f"deleted/{kept_day.name}/ (kept 30 days)", str(kept))
+                 f"deleted/{found.deleted_day.name}/ (kept 30 days)", str(kept))
+    check_user_files(found.look.mount_point, checks)
+    check_library(srv, found.backup, added, gone, checks)
+    check_dump_and_config(srv, found, checks)
+    if found.look.close():
+        say(f"\nunmounted {found.look.mount_point} and detached the disk image")
+    s.look = None
+
+
+def check_user_files(mnt: Path, checks: Checks) -> None:
+    """The user's own files beside the marker folder: untouched, and nothing new there."""
     user_files = {rel: hashlib.sha256(data).hexdigest() for rel, data in USER_FILES.items()}
     root_before = sorted({MARKER} | {rel.split("/")[0] for rel in USER_FILES})
     after = {
@@ -951,6 +1051,11 @@ def demo(s: Session, checks: Checks) -> None:
         "\n".join([*(f"changed: {r}" for r in changed), *(f"new: {r}" for r in extra),
                    f"disk root before: {root_before}", f"disk root after:  {root_after}"]),
     )
+
+
+def check_library(srv: SampleServer, backup: Path, added: list[Path], gone: Path,
+                  checks: Checks) -> None:
+    """library/ on the disk against the upload location: same files, same bytes."""
     source = files_under(srv.upload)
     mirror = files_under(backup / "library") if (backup / "library").is_dir() else {}
     checks.check(
@@ -967,20 +1072,21 @@ def demo(s: Session, checks: Checks) -> None:
     checks.check(not any(str(gone.relative_to(srv.upload)) == r for r in mirror)
                  and all(str(p.relative_to(srv.upload)) in mirror for p in added),
                  "the 3 new photos are on the disk and the deleted one is gone from it")
+
+
+def check_dump_and_config(srv: SampleServer, found: OnDisk, checks: Checks) -> None:
+    """The newest database dump, the config archive and backup-info.toml's verdict."""
     newest = max((srv.upload / "backups").glob("*.sql.gz"))
-    copied = backup / "database" / newest.name
+    copied = found.backup / "database" / newest.name
     checks.check(copied.is_file() and sha256(copied) == sha256(newest),
                  f"the newest database dump is in database/ ({newest.name})")
     want = {".env", "docker-compose.yml", "immich-config.json"}
-    in_zip = {Path(n).name for n in names}
-    checks.check(bool(zips) and want <= in_zip,
+    in_zip = {Path(n).name for n in found.zip_names}
+    checks.check(bool(found.zips) and want <= in_zip,
                  "the config archive holds immich-config.json, docker-compose.yml and .env")
-    checks.check(info.get("status") == "success",
+    checks.check(found.info.get("status") == "success",
                  "backup-info.toml says the last backup was a success",
-                 f"status = {info.get('status')!r}")
-    if look.close():
-        say(f"\nunmounted {mnt} and detached the disk image")
-    s.look = None
+                 f"status = {found.info.get('status')!r}")
 
 
 def cleanup(s: Session) -> None:
@@ -1007,12 +1113,13 @@ def cleanup(s: Session) -> None:
         detach_loop(loop)
         say(f"detached {loop}")
     if s.stack is not None:
+        names = ", ".join(_program(p) for p in reversed(s.stack.procs))
+        changed = [(path, before) for path, before in s.stack.undo]
         s.stack.stop()
         os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
-        names = ", ".join(_program(p) for p in reversed(s.stack.procs))
         say(f"stopped {names or 'nothing'}")
-        for _, path in s.stack.undo:
-            say(f"removed {path}")
+        for path, before in changed:
+            say(f"{'removed' if before is None else 'restored'} {path}")
     if left_mounted:
         say(f"left {s.tmp} in place because {s.look and s.look.mount_point} is still "
             "mounted; unmount it, then remove the folder")
