@@ -7,6 +7,7 @@ makes loop devices look like USB disks. The daemon runs as a real subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -540,3 +541,79 @@ def test_losing_the_system_bus_makes_the_daemon_exit_with_failure_for_a_restart(
     note_loop_blocks("daemon", out)
     assert proc.returncode == 1
     assert "lost the connection to the system bus" in out
+
+
+# udisks.mounted(): the one way to mount, use and unmount ------------------------------
+
+def test_mounted_reports_a_busy_disk_as_busy_and_leaves_it_mounted(
+    real_stack: st.Stack, plugs: list[st.Plug], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from immich_usb_backup.udisks import UDisks, mounted
+
+    plugs.append(st.plug(st.make_image(tmp_path / "disk.img", "Busy")))
+    st.settle()
+
+    async def use_while_a_file_is_open() -> tuple[str, Path]:
+        udisks = await UDisks.connect()
+        try:
+            info = await udisks.wait_for_filesystem(plugs[0].device)
+            async with mounted(udisks, info) as mount:
+                assert mount.ours
+                holder = open(mount.mount_point / "immich-server-backups" / "x", "wb")  # noqa: SIM115, ASYNC230
+            state = mount.state
+            holder.close()
+            await mount.udisks.unmount(info.object_path)  # what a person does later
+            return state, mount.mount_point
+        finally:
+            udisks.close()
+
+    with caplog.at_level("WARNING", logger="immich_usb_backup.udisks"):
+        state, _where = asyncio.run(use_while_a_file_is_open())
+
+    assert state == "busy"
+    assert any(f"could not unmount {plugs[0].device}" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert not st.is_mounted(plugs[0].device)
+
+
+def test_mounted_finishes_the_unmount_when_cancelled_during_it(
+    real_stack: st.Stack, plugs: list[st.Plug], tmp_path: Path,
+) -> None:
+    from immich_usb_backup.udisks import UDisks, mounted
+
+    plugs.append(st.plug(st.make_image(tmp_path / "disk.img", "Stop")))
+    st.settle()
+    mounted_at: list[Path] = []
+
+    async def main() -> None:
+        udisks = await UDisks.connect()
+        in_use = asyncio.Event()
+        try:
+            info = await udisks.wait_for_filesystem(plugs[0].device)
+
+            async def use() -> None:
+                async with mounted(udisks, info) as mount:
+                    mounted_at.append(mount.mount_point)
+                    in_use.set()
+                    await asyncio.sleep(3600)
+
+            task = asyncio.create_task(use())
+            await in_use.wait()
+            task.cancel()  # the first: leaves the block, starts the sync and unmount
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            task.cancel()  # a second one, during the sync or the unmount
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            # the shielded unmount goes on by itself
+            for _ in range(300):
+                if not st.is_mounted(plugs[0].device):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            udisks.close()
+
+    asyncio.run(main())
+    assert mounted_at, "never mounted"
+    assert not st.is_mounted(plugs[0].device)

@@ -430,6 +430,7 @@ def test_files_holding_notification_urls_stay_off_the_disk(
 # A disk we mount: "safe to unplug" only once it is unmounted --------------------------------
 
 @pytest.mark.exfat
+@pytest.mark.usefixtures("no_blocked_loop")  # the flow runs in this process
 def test_a_disk_detached_by_the_run_is_unmounted_before_the_finished_message(
     make_exfat, server: Server, hook: Hook
 ) -> None:
@@ -458,6 +459,7 @@ def test_a_disk_detached_by_the_run_is_unmounted_before_the_finished_message(
     assert last_record(server)["notifications"][-1] == {"event": "finished", "ok": True}
 
 
+@pytest.mark.usefixtures("no_blocked_loop")  # the flow runs in this process
 def test_a_marked_disk_that_is_not_approved_gets_the_approve_command(
     server: Server, hook: Hook
 ) -> None:
@@ -483,6 +485,7 @@ def test_a_marked_disk_that_is_not_approved_gets_the_approve_command(
     print("\n--- needs_approval ---\n" + msg["title"] + "\n" + body)
 
 
+@pytest.mark.usefixtures("no_blocked_loop")  # the flow runs in this process
 def test_a_disk_that_cannot_be_used_sends_a_failed_message(server: Server, hook: Hook) -> None:
     from immich_usb_backup import flow
     from immich_usb_backup.config import load_config
@@ -500,6 +503,7 @@ def test_a_disk_that_cannot_be_used_sends_a_failed_message(server: Server, hook:
     assert msg["message"].endswith("The disk is not mounted: it is safe to unplug.")
 
 
+@pytest.mark.usefixtures("no_blocked_loop")  # the flow runs in this process
 def test_disabled_events_and_no_urls_send_and_record_nothing(
     server: Server, hook: Hook
 ) -> None:

@@ -249,28 +249,31 @@ class Mount:
     ours: bool
     read_only: bool
     state: DiskState = "busy"
-    released: bool = field(default=False, repr=False)
+    _detaching: asyncio.Future[DiskState] | None = field(default=None, repr=False)
 
     async def release(self, *, power_off: bool = False) -> DiskState:
         """Unmount (and power off, when asked and the drive can) what we mounted; leave
-        a disk someone else mounted as it was. Return how the disk is left; a second call
-        returns the first answer.
+        a disk someone else mounted as it was. Return how the disk is left; a later call
+        waits for the first one's answer.
 
-        The sync and the unmount are shielded from cancellation (a SIGTERM during them
-        must not leave a half-written disk mounted); a failure is logged, never raised:
-        the state says "busy" (still mounted) or "gone" (pulled out).
+        The sync, unmount and power-off run as one task shielded from cancellation: a
+        SIGTERM (or a second one) while they run does not stop them half-way; the caller
+        is cancelled, the disk is still detached. A failure is logged, never raised: the
+        state says "busy" (still mounted) or "gone" (pulled out).
         """
-        if self.released:
-            return self.state
-        self.released = True
+        if self._detaching is None:
+            self._detaching = asyncio.ensure_future(self._detach(power_off))
+        return await asyncio.shield(self._detaching)
+
+    async def _detach(self, power_off: bool) -> DiskState:
         if not self.ours:
             self.state = "left-mounted"
             return self.state
         device = self.info.device
         try:
             if not self.read_only:
-                await asyncio.shield(asyncio.to_thread(os.sync))
-            await asyncio.shield(self.udisks.unmount(self.info.object_path))
+                await asyncio.to_thread(os.sync)
+            await self.udisks.unmount(self.info.object_path)
             log.info("unmounted %s", device)
             self.state = "unmounted"
             if power_off and self.info.drive and await self.udisks.power_off(self.info.drive):
