@@ -408,14 +408,10 @@ class Config:
         return self.state.dir
 
 
+# Every [section], in the order of Config's fields: a section is its dataclass and a field.
 SECTIONS: dict[str, type[Any]] = {
-    "immich": ImmichConfig,
-    "database": DatabaseConfig,
-    "config_backup": ConfigBackupConfig,
-    "library": LibraryConfig,
-    "disks": DisksConfig,
-    "notify": NotifyConfig,
-    "state": StateConfig,
+    name: hint for name, hint in typing.get_type_hints(Config).items()
+    if name != "source" and isinstance(hint, type)
 }
 
 
@@ -471,7 +467,9 @@ def parse_config(data: dict[str, Any], where: str, source: Path | None = None) -
         if not problems:
             return cfg
     elif all(built.get(k) is not None for k in ("immich", "state", "library")):
-        _check_relations(cast(Config, _Partial(**built)), where, problems)
+        # the sections that did validate, for cross-key checks while others have errors
+        partial = types.SimpleNamespace(**built)
+        _check_relations(cast(Config, partial), where, problems)
     raise ConfigError(problems)
 
 
@@ -591,19 +589,6 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
             )
         elif ".." in pattern.split("/"):
             problems.append(f'{where}: library.excludes: pattern "{pattern}" must not use ".."')
-
-
-@dataclass(frozen=True)
-class _Partial:
-    """The sections that did validate, for cross-key checks while others have errors."""
-
-    immich: ImmichConfig
-    library: LibraryConfig
-    state: StateConfig
-    database: DatabaseConfig | None = None
-    config_backup: ConfigBackupConfig | None = None
-    disks: DisksConfig | None = None
-    notify: NotifyConfig | None = None
 
 
 def _overlaps(a: Path, b: Path) -> bool:
