@@ -295,6 +295,7 @@ def format_summary(r: RunRecord) -> str:
         f"  disk:     {r.disk.label or '-'} (UUID {r.disk.uuid or '-'})",
         f"  copied:   {r.files_transferred} files, {human_bytes(r.bytes_transferred or 0)}",
         f"  took:     {r.duration_s} s",
+        *(f"  {line}" for line in r.finished_lines),
     ]
     problems = r.problems
     if problems:

@@ -32,6 +32,7 @@ from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.hashing import BLOCK, Stopped, drop_device_cache, sha256_file
 from immich_usb_backup.lock import backup_lock
+from immich_usb_backup.record import readable
 from immich_usb_backup.scan import Excludes, list_dir
 from immich_usb_backup.status import StatusWriter
 from immich_usb_backup.target import Disk, find_backup_root, inspect_mount
@@ -52,7 +53,7 @@ class Found:
     def add(self, path: str) -> None:
         self.count += 1
         if len(self.paths) < LISTED:
-            self.paths.append(path)
+            self.paths.append(readable(path))
 
 
 @dataclass

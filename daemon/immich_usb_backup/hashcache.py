@@ -58,13 +58,21 @@ class HashCache:
 
     def lookup(self, path: str, size: int, mtime_ns: int) -> str | None:
         """The cached digest of ``path`` if it was hashed at this size and time."""
-        with self._lock:
+        with self._lock:  # not through entry(): the manifest calls this once a file
             row = self._db.execute(
                 "SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (path,)
             ).fetchone()
         if row is None or row[0] != size or row[1] != mtime_ns:
             return None
         return str(row[2])
+
+    def entry(self, path: str) -> tuple[int, int, str] | None:
+        """(size, mtime_ns, digest) last recorded for ``path``, at whatever size and time."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (path,)
+            ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]), str(row[2]))
 
     def put(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
         with self._lock:

@@ -33,6 +33,21 @@ def iso(when: datetime) -> str:
     return when.isoformat(timespec="seconds")
 
 
+def readable(text: str) -> str:
+    """``text`` as a person (and JSON, and a terminal) can take it: the bytes of a file
+    name that is not UTF-8, which Python carries as lone surrogates, shown escaped
+    (``bad-\\xff\\xfe.jpg``)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name made
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class StepResult:
     """What one step did: the files and bytes it wrote, and (in subclasses) its own
@@ -114,7 +129,7 @@ class RunRecord:
     def begin(cls, trigger: str, mode: str, target: str) -> RunRecord:
         """The record of a run starting now: "failed" until the flow says otherwise."""
         return cls(started_at=iso(now()), trigger=trigger, mode=mode,
-                   target=target, host=socket.gethostname(), version=__version__)
+                   target=readable(target), host=socket.gethostname(), version=__version__)
 
     @property
     def started(self) -> datetime:
@@ -128,7 +143,7 @@ class RunRecord:
         self.duration_s = round(time.monotonic() - self._t0, 1)
         self.files_transferred = sum(r.files for r in self.steps.values())
         self.bytes_transferred = sum(r.bytes for r in self.steps.values())
-        self.problems = list(problems)
+        self.problems = [readable(p) for p in problems]
 
     @property
     def verify_failed(self) -> bool:

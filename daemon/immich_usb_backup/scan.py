@@ -336,7 +336,7 @@ class _Walk:
                 unchanged = (old.size == e.size
                              and abs(old.mtime_ns - e.mtime_ns) <= MODIFY_WINDOW_NS)
                 if files_out is not None:
-                    files_out.write(_files_record(
+                    files_out.write(files_record(
                         b"U" if unchanged else b"C", e.size, e.mtime_ns, child))
                 if unchanged:
                     continue
@@ -346,7 +346,7 @@ class _Walk:
                 plan.largest_replaced_alloc = max(plan.largest_replaced_alloc, old_alloc)
                 deletes.write(b"R\0" + os.fsencode(child) + b"\0")
             elif files_out is not None:
-                files_out.write(_files_record(b"C", e.size, e.mtime_ns, child))
+                files_out.write(files_record(b"C", e.size, e.mtime_ns, child))
             plan.copy_files += 1
             plan.copy_bytes += e.size
             plan.copy_alloc += alloc
@@ -481,7 +481,7 @@ class FileRecord:
     copied: bool
 
 
-def _files_record(flag: bytes, size: int, mtime_ns: int, rel: str) -> bytes:
+def files_record(flag: bytes, size: int, mtime_ns: int, rel: str) -> bytes:
     return b"%s\0%d\0%d\0%s\0" % (flag, size, mtime_ns, os.fsencode(rel))
 
 

@@ -159,7 +159,7 @@ async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, l
     day = library.keep_day(ctx)
     kept = f"; the differing copy is kept in deleted/{day}/" if day else ""
     try:
-        await library.copy_lists(ctx, [recopy], len(rels), 0, StepResult())
+        await library.copy_paths(ctx, [recopy], len(rels), 0, StepResult())
     except BackupError as exc:
         return compared, [
             f"verify: library/{rel} differed from the server ({why}){kept}; copying it "

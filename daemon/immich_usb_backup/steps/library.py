@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import execute, keep, policy
+from immich_usb_backup import execute, keep, manifest, moves, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, CommandError, Refused
 from immich_usb_backup.fsutil import allocated, ensure_inside
@@ -50,6 +50,7 @@ _STATS_BYTES = re.compile(r"^Total transferred file size:\s*([\d,.]+)")
 @dataclass
 class LibraryResult(StepResult):
     pruned_days: list[str] | None = None  # dated folders pruned from deleted/
+    moved: int | None = None  # files Immich moved, renamed on the disk (not copied again)
     deleted: int | None = None  # files removed because the server deleted them
     kept: int | None = None  # files moved into deleted/ (removed or replaced)
     keep_day: str | None = None
@@ -62,6 +63,9 @@ class LibraryResult(StepResult):
 
     def finished_lines(self) -> list[str]:
         lines = []
+        if self.moved:
+            lines.append(f"Renamed on the disk: {self.moved} files Immich moved (not copied "
+                         "again).")
         if self.kept:
             where = f"deleted/{self.keep_day}/" if self.keep_day else "deleted/"
             days = f" for {self.keep_days} days" if self.keep_days else ""
@@ -85,6 +89,7 @@ class LibraryStep(Step):
 
     name = "library"
     plan: Plan
+    found: moves.Moves  # the files Immich moved
     kept: keep.KeepSurvey | None = None
     cache: HashCache | None = None
 
@@ -99,6 +104,9 @@ class LibraryStep(Step):
         await in_thread(ctx, lambda: check_source(cfg.immich.upload_location,
                                                   cfg.immich.require_markers))
         self.plan = p = await plan(ctx, cluster)
+        if p.files_list is not None:
+            self.cache = await in_thread(ctx, lambda: HashCache(cfg.state_dir))
+        self.found = await self._find_moves(cluster)
         limit = cfg.library.max_delete_percent
         refusal = (policy.deletion_refusal(p.delete_files, p.mirror_files, limit)
                    or policy.replacement_refusal(p.replaced_files, p.mirror_files, limit))
@@ -107,9 +115,33 @@ class LibraryStep(Step):
         self.kept = await in_thread(ctx, lambda: survey_keep(ctx, cluster))
         log.debug("library preflight: %d files to copy, %d to delete", p.copy_files,
                   p.delete_files)
+        renamed = f"{self.found.files} renamed on the disk, " if self.found.files else ""
         line = (f"library: {p.copy_files} of {p.source_files} files to copy "
-                f"({human_bytes(p.copy_bytes)}), {p.delete_files} to delete")
+                f"({human_bytes(p.copy_bytes)}), {renamed}{p.delete_files} to delete")
         return Preflight(self._space(cluster), line, p.copy_files, p.copy_bytes)
+
+    async def _find_moves(self, cluster: int) -> moves.Moves:
+        """Files Immich moved (see ``moves``): out of the plan, to be renamed on the disk."""
+        ctx, p, cache = self.ctx, self.plan, self.cache
+        if cache is None or not p.delete_files or not p.copy_files:
+            return moves.Moves()
+        ctx.status.set_phase("scan", 0, "looking for files Immich moved")
+        mirror = ctx.root.path(FOLDER)
+        return await in_thread(ctx, lambda: moves.find(
+            p, ctx.config.immich.upload_location, mirror, ctx.work_dir, cache,
+            self._fresh_manifest(cache), cluster, check_cancel=ctx.check_cancel))
+
+    def _fresh_manifest(self, cache: HashCache) -> Path | None:
+        """The disk's manifest when it is the one last written, complete: then it holds
+        the digest of every file in library/."""
+        path = self.ctx.root.path(manifest.NAME)
+        known = cache.manifest_state(self.ctx.disk_key)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        fresh = known is not None and known[2] and known[:2] == (st.st_size, st.st_mtime_ns)
+        return path if fresh else None
 
     def _space(self, cluster: int) -> Space:
         """With the keep area on, nothing the run removes from the mirror frees space (it
@@ -126,9 +158,7 @@ class LibraryStep(Step):
                      p.largest_replaced_alloc, in_keep)
 
     async def write(self) -> StepResult:
-        if self.plan.files_list is not None:
-            self.cache = HashCache(self.ctx.config.state_dir)
-        return await run(self.ctx, self.plan, self.kept, self.cache)
+        return await run(self.ctx, self.plan, self.kept, self.cache, self.found)
 
     async def verify(self, result: StepResult) -> None:
         """Compare contents (verify and full modes) and write the manifest; a difference
@@ -297,19 +327,29 @@ def _number(text: str) -> int:
 
 
 async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
-              cache: HashCache | None) -> LibraryResult:
-    """Apply the plan: prune the keep area, set aside what the server deleted or changed
-    (into the keep area, or deleted), then copy. With a ``cache`` in quick mode, the new
-    files are hashed (for the manifest) while rsync copies them."""
+              cache: HashCache | None, found: moves.Moves) -> LibraryResult:
+    """Apply the plan: prune the keep area, rename what Immich moved, set aside what the
+    server deleted or changed (into the keep area, or deleted), then copy. With a
+    ``cache`` in quick mode, the new files are hashed (for the manifest) while rsync
+    copies them."""
     result = LibraryResult()
     mirror = await in_thread(ctx, lambda: ctx.root.mkdir(FOLDER))
-    if cache is not None and (plan.copy_files or plan.delete_files or plan.delete_dirs):
+    if cache is not None and (plan.copy_files or plan.delete_files or plan.delete_dirs
+                              or found.files):
         cache.set_manifest_state(ctx.disk_key, None)  # the manifest is stale until rewritten
     if kept is not None and kept.prune:
         ctx.status.set_phase("prune", 0, f"removing {len(kept.prune)} expired folder(s) "
                              "from deleted/")
         await in_thread(ctx, lambda: keep.prune(ctx.root, kept.prune))
         result.pruned_days = kept.prune
+    copy_lists = plan.copy_lists
+    if found.files:
+        ctx.status.set_phase("move", 0, f"renaming {found.files} files Immich moved")
+        applied = await in_thread(ctx, lambda: moves.apply(found, mirror, ctx.work_dir, cache,
+                                                           ctx.check_cancel))
+        result.moved = applied.renamed
+        if applied.recopy is not None:
+            copy_lists = [*copy_lists, applied.recopy]
     if plan.delete_files or plan.delete_dirs or plan.replaced_files:
         ctx.status.set_phase("delete", 0, f"setting aside {plan.delete_files} deleted and "
                              f"{plan.replaced_files} changed files")
@@ -319,13 +359,13 @@ async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
             result.keep_day = keep_day(ctx)
             result.keep_days = ctx.config.library.keep_deleted_days
     hash_while_copying = cache if ctx.mode == "quick" else None
-    await copy_lists(ctx, plan.copy_lists, plan.copy_files, plan.copy_bytes, result,
+    await copy_paths(ctx, copy_lists, plan.copy_files, plan.copy_bytes, result,
                      hash_while_copying)
     result.source_files, result.source_bytes = plan.source_files, plan.source_bytes
     return result
 
 
-async def copy_lists(ctx: RunContext, lists: list[Path], files: int, total_bytes: int,
+async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes: int,
                      result: StepResult, cache: HashCache | None = None) -> None:
     """Copy the paths in ``lists`` (NUL-separated, relative to the upload location) with
     rsync, one list at a time, counting into ``result``. With a ``cache``, a thread

@@ -1,0 +1,278 @@
+"""Files Immich moved: found in the plan, renamed on the disk instead of copied again.
+
+Immich moves files with ``rename()``: when the storage template is turned on or changed,
+after metadata extraction, when a date is edited, with ``{{album}}`` templates when albums
+change. The scan sees each move as a file P gone from the library and a new file Q. Copied
+again, a 1 TB library would need 1 TB written and 1 TB more in the keep area, and the
+deletion guard would refuse the run; renamed on the disk, it costs a rename per file.
+
+``find`` (in the preflight, reading only) pairs them. The evidence for "Q is P moved":
+- Q has the same size and the same modification time, to the nanosecond, as the hash
+  cache recorded for P (``rename()`` keeps both), and no other gone file matches: taken
+  without reading anything;
+- otherwise (several gone files match, or nothing is recorded for P): Q is read once on
+  the server and its SHA-256 compared with P's (from the cache, or from the disk's
+  manifest when that is up to date).
+P's copy on the disk must be that recorded version (its size, its time within exFAT's
+window): a copy missing or differing is not renamed, Q is copied as usual.
+
+The pairs are taken out of the copy lists and the delete list (and marked as already on
+the disk in the files list), and the plan's numbers follow: the capacity check counts
+only what is really written, the deletion guard only what is really deleted. ``apply``
+(in the write phase, before anything is deleted or copied) renames each P to Q inside
+``library/`` (both checked after resolving links), gives Q the server's time when it
+differs, and records Q's digest in the hash cache, so the manifest follows without
+hashing the file again. A run killed half-way leaves some files renamed and some not:
+the next run's scan sees the renamed ones as unchanged and pairs the rest again.
+
+Everything streams through a SQLite file in the run's work folder: no list of all files
+is held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from immich_usb_backup import manifest
+from immich_usb_backup.fsutil import allocated, ensure_inside
+from immich_usb_backup.hashcache import HashCache
+from immich_usb_backup.hashing import sha256_file
+from immich_usb_backup.scan import (
+    MODIFY_WINDOW_NS,
+    Plan,
+    files_record,
+    read_delete_list,
+    read_files_list,
+    read_paths,
+    read_records,
+)
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = 64  # gone files of one size looked at for one new file
+
+
+@dataclass
+class Moves:
+    """The moves found: how many files and bytes, and the list ``apply`` renames."""
+
+    files: int = 0
+    bytes: int = 0
+    read_files: int = 0  # new files read on the server to prove a move
+    list: Path | None = None  # records P, Q, digest, size, mtime_ns (NUL-separated)
+
+
+@dataclass
+class Applied:
+    renamed: int = 0
+    recopy: Path | None = None  # new files whose rename could not be made: copied instead
+
+
+def find(plan: Plan, source: Path, mirror: Path, work_dir: Path, cache: HashCache,
+         manifest_path: Path | None, cluster: int, *,
+         check_cancel: Callable[[], None] = lambda: None) -> Moves:
+    """Pair the plan's deleted and new files that are one file moved; take them out of
+    the plan's lists and numbers. ``manifest_path``: the disk's manifest when it is up to
+    date (a second source of P's digest). Reads only (the source, the disk's stats)."""
+    moves = Moves()
+    if not plan.delete_files or not plan.copy_files or plan.delete_list is None:
+        return moves
+    db_path = work_dir / "moves.sqlite"
+    db_path.unlink(missing_ok=True)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        db.executescript("""
+            PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;
+            CREATE TABLE gone (rel TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,
+                               recorded_mtime_ns INTEGER, digest TEXT, used INTEGER DEFAULT 0);
+            CREATE INDEX gone_size ON gone (size);
+            CREATE TABLE moved (q TEXT PRIMARY KEY, p TEXT UNIQUE, digest TEXT,
+                                size INTEGER, mtime_ns INTEGER);
+            BEGIN;
+        """)
+        if not _gone_files(db, plan.delete_list, mirror, cache, check_cancel):
+            return moves
+        if manifest_path is not None:
+            _digests_from_manifest(db, manifest_path)
+        _pair(db, plan, source, moves, check_cancel)
+        db.execute("COMMIT")
+        if moves.files:
+            _take_out_of_plan(db, plan, work_dir, cluster, moves)
+        log.info("found %d files Immich moved (%d read to be sure)", moves.files,
+                 moves.read_files)
+        return moves
+    finally:
+        db.close()
+        db_path.unlink(missing_ok=True)
+
+
+def _gone_files(db: sqlite3.Connection, delete_list: Path, mirror: Path, cache: HashCache,
+                check_cancel: Callable[[], None]) -> bool:
+    """The delete list's files, with their size and time on the disk and, when the disk
+    holds the version the cache recorded, its digest. Return whether there is any."""
+    count = 0
+    for kind, rel in read_delete_list(delete_list):
+        if kind != "F":
+            continue
+        check_cancel()
+        try:
+            st = os.lstat(os.path.join(mirror, rel))
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        recorded = cache.entry(rel)
+        digest = recorded_mtime = None
+        if recorded is not None:
+            size, mtime_ns, cached = recorded
+            if size == st.st_size and abs(mtime_ns - st.st_mtime_ns) <= MODIFY_WINDOW_NS:
+                digest, recorded_mtime = cached, mtime_ns
+        db.execute("INSERT OR IGNORE INTO gone (rel, size, mtime_ns, recorded_mtime_ns, digest) "
+                   "VALUES (?,?,?,?,?)", (rel, st.st_size, st.st_mtime_ns, recorded_mtime,
+                                          digest))
+        count += 1
+    return count > 0
+
+
+def _digests_from_manifest(db: sqlite3.Connection, path: Path) -> None:
+    """P's digest from the disk's (up-to-date) manifest, for gone files the cache lacks."""
+    (missing,) = db.execute("SELECT count(*) FROM gone WHERE digest IS NULL").fetchone()
+    if not missing:
+        return
+    for entry in manifest.read(path):
+        if isinstance(entry, manifest.Entry):
+            db.execute("UPDATE gone SET digest = ? WHERE rel = ? AND digest IS NULL",
+                       (entry.digest, entry.rel))
+
+
+def _pair(db: sqlite3.Connection, plan: Plan, source: Path, moves: Moves,
+          check_cancel: Callable[[], None]) -> None:
+    """Each new file of the copy lists against the gone files of its size."""
+    buf = bytearray(1024 * 1024)
+    for batch in plan.copy_lists:
+        for rel in read_paths(batch):
+            check_cancel()
+            try:
+                st = os.lstat(os.path.join(source, rel))
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            rows = db.execute(
+                "SELECT rel, recorded_mtime_ns, digest FROM gone WHERE size = ? AND used = 0 "
+                "LIMIT ?", (st.st_size, CANDIDATES)).fetchall()
+            if not rows:
+                continue
+            exact = [r for r in rows if r[1] == st.st_mtime_ns and r[2] is not None]
+            if len(exact) == 1:
+                gone, digest = exact[0][0], exact[0][2]
+            else:
+                known = [r for r in rows if r[2] is not None]
+                if not known:
+                    continue
+                h = sha256_file(os.path.join(source, rel), rel, buf=buf)
+                moves.read_files += 1
+                same = [r for r in known if r[2] == h.digest]
+                if h.digest is None or not same or (h.size, h.mtime_ns) != (
+                        st.st_size, st.st_mtime_ns):
+                    continue
+                gone, digest = same[0][0], h.digest
+            db.execute("UPDATE gone SET used = 1 WHERE rel = ?", (gone,))
+            db.execute("INSERT INTO moved (q, p, digest, size, mtime_ns) VALUES (?,?,?,?,?)",
+                       (rel, gone, digest, st.st_size, st.st_mtime_ns))
+            moves.files += 1
+            moves.bytes += st.st_size
+
+
+def _take_out_of_plan(db: sqlite3.Connection, plan: Plan, work_dir: Path, cluster: int,
+                      moves: Moves) -> None:
+    """Rewrite the copy lists, the delete list and the files list without the moves;
+    write the moves list; bring the plan's numbers in line."""
+    def moved_q(rel: str) -> bool:
+        return db.execute("SELECT 1 FROM moved WHERE q = ?", (rel,)).fetchone() is not None
+
+    def moved_p(rel: str) -> bool:
+        return db.execute("SELECT 1 FROM moved WHERE p = ?", (rel,)).fetchone() is not None
+
+    for batch in plan.copy_lists:
+        _rewrite(batch, (os.fsencode(rel) + b"\0" for rel in read_paths(batch)
+                         if not moved_q(rel)))
+    assert plan.delete_list is not None
+    _rewrite(plan.delete_list, (kind.encode() + b"\0" + os.fsencode(rel) + b"\0"
+                                for kind, rel in read_delete_list(plan.delete_list)
+                                if kind != "F" or not moved_p(rel)))
+    if plan.files_list is not None:
+        _rewrite(plan.files_list, (
+            files_record(b"C" if r.copied and not moved_q(r.rel) else b"U", r.size,
+                          r.mtime_ns, r.rel)
+            for r in read_files_list(plan.files_list)))
+    moves.list = work_dir / "moves"
+    with open(moves.list, "wb") as out:
+        for p, q, digest, size, mtime_ns in db.execute(
+                "SELECT p, q, digest, size, mtime_ns FROM moved ORDER BY rowid"):
+            out.write(b"\0".join((os.fsencode(p), os.fsencode(q), digest.encode(),
+                                  str(size).encode(), str(mtime_ns).encode())) + b"\0")
+            alloc = allocated(size, cluster)
+            plan.copy_alloc -= alloc
+            plan.delete_alloc -= alloc
+    plan.copy_files -= moves.files
+    plan.copy_bytes -= moves.bytes
+    plan.delete_files -= moves.files
+
+
+def _rewrite(path: Path, records: Iterator[bytes]) -> None:
+    """Replace the list file ``path`` with ``records`` (written beside it, then renamed)."""
+    temp = path.with_name(path.name + ".new")
+    with open(temp, "wb") as out:
+        for record in records:
+            out.write(record)
+    os.replace(temp, path)
+
+
+def read_moves(path: Path) -> Iterator[tuple[str, str, str, int, int]]:
+    """Yield (P, Q, digest, size, mtime_ns) from a moves list."""
+    for p, q, digest, size, mtime_ns in read_records(path, 5):
+        yield os.fsdecode(p), os.fsdecode(q), digest.decode(), int(size), int(mtime_ns)
+
+
+def apply(moves: Moves, mirror: Path, work_dir: Path, cache: HashCache | None,
+          check_cancel: Callable[[], None] = lambda: None) -> Applied:
+    """Rename each P to Q inside ``mirror`` (both checked inside it after resolving
+    links); a rename that cannot be made puts Q on a copy list (``Applied.recopy``)."""
+    done = Applied()
+    if moves.list is None:
+        return done
+    recopy = work_dir / "recopy-moves"
+    with open(recopy, "wb") as again:
+        for p, q, digest, size, mtime_ns in read_moves(moves.list):
+            check_cancel()
+            src, dst = mirror / p, mirror / q
+            try:
+                ensure_inside(mirror, src)
+                ensure_inside(mirror, dst.parent)
+                if dst.exists() or not src.is_file():
+                    raise FileExistsError(f"{q} is already there or {p} is gone")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                ensure_inside(mirror, dst.parent)
+                os.rename(src, dst)
+                if abs(dst.stat().st_mtime_ns - mtime_ns) > MODIFY_WINDOW_NS:
+                    os.utime(dst, ns=(mtime_ns, mtime_ns))
+            except OSError as exc:
+                log.warning("could not rename %s to %s in the backup (%s): copying it",
+                            p, q, exc)
+                again.write(os.fsencode(q) + b"\0")
+                continue
+            if cache is not None:
+                cache.put(q, size, mtime_ns, digest)
+            done.renamed += 1
+    if cache is not None:
+        cache.commit()
+    if recopy.stat().st_size:
+        done.recopy = recopy
+    return done
