@@ -409,3 +409,32 @@ def test_replacing_most_of_the_backup_is_refused_like_deleting_it() -> None:
     assert replacement_refusal(20, 100, 20) is None
     why = replacement_refusal(21, 100, 20)
     assert why is not None and "replace 21 of the 100 files" in why and "21.0%" in why
+
+
+# Containment for many entries (safety rule 1) -----------------------------------------
+
+def test_inside_accepts_entries_under_real_folders_and_refuses_what_a_link_leads_out(
+    tmp_path: Path,
+) -> None:
+    from immich_usb_backup.errors import Refused
+    from immich_usb_backup.fsutil import Inside
+
+    root = tmp_path / "mirror"
+    (root / "upload" / "ab").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "out").symlink_to(outside)
+    (root / "in").symlink_to(root / "upload")
+    inside = Inside(root)
+
+    inside.entry(root / "upload" / "ab" / "photo.jpg")
+    inside.entry(root / "upload" / "ab" / "not-made-yet" / "x.jpg")
+    inside.entry(root / "in" / "ab" / "photo.jpg")  # a link that stays inside
+    inside.entry(root / "out")  # the link itself: rename or unlink act on it, inside
+    for bad in (root / "out" / "photo.jpg", root / "out" / "deep" / "photo.jpg",
+                tmp_path / "photo.jpg", root / ".." / "elsewhere" / "x"):
+        with pytest.raises(Refused):
+            inside.entry(bad)
+    # a folder checked once is remembered: replacing it by a link is not looked at again
+    # within the run, which is why Inside is only for exFAT (no links there)
+    assert str(root / "upload" / "ab") in inside._known

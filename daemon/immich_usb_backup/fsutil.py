@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,6 +56,44 @@ def ensure_inside(root: Path, candidate: Path) -> None:
             f"refusing to write {candidate}: it resolves to {real}, outside the backup "
             f"folder {real_root}"
         )
+
+
+class Inside:
+    """``ensure_inside`` for the many entries of one run under one ``root``, without
+    resolving every path from the top through a slow (FUSE) file system.
+
+    For operations on an entry itself, which never follow a link at its name (rename,
+    unlink, rmdir, mkdir): the entry is inside ``root`` when its folder is. A folder is
+    inside when its parent is and it is a real folder, not a link (a link is resolved
+    in full); each folder is looked at once and remembered (a bounded number).
+    """
+
+    def __init__(self, root: Path, remember: int = 4096) -> None:
+        self.root = root
+        self.top = os.path.normpath(root)
+        self.remember = remember
+        self._known: set[str] = {self.top}
+
+    def entry(self, path: Path) -> None:
+        """Raise Refused unless ``path``'s folder (links resolved) lies inside ``root``."""
+        self._folder(os.path.dirname(os.path.normpath(path)))
+
+    def _folder(self, folder: str) -> None:
+        if folder in self._known:
+            return
+        if not folder.startswith(self.top + "/"):
+            ensure_inside(self.root, Path(folder))  # raises: outside, or above the root
+            return
+        self._folder(os.path.dirname(folder))
+        try:
+            st = os.lstat(folder)
+        except FileNotFoundError:
+            return  # not made yet: mkdir makes a real folder
+        if stat.S_ISLNK(st.st_mode):
+            ensure_inside(self.root, Path(folder))
+        if len(self._known) >= self.remember:
+            self._known = {self.top}
+        self._known.add(folder)
 
 
 def fsync_dir(path: Path) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
-from immich_usb_backup.fsutil import BackupRoot, allocated, ensure_inside
+from immich_usb_backup.fsutil import BackupRoot, Inside, allocated, ensure_inside
 
 FOLDER = "deleted"
 _DAY = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
@@ -115,13 +115,15 @@ def _free_name(path: Path) -> Path:
     raise OSError(f"more than {MAX_VERSIONS} versions of {path.name} kept on one day")
 
 
-def move_into(root: BackupRoot, mirror: Path, rel: str, day: str) -> Path:
+def move_into(root: BackupRoot, mirror: Path, rel: str, day: str,
+              inside_mirror: Inside | None = None) -> Path:
     """Move the mirror's file ``rel`` into ``deleted/<day>/rel``; return where it went.
 
-    Both paths are checked to lie inside the backup folder (links resolved) first.
+    Both paths are checked to lie inside the backup folder (links resolved) first
+    (``inside_mirror``: the run's checker of the mirror, which remembers its folders).
     """
     source = mirror / rel
-    ensure_inside(mirror, source)
+    (inside_mirror or Inside(mirror)).entry(source)
     target = root.path(FOLDER, day, rel)
     target.parent.mkdir(parents=True, exist_ok=True)
     ensure_inside(root.root, target.parent)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from immich_usb_backup import manifest
-from immich_usb_backup.fsutil import allocated, ensure_inside
+from immich_usb_backup.fsutil import Inside, allocated
 from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.hashing import sha256_file
 from immich_usb_backup.scan import (
@@ -249,19 +249,26 @@ def apply(moves: Moves, mirror: Path, work_dir: Path, cache: HashCache | None,
     if moves.list is None:
         return done
     recopy = work_dir / "recopy-moves"
+    inside = Inside(mirror)
+    made: set[str] = set()  # folders known to exist (bounded like Inside's)
     with open(recopy, "wb") as again:
         for p, q, digest, size, mtime_ns in read_moves(moves.list):
             check_cancel()
             src, dst = mirror / p, mirror / q
+            inside.entry(src)
             try:
-                ensure_inside(mirror, src)
-                ensure_inside(mirror, dst.parent)
-                if dst.exists() or not src.is_file():
-                    raise FileExistsError(f"{q} is already there or {p} is gone")
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                ensure_inside(mirror, dst.parent)
-                os.rename(src, dst)
-                if abs(dst.stat().st_mtime_ns - mtime_ns) > MODIFY_WINDOW_NS:
+                if str(dst.parent) not in made:
+                    inside.entry(dst.parent)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    if len(made) >= inside.remember:
+                        made.clear()
+                    made.add(str(dst.parent))
+                inside.entry(dst)
+                st = os.lstat(src)
+                if not stat.S_ISREG(st.st_mode) or os.path.lexists(dst):
+                    raise FileExistsError(f"{q} is already there, or {p} is not a file")
+                os.rename(src, dst)  # rename keeps the time: set it only when it differs
+                if abs(st.st_mtime_ns - mtime_ns) > MODIFY_WINDOW_NS:
                     os.utime(dst, ns=(mtime_ns, mtime_ns))
             except OSError as exc:
                 log.warning("could not rename %s to %s in the backup (%s): copying it",

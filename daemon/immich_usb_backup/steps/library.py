@@ -24,7 +24,7 @@ from typing import Any
 from immich_usb_backup import execute, keep, manifest, moves, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, CommandError, Refused
-from immich_usb_backup.fsutil import allocated, ensure_inside
+from immich_usb_backup.fsutil import Inside, allocated
 from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.hashing import Stopped, hash_files
 from immich_usb_backup.policy import Space, human_bytes
@@ -297,17 +297,18 @@ def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> tuple[int, int]:
         return 0, 0
     day = keep_day(ctx)
     rotated = _rotated_prefix(ctx)
+    inside = Inside(mirror)
     for kind, rel in read_delete_list(plan.delete_list):
         ctx.check_cancel()
         path = mirror / rel
-        ensure_inside(mirror, path)
         if path == mirror:
             raise BackupError("refusing to delete the mirror folder itself")
+        inside.entry(path)  # unlink, rmdir and rename never follow a link at the name
         try:
             if kind == "D":
                 os.rmdir(path)
             elif day is not None and not (rotated and rel.startswith(rotated)):
-                keep.move_into(ctx.root, mirror, rel, day)
+                keep.move_into(ctx.root, mirror, rel, day, inside)
                 kept += 1
                 removed += kind == "F"
             elif kind == "F":
