@@ -570,3 +570,24 @@ def test_configuration_doc_mentions_every_schema_key() -> None:
             continue
         missing.append(key)
     assert missing == [], f"{CONFIG_DOC} does not mention {missing}"
+
+
+def test_a_fresh_dump_source_needs_what_it_uses(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[immich]\nupload_location = "/srv/immich"\n\n'
+                    '[database]\nsource = "immich-api"\n')
+    problems = problems_of(path)
+    one_problem_about(problems, "immich.url: required when database.source")
+    one_problem_about(problems, "immich.api_key_file: required when database.source")
+    path.write_text('[immich]\nupload_location = "/srv/immich"\nurl = "127.0.0.1:2283"\n'
+                    'api_key_file = "/etc/key"\n\n[database]\nsource = "immich-api"\n')
+    one_problem_about(problems_of(path), "immich.url: must start with http")
+    path.write_text('[immich]\nupload_location = "/srv/immich"\n\n'
+                    '[database]\nsource = "command"\n')
+    one_problem_about(problems_of(path), "database.command: required")
+    path.write_text('[immich]\nupload_location = "/srv/immich"\n\n'
+                    '[database]\nsource = "sometimes"\n')
+    one_problem_about(problems_of(path), "database.source")
+    path.write_text('[immich]\nupload_location = "/srv/immich"\n\n'
+                    '[database]\nenabled = false\nsource = "command"\n')
+    assert load_config(path).database.source == "command"  # off: nothing to check

@@ -28,6 +28,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/immich-usb-backup/config.toml")
 CONFIG_ENV = "IMMICH_USB_BACKUP_CONFIG"
 
 MODES = ("quick", "verify", "full")
+DUMP_SOURCES = ("nightly", "immich-api", "command")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S")
 
 
@@ -95,6 +96,24 @@ class ImmichConfig:
             "backup. Turn off only for Immich versions that write no markers."
         ),
     )
+    url: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Immich's address, for `database.source = \"immich-api\"`: the backup asks "
+            "Immich for a fresh database dump through its API.",
+            example="http://127.0.0.1:2283",
+        ),
+    )
+    api_key_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "A file holding an Immich API key (one line) of an admin, with the `job.create` "
+            "permission, for `database.source = \"immich-api\"`. The key is a secret: the "
+            "file must be readable by root only (`chmod 600`; `check` says when it is not), "
+            "and the key never appears in logs, the history, messages or on the disk.",
+            example="/etc/immich-usb-backup/immich-api-key",
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -129,6 +148,65 @@ class DatabaseConfig:
             "When the newest dump is older than this many hours, the run reports a problem "
             "(and is `partial`): Immich's nightly dump job may have stopped.",
             min=0,
+        ),
+    )
+    source: str = field(
+        default="nightly",
+        metadata=_doc(
+            "Where the dump comes from.",
+            values={
+                "nightly": "the newest of the dumps Immich (or `dump_glob`) already wrote: "
+                "last night's.",
+                "immich-api": "Immich makes a fresh one now: the backup starts Immich's "
+                "database backup job (`immich.url`, `immich.api_key_file`) and waits for the "
+                "new dump, at most `fresh_timeout_s`. When Immich cannot be reached, refuses "
+                "the key or takes too long, the newest nightly dump is copied and the reason "
+                "named in the problems (`partial`).",
+                "command": "`command` writes a fresh dump to its standard output now; it is "
+                "compressed straight onto the disk.",
+            },
+            choices=DUMP_SOURCES,
+        ),
+    )
+    fresh_timeout_s: float = field(
+        default=900.0,
+        metadata=_doc(
+            "How long to wait for a fresh dump (`immich-api`: for Immich's job to finish "
+            "writing it; `command`: for the command to end), in seconds.",
+            min=10,
+        ),
+    )
+    command: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "For `source = \"command\"`: the command (a list: program, then arguments, no "
+            "shell) that writes a plain SQL dump of Immich's database to its standard "
+            "output (for docker, no `-t`: a terminal would change its line ends). A non-zero "
+            "exit, an empty or incomplete dump or a timeout is a problem named in the run. "
+            "On NixOS (PostgreSQL on the host): `[\"runuser\", "
+            "\"-u\", \"postgres\", \"--\", \"pg_dump\", \"--clean\", \"--if-exists\", "
+            "\"immich\"]`.",
+            example=("docker", "exec", "immich_postgres", "pg_dump", "-U", "postgres",
+                     "immich"),
+        ),
+    )
+    dump_glob: str | None = field(
+        default=None,
+        metadata=_doc(
+            "For dumps other tools write (`source = \"nightly\"`): a pattern of their paths, "
+            "used instead of Immich's dumps folder. The newest by the time in the name when "
+            "the names carry one, else by modification time. NixOS "
+            "`services.postgresqlBackup` writes `/var/backup/postgresql/immich.sql.gz`.",
+            example="/var/backup/postgresql/immich.sql.gz",
+        ),
+    )
+    postgres_bin_dir: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "Where PostgreSQL's programs (`initdb`, `pg_ctl`, `psql`) are, for "
+            "`verify --restore-drill`.",
+            example="/usr/lib/postgresql/16/bin",
+            default_doc="found on `PATH`, then the newest `/usr/lib/postgresql/*/bin`",
         ),
     )
 
@@ -582,6 +660,18 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
         if not _URL.match(url.strip()):  # the URL itself is not shown: it may hold a password
             problems.append(f"{where}: notify.urls: item {i} is not an Apprise URL "
                             "(scheme://...); see docs/notifications.md")
+    db = getattr(cfg, "database", None)
+    if db is not None and db.enabled and db.source == "immich-api":
+        for key, value in (("url", cfg.immich.url), ("api_key_file", cfg.immich.api_key_file)):
+            if not value:
+                problems.append(f'{where}: immich.{key}: required when database.source = '
+                                '"immich-api"')
+        if cfg.immich.url and not re.match(r"^https?://[^/\s]+", cfg.immich.url):
+            problems.append(f"{where}: immich.url: must start with http:// or https:// "
+                            f"(got {cfg.immich.url!r})")
+    if db is not None and db.enabled and db.source == "command" and not db.command:
+        problems.append(f'{where}: database.command: required when database.source = '
+                        '"command" (a list: program, then arguments)')
     for pattern in cfg.library.excludes:
         if pattern.strip("/") in {"", "*", "**"}:
             problems.append(
