@@ -462,8 +462,15 @@ def environment_problems(config: Config) -> list[str]:
             if not os.access(config.immich.upload_location, os.R_OK | os.X_OK):
                 problems.append(f"immich.upload_location: {config.immich.upload_location} "
                                 "is not readable by this user")
-    if config.database.enabled and not config.dumps_dir.is_dir():
+    db = config.database
+    if db.enabled and not db.dump_glob and not config.dumps_dir.is_dir():
         problems.append(f"database.dumps_dir: {config.dumps_dir} does not exist")
+    if db.enabled and db.source == "immich-api" and config.immich.api_key_file:
+        from immich_usb_backup.immich import key_file_problems  # noqa: PLC0415
+
+        problems += key_file_problems(config.immich.api_key_file)
+    if db.enabled and db.source == "command" and shutil.which(db.command[0]) is None:
+        problems.append(f"database.command: {db.command[0]} is not installed or not on PATH")
     if config.config_backup.enabled:
         for p in config.config_backup.paths:
             if not p.exists():

@@ -173,7 +173,7 @@ class DatabaseConfig:
         metadata=_doc(
             "How long to wait for a fresh dump (`immich-api`: for Immich's job to finish "
             "writing it; `command`: for the command to end), in seconds.",
-            min=10,
+            min=1,
         ),
     )
     command: tuple[str, ...] = field(

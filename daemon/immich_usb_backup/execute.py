@@ -45,9 +45,11 @@ async def run(
     on_line: Callable[[str], None] | None = None,
     ok_codes: Sequence[int] = (0,),
     env: dict[str, str] | None = None,
+    stdout: int | None = None,
 ) -> Result:
     """Run ``argv``; call ``on_line`` for each stdout line; return its Result.
 
+    ``stdout``: a file descriptor the output goes to instead (a dump: bytes, not lines).
     Raise CommandError when the exit status is not in ``ok_codes``. Cancellation
     terminates the child and waits for it before re-raising.
     """
@@ -55,16 +57,16 @@ async def run(
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE if stdout is None else stdout,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
         env=env,
     )
     stderr_lines: collections.deque[str] = collections.deque(maxlen=20)
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stderr is not None
     try:
         await asyncio.gather(
-            _pump(proc.stdout, on_line),
+            _pump(proc.stdout, on_line) if proc.stdout is not None else asyncio.sleep(0),
             _pump(proc.stderr, stderr_lines.append),
         )
         returncode = await proc.wait()

@@ -2,9 +2,9 @@
 ``config/config-YYYY-MM-DDTHHMMSS.zip`` (timestamped, so two runs a day keep both);
 keep the last N archives.
 
-Files that hold notification URLs (``notify.urls_file``, and this program's config file
-when it lists ``notify.urls``) are left out, so that no password lands on the disk; the
-restore note says so.
+Files that hold secrets (``notify.urls_file``, ``immich.api_key_file``, and this
+program's config file when it lists ``notify.urls``) are left out, so that no password
+or key lands on the disk; the restore note says so.
 """
 
 from __future__ import annotations
@@ -114,8 +114,9 @@ def archive_name(ctx: RunContext) -> str:
 
 
 def secret_files(config: Config) -> set[Path]:
-    """The files that hold notification URLs (passwords, tokens), resolved."""
-    files = [config.notify.urls_file]
+    """The files that hold secrets (notification URLs with passwords or tokens, the
+    Immich API key), resolved."""
+    files = [config.notify.urls_file, config.immich.api_key_file]
     if config.notify.urls:
         files.append(config.source)
     return {p.resolve() for p in files if p is not None}
@@ -141,8 +142,9 @@ def _restore_note(ctx: RunContext, included: list[str], problems: list[str],
     if problems:
         lines += ["", "Not included:", *(f"  {p}" for p in problems)]
     if withheld:
-        lines += ["", "Left out on purpose, as they hold notification URLs with passwords",
-                  "or tokens (recreate them from your password manager):",
+        lines += ["", "Left out on purpose, as they hold secrets (notification URLs with",
+                  "passwords or tokens, the Immich API key): recreate them from your",
+                  "password manager:",
                   *(f"  {p}" for p in withheld)]
     return "\n".join(lines) + "\n"
 
