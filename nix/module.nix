@@ -250,6 +250,40 @@ in
             '';
           };
 
+          notify.remind_after_days = mkOption {
+            type = types.ints.unsigned;
+            default = 7;
+            description = ''
+              Send a "no backup for N days" reminder (at most one a day) when the newest
+              backup onto any approved disk is older than this; 0: never.
+            '';
+          };
+
+          notify.heartbeat_urls = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "https://hc-ping.com/your-check-uuid" ];
+            description = ''
+              URLs fetched after each successful backup, for an outside monitor
+              (healthchecks.io, Uptime Kuma push). They end up in the world-readable Nix
+              store, like every setting: a push token there can at most send a false
+              "backup done".
+            '';
+          };
+
+          database.source = mkOption {
+            type = types.enum [
+              "nightly"
+              "immich-api"
+              "command"
+            ];
+            default = "nightly";
+            description = ''
+              Where the database dump comes from: Immich's nightly dumps, a fresh one from
+              Immich's API (`immich.url`, `immich.api_key_file`), or `database.command`.
+            '';
+          };
+
           state.dir = mkOption {
             type = types.str;
             default = defaultStateDir;

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -617,3 +618,45 @@ def test_mounted_finishes_the_unmount_when_cancelled_during_it(
     asyncio.run(main())
     assert mounted_at, "never mounted"
     assert not st.is_mounted(plugs[0].device)
+
+
+# A disk in the drawer: the daemon's reminder -------------------------------------------
+
+def test_the_daemon_reminds_once_a_day_and_a_successful_plug_clears_it(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    from immich_usb_backup import overview
+    from test_notify import Hook
+    from test_reminders import run_record, write_state
+
+    hook = Hook()
+    try:
+        image = st.make_image(tmp_path / "disk.img", "Drawer")
+        uuid = uuid_of(image)
+        last = run_record(uuid, "Drawer", 0)  # the last success: 9 days and an hour ago
+        last["started_at"] = last["finished_at"] = (
+            overview.now() - timedelta(days=9, hours=1)).isoformat(timespec="seconds")
+        write_state(server.state, [last], [])
+        approve_in_config(server, uuid, extra=f'\n[notify]\nurls = ["{hook.url()}"]\n')
+
+        t0 = time.monotonic()
+        daemon = start_daemon()
+        (msg,) = hook.wait_for(1, timeout=5)
+        assert time.monotonic() - t0 < 5
+        assert msg["title"] == "Immich backup: no backup for 9 days"
+        assert "plug in Drawer (last backed up 9 days ago)" in msg["message"]
+        daemon.stop()
+        start_daemon()  # the same day: none
+        time.sleep(2)
+        assert len(hook.received) == 1
+
+        plugs.append(st.plug(image))  # a successful backup
+        wait_records(server, 2)
+        assert records(server)[-1]["status"] == "success"
+        overview.mark_sent(server.state, overview.now() - timedelta(days=1))
+        start_daemon()  # a new day, but the disk was just backed up
+        time.sleep(2)
+        titles = [m["title"] for m in hook.received]
+        assert titles.count("Immich backup: no backup for 9 days") == 1, titles
+    finally:
+        hook.close()

@@ -141,6 +141,15 @@ def test_module_offers_exactly_the_programs_modes() -> None:
     assert tuple(re.findall(r'"([^"]+)"', block.group(1))) == MODES
 
 
+def test_module_offers_exactly_the_programs_dump_sources() -> None:
+    from immich_usb_backup.config import DUMP_SOURCES
+
+    block = re.search(r"database\.source = mkOption \{\s*type = types\.enum \[([^\]]*)\]",
+                      MODULE.read_text())
+    assert block is not None
+    assert tuple(re.findall(r'"([^"]+)"', block.group(1))) == DUMP_SOURCES
+
+
 # package.nix, evaluated with stand-ins ------------------------------------------------
 
 def nix_eval(expr: str) -> Any:

@@ -84,11 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     hi_out.add_argument("--html", type=Path, metavar="FILE",
                         help="write a self-contained HTML page of the runs to FILE")
     hi.add_argument("--last", type=_positive, metavar="N", help="only the last N runs")
+    hi.add_argument("--disk", metavar="UUID", help="only the runs onto the disk with this "
+                    "file system UUID")
 
     sub.add_parser("check", help="validate the config and the environment")
 
     dk = sub.add_parser("disks", help="list the USB exFAT disks connected now")
     dk.add_argument("--json", action="store_true", help="print a JSON array")
+    dk.add_argument("--all", action="store_true", help="every disk ever approved, plugged in "
+                    "or not: its last backup, its age, free space and files then, its last "
+                    "content check")
+
+    sub.add_parser("remind", help="send the \"no backup for N days\" reminder if it is due "
+                   "(for a timer, on a machine without the daemon)")
 
     ap = sub.add_parser("approve", help="approve a disk for backups (once per disk)")
     ap.add_argument("device", metavar="DEVICE", help="/dev/sdb1 or UUID=XXXX-XXXX")
@@ -142,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": cmd_check,
         "daemon": cmd_daemon,
         "disks": cmd_disks,
+        "remind": cmd_remind,
         "approve": cmd_approve,
     }[args.command]
     return handler(config, args)
@@ -407,10 +416,10 @@ def _idle_text(config: Config, just_finished: bool) -> str:
 
 def cmd_history(config: Config, args: argparse.Namespace) -> int:
     if args.json:  # as stored, whatever version wrote it
-        print(json.dumps(history.last_records(config.state_dir, args.last), indent=2,
-                         ensure_ascii=False))
+        print(json.dumps(history.last_records(config.state_dir, args.last, args.disk),
+                         indent=2, ensure_ascii=False))
         return EXIT_OK
-    records = history.load_runs(config.state_dir, args.last)
+    records = history.load_runs(config.state_dir, args.last, args.disk)
     if args.html is not None:
         from immich_usb_backup import report  # noqa: PLC0415 - only this option needs it
 
@@ -422,9 +431,17 @@ def cmd_history(config: Config, args: argparse.Namespace) -> int:
         print(f"wrote {args.html} ({len(records)} run{'' if len(records) == 1 else 's'})")
         return EXIT_OK
     if not records:
-        print("no backups yet")
+        print("no backups yet" if args.disk is None else f"no backups onto {args.disk} yet")
     else:
         print(history.format_table(records))
+    return EXIT_OK
+
+
+def cmd_remind(config: Config, args: argparse.Namespace) -> int:
+    from immich_usb_backup.flow import remind  # noqa: PLC0415
+
+    sent = asyncio.run(remind(config))
+    print(f"sent: {sent}" if sent else "no reminder due")
     return EXIT_OK
 
 
@@ -511,7 +528,45 @@ def cmd_daemon(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_disks_all(config: Config, args: argparse.Namespace) -> int:
+    """``disks --all``: every approved disk, plugged in or not (from the history)."""
+    from immich_usb_backup import overview  # noqa: PLC0415
+    from immich_usb_backup.record import now  # noqa: PLC0415
+
+    at, days = now(), config.notify.remind_after_days
+    rows = [d.as_dict(at, days) for d in overview.disks(config)]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print("no disk is approved yet (see `immich-usb-backup approve`)")
+        return EXIT_OK
+    print(format_disks_all(rows))
+    return EXIT_OK
+
+
+def format_disks_all(rows: list[dict[str, Any]]) -> str:
+    table = [("label", "uuid", "last backup", "age", "free", "files", "last check")]
+    for r in rows:
+        age = r["age_days"]
+        when = str(r["last_backup_at"] or "never")[:16].replace("T", " ")
+        check = ("-" if r["last_verify_at"] is None else
+                 f"{str(r['last_verify_at'])[:10]} "
+                 f"{'passed' if r['last_verify_passed'] else 'FAILED'}")
+        free = (f"{human_bytes(r['free_bytes'])} of {human_bytes(r['size_bytes'])}"
+                if r["free_bytes"] is not None and r["size_bytes"] else "-")
+        table.append((
+            str(r["label"] or "-"), str(r["uuid"]), when,
+            "-" if age is None else f"{age} d{' OVERDUE' if r['overdue'] else ''}",
+            free, "-" if r["files"] is None else str(r["files"]), check))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in table)
+
+
 def cmd_disks(config: Config, args: argparse.Namespace) -> int:
+    if args.all:
+        return cmd_disks_all(config, args)
     from immich_usb_backup import approvals, policy  # noqa: PLC0415
     from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415
     from immich_usb_backup.target import marker_state, mount_point_of  # noqa: PLC0415

@@ -39,6 +39,7 @@ class Event(enum.StrEnum):
     FINISHED = "finished"
     REFUSED = "refused"
     NEEDS_APPROVAL = "needs_approval"
+    REMINDER = "reminder"
 
 
 NOTIFY_EVENTS = tuple(e.value for e in Event)
@@ -432,6 +433,8 @@ class NotifyConfig:
                 "to do.",
                 "needs_approval": "a disk with the backup folder was plugged in but is not "
                 "approved; the message has the exact `approve` command.",
+                "reminder": "no backup for `remind_after_days` days: which disks to plug in, "
+                "and when each was last backed up.",
             },
             choices=NOTIFY_EVENTS,
         ),
@@ -443,6 +446,27 @@ class NotifyConfig:
             "never blocks the backup: `started` is sent while the copy runs.",
             min=1,
             max=60,
+        ),
+    )
+    remind_after_days: int = field(
+        default=7,
+        metadata=_doc(
+            "Send a `reminder` when the newest successful backup onto any approved disk is "
+            "older than this many days (a disk never backed up counts from its approval): "
+            "at most one a day, none while a backup runs. The daemon checks by itself; "
+            "without the daemon, run `immich-usb-backup remind` from a timer. 0: never.",
+            min=0,
+        ),
+    )
+    heartbeat_urls: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "URLs fetched (HTTP GET) after each successful backup, for an outside monitor "
+            "that tells you when backups stop: a healthchecks.io check, an Uptime Kuma push "
+            "monitor. Same time limit as messages; a failure is noted in the history and "
+            "never fails the backup. Like notification URLs they are secrets: never shown "
+            "in logs, the history or on the disk.",
+            example=("https://hc-ping.com/your-check-uuid",),
         ),
     )
 
@@ -660,6 +684,10 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
         if not _URL.match(url.strip()):  # the URL itself is not shown: it may hold a password
             problems.append(f"{where}: notify.urls: item {i} is not an Apprise URL "
                             "(scheme://...); see docs/notifications.md")
+    for i, url in enumerate(getattr(getattr(cfg, "notify", None), "heartbeat_urls", ()), 1):
+        if not re.match(r"^https?://\S", url.strip()):
+            problems.append(f"{where}: notify.heartbeat_urls: item {i} is not an http:// or "
+                            "https:// URL")
     db = getattr(cfg, "database", None)
     if db is not None and db.enabled and db.source == "immich-api":
         for key, value in (("url", cfg.immich.url), ("api_key_file", cfg.immich.api_key_file)):

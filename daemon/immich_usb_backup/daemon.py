@@ -4,7 +4,9 @@ Life: connect to UDisks2, start the udev monitor, consider the disks already con
 (coldplug), tell systemd READY, then wait. Eligible disks are queued and handled one at
 a time by ``flow.backup_plugged``. A disk removed mid-backup cancels that backup (rsync is
 stopped, the run is recorded ``interrupted``); SIGTERM does the same, unmounts what was
-mounted and exits 0. Idle means blocked in the event loop: no timers, no polling.
+mounted and exits 0. Idle means blocked in the event loop: no polling; one timer, for
+the "no backup for N days" reminder, wakes up when a reminder could next be due (or
+every few hours at most) and never while a backup runs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import logging
 import signal
 
-from immich_usb_backup import flow, policy, systemd
+from immich_usb_backup import flow, overview, policy, systemd
 from immich_usb_backup.config import Config
 from immich_usb_backup.devices import BlockDevice, DeviceEvent, DeviceMonitor, list_block_devices
 from immich_usb_backup.errors import BackupError
@@ -85,6 +87,18 @@ class Daemon:
                 self.current = None
                 systemd.notify("STATUS=idle, waiting for a backup disk")
 
+    async def reminders(self) -> None:
+        """The reminder's timer: check at start, then when one could next be due."""
+        while True:
+            if self.current is None:
+                try:
+                    await flow.remind(self.config)
+                except Exception:  # a reminder must never stop the daemon
+                    log.exception("the reminder check failed")
+            delay = await asyncio.to_thread(overview.next_check_in, self.config)
+            log.debug("next reminder check in %.0f s", delay)
+            await asyncio.sleep(delay)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -103,6 +117,7 @@ class Daemon:
             self.on_event(event)
         monitor.on_event = self.on_event
         worker = asyncio.create_task(self.worker())
+        reminders = asyncio.create_task(self.reminders())
         systemd.notify("READY=1", "STATUS=idle, waiting for a backup disk")
         log.info("immich-usb-backup daemon ready")
         stopping = asyncio.create_task(stop.wait())
@@ -116,9 +131,12 @@ class Daemon:
                       "manager restarts the daemon")
         log.info("stopping")
         systemd.notify("STOPPING=1")
+        reminders.cancel()
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await worker
+        with contextlib.suppress(asyncio.CancelledError):
+            await reminders
         monitor.stop()
         self.udisks.close()
         if lost:

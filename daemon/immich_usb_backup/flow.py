@@ -26,11 +26,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import approvals, history, notify, policy, report
+from immich_usb_backup import approvals, heartbeat, history, notify, overview, policy, report
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.fsutil import BackupRoot, atomic_write_bytes, cluster_size, free_bytes
-from immich_usb_backup.lock import backup_lock
+from immich_usb_backup.lock import backup_lock, is_running
 from immich_usb_backup.record import DiskRef, DiskState, RunRecord, iso, now
 from immich_usb_backup.scan import Problems
 from immich_usb_backup.status import StatusWriter
@@ -106,11 +106,14 @@ async def run_backup(
     finally:
         record.conclude(_problems(refusal, problems))
         log.info("backup %s%s", record.status, "".join(f"; {p}" for p in record.problems[:3]))
+        record.disk_free_bytes, record.disk_size_bytes = end.free_bytes, end.size_bytes
         try:
             if detach is not None:
                 end = notify.DiskEnd(await detach(), None, end.wrote, end.free_bytes,
                                      end.size_bytes)
             await notifier.send(notify.end_message(record, end))
+            if record.status == "success":
+                record.notifications += await heartbeat.ping_all(config.notify)
         finally:
             await asyncio.shield(_append_history(config, record, notifier))
     if cancelled:
@@ -238,7 +241,7 @@ async def _append_history(config: Config, record: RunRecord,
                           notifier: notify.Notifier) -> None:
     """Append the run's record, with how its notifications went (no URL, no secret),
     and refresh the history page in the state dir (in a thread)."""
-    record.notifications = list(notifier.outcomes)
+    record.notifications = [*notifier.outcomes, *record.notifications]
     await asyncio.to_thread(_append_and_render, config, record)
 
 
@@ -407,3 +410,23 @@ def _marker_for_approval(mount_point: Path, create: bool) -> bool:
                       "again with --create-marker to have it created")
     marker.mkdir()
     return True
+
+
+# A disk in the drawer ------------------------------------------------------------------
+
+async def remind(config: Config) -> str | None:
+    """Send the "no backup for N days" reminder if it is due (see ``overview``); none
+    while a backup runs. Return its text when it was sent."""
+    if await asyncio.to_thread(is_running, config.state_dir):
+        log.info("reminder: a backup is running; not now")
+        return None
+    reminder = await asyncio.to_thread(overview.due, config)
+    if reminder is None:
+        return None
+    text = overview.text(reminder)
+    log.info("%s", text)
+    # marked first: at most one a day, even when the daemon stops while it is sent
+    await asyncio.to_thread(overview.mark_sent, config.state_dir, now())
+    notifier = notify.Notifier(config.notify)
+    await notifier.send(notify.reminder(text, reminder.days))
+    return text

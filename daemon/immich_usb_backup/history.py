@@ -54,15 +54,22 @@ def iter_records(state_dir: Path) -> Iterator[dict[str, Any]]:
                 yield rec
 
 
-def last_records(state_dir: Path, n: int | None) -> list[dict[str, Any]]:
+def last_records(state_dir: Path, n: int | None,
+                 disk: str | None = None) -> list[dict[str, Any]]:
     """The last ``n`` records as stored (all when None), oldest first: what
-    ``history --json`` prints, unchanged."""
-    return list(collections.deque(iter_records(state_dir), maxlen=n))
+    ``history --json`` prints, unchanged. ``disk``: only the runs onto the disk with
+    this file system UUID (any case)."""
+    records = iter_records(state_dir)
+    if disk is not None:
+        wanted = disk.strip().upper()
+        records = (r for r in records if isinstance(r.get("disk"), dict)
+                   and str(r["disk"].get("uuid") or "").upper() == wanted)
+    return list(collections.deque(records, maxlen=n))
 
 
-def load_runs(state_dir: Path, n: int | None) -> list[RunRecord]:
+def load_runs(state_dir: Path, n: int | None, disk: str | None = None) -> list[RunRecord]:
     """The last ``n`` records (all when None), oldest first, read into ``RunRecord``."""
-    return [RunRecord.from_dict(r) for r in last_records(state_dir, n)]
+    return [RunRecord.from_dict(r) for r in last_records(state_dir, n, disk)]
 
 
 def format_table(records: list[RunRecord]) -> str:

@@ -175,6 +175,19 @@ def needs_approval(label: str | None, uuid: str | None, device: str, command: st
                    "needs approval", "\n".join(lines), "warning")
 
 
+def reminder(text: str, days: int) -> Message:
+    """No backup for a while: which disk to plug in (``text`` from ``overview.text``)."""
+    lines = [
+        f"{text}.",
+        "",
+        f"The Immich server {socket.gethostname()} has not been backed up to a USB disk for "
+        f"{days} days. Plug in one of the disks above: the backup starts by itself, and a "
+        "message says when it is done and the disk is safe to unplug.",
+    ]
+    return Message(Event.REMINDER, f"{TITLE}: no backup for {days} days", "\n".join(lines),
+                   "warning")
+
+
 def _unplug_line(end: DiskEnd) -> str:
     """Say "safe to unplug" only when it is true: the disk is unmounted (or was never
     mounted), or, on a disk someone else mounted, once they have ejected it."""

@@ -122,6 +122,8 @@ class RunRecord:
     version: str = ""
     steps: dict[str, StepResult] = field(default_factory=dict)
     notifications: list[dict[str, Any]] = field(default_factory=list)
+    disk_free_bytes: int | None = None  # the disk at the end of the run, when known
+    disk_size_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     _t0: float = field(default_factory=time.monotonic, repr=False, compare=False)
 
@@ -174,6 +176,9 @@ class RunRecord:
         }
         if self.notifications:
             out["notifications"] = list(self.notifications)
+        if self.disk_free_bytes is not None:
+            out["disk_free_bytes"] = self.disk_free_bytes
+            out["disk_size_bytes"] = self.disk_size_bytes
         return {**out, **self.extra}
 
     @classmethod
@@ -206,6 +211,8 @@ class RunRecord:
                    if isinstance(steps, Mapping) else {}),
             notifications=([n for n in notes if isinstance(n, dict)]
                            if isinstance(notes, list) else []),
+            disk_free_bytes=_count(data.get("disk_free_bytes")),
+            disk_size_bytes=_count(data.get("disk_size_bytes")),
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )
 
@@ -226,6 +233,11 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _count(value: Any) -> int | None:
+    """A count that may be missing (None), never a damaged stand-in."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _float(value: Any) -> float | None:

@@ -1,0 +1,199 @@
+"""Every approved disk at a glance, and the reminder when none was backed up for a while.
+
+A USB backup is only as good as its last plug-in. ``disks`` reads the history once
+(streaming) and sums up each disk ever approved (in the config or with ``approve``):
+its last backup that finished (``success`` or ``partial``: everything that could be
+copied was), the free space and file count then, its last content comparison
+(``verify`` or ``full`` mode) and whether it passed. ``due`` says whether a reminder is
+due: the newest backup onto any approved disk is older than
+``notify.remind_after_days`` (a disk never backed up counts from its approval), and no
+reminder was sent today (``<state dir>/reminder.toml``, so a restarted daemon does not
+send a second one). Plain data in, plain data out; ``send_if_due`` sends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import tomli_w
+
+from immich_usb_backup import approvals, history
+from immich_usb_backup.config import Config
+from immich_usb_backup.fsutil import replace_file
+from immich_usb_backup.policy import normalise_uuid
+from immich_usb_backup.record import RunRecord, now
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "reminder.toml"
+BACKED_UP = ("success", "partial")
+CHECK_AT_LEAST_EVERY_S = 6 * 3600.0  # the daemon's timer, for clock changes and new runs
+
+
+@dataclass
+class DiskSummary:
+    uuid: str
+    label: str | None
+    approved_at: str | None
+    last_backup_at: str | None = None
+    last_backup_status: str | None = None
+    free_bytes: int | None = None
+    size_bytes: int | None = None
+    files: int | None = None
+    last_verify_at: str | None = None
+    last_verify_passed: bool | None = None
+
+    def since(self) -> datetime | None:
+        """The time its backup age counts from: the last backup, else the approval."""
+        return _parse(self.last_backup_at) or _parse(self.approved_at)
+
+    def age_days(self, at: datetime) -> int | None:
+        since = self.since()
+        return None if since is None else max(0, (at - since).days)
+
+    def as_dict(self, at: datetime, remind_after_days: int) -> dict[str, object]:
+        age = self.age_days(at)
+        return {
+            "uuid": self.uuid, "label": self.label, "approved_at": self.approved_at,
+            "last_backup_at": self.last_backup_at,
+            "last_backup_status": self.last_backup_status,
+            "age_days": age, "overdue": overdue(age, remind_after_days),
+            "free_bytes": self.free_bytes, "size_bytes": self.size_bytes, "files": self.files,
+            "last_verify_at": self.last_verify_at,
+            "last_verify_passed": self.last_verify_passed,
+        }
+
+
+def overdue(age_days: int | None, remind_after_days: int) -> bool:
+    return bool(remind_after_days) and age_days is not None and age_days >= remind_after_days
+
+
+def _parse(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.astimezone()
+
+
+def disks(config: Config) -> list[DiskSummary]:
+    """Every approved disk, newest backup first (never backed up last)."""
+    found: dict[str, DiskSummary] = {}
+    for a in approvals.load(config.state_dir):
+        found[a.uuid] = DiskSummary(a.uuid, a.label or None, a.approved_at or None)
+    for uuid in config.disks.approved:
+        u = normalise_uuid(uuid)
+        found.setdefault(u, DiskSummary(u, None, None))
+    for raw in history.iter_records(config.state_dir):
+        run = RunRecord.from_dict(raw)
+        if not run.disk.uuid:
+            continue
+        summary = found.get(normalise_uuid(run.disk.uuid))
+        if summary is not None:
+            _take(summary, run)
+    return sorted(found.values(), key=lambda d: d.since() or datetime.min.astimezone(),
+                  reverse=True)
+
+
+def _take(summary: DiskSummary, run: RunRecord) -> None:
+    """Fold one run (oldest first) into the disk's summary."""
+    if run.disk.label:
+        summary.label = run.disk.label
+    if run.status in BACKED_UP:
+        summary.last_backup_at = run.finished_at or run.started_at
+        summary.last_backup_status = run.status
+        summary.free_bytes, summary.size_bytes = run.disk_free_bytes, run.disk_size_bytes
+        library = run.steps.get("library")
+        summary.files = _int(library.extra.get("source_files")) if library else None
+    if run.mode in ("verify", "full") and run.status in (*BACKED_UP, "failed"):
+        library = run.steps.get("library")
+        if library is not None and "compared" in library.extra:
+            summary.last_verify_at = run.finished_at or run.started_at
+            summary.last_verify_passed = ("mismatches" not in library.extra
+                                          and run.status in BACKED_UP)
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# The reminder ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reminder:
+    days: int  # since the newest backup onto any approved disk
+    disks: list[DiskSummary]  # to plug in, newest backup first
+
+
+def due(config: Config, at: datetime | None = None) -> Reminder | None:
+    """The reminder to send now, or None (off, nothing approved, a recent backup, or one
+    was sent today)."""
+    days = config.notify.remind_after_days
+    if not days:
+        return None
+    at = at or now()
+    summaries = [d for d in disks(config) if d.since() is not None]
+    if not summaries:
+        return None
+    newest = summaries[0].age_days(at)
+    if newest is None or newest < days:
+        return None
+    sent = last_sent(config.state_dir)
+    if sent is not None and sent.astimezone().date() == at.date():
+        return None
+    return Reminder(newest, summaries)
+
+
+def next_check_in(config: Config, at: datetime | None = None) -> float:
+    """Seconds until a reminder could next become due (for the daemon's timer)."""
+    days = config.notify.remind_after_days
+    if not days:
+        return CHECK_AT_LEAST_EVERY_S
+    at = at or now()
+    candidates = [CHECK_AT_LEAST_EVERY_S]
+    summaries = [d for d in disks(config) if d.since() is not None]
+    if summaries:
+        since = summaries[0].since()
+        assert since is not None
+        candidates.append((since + timedelta(days=days) - at).total_seconds())
+    tomorrow = datetime.combine(at.date() + timedelta(days=1), datetime.min.time(),
+                                at.tzinfo)
+    candidates.append((tomorrow - at).total_seconds())
+    return max(1.0, min(candidates))
+
+
+def text(reminder: Reminder, at: datetime | None = None) -> str:
+    """``No backup for 9 days: plug in Backup (last backed up 9 days ago) or Offsite (23
+    days ago)``."""
+    at = at or now()
+    parts = []
+    for i, d in enumerate(reminder.disks):
+        age = d.age_days(at)
+        name = d.label or d.uuid
+        when = ("never backed up" if d.last_backup_at is None else
+                f"{age} day{'' if age == 1 else 's'} ago")
+        if i == 0 and d.last_backup_at is not None:
+            when = f"last backed up {when}"
+        parts.append(f"{name} ({when})")
+    return (f"No backup for {reminder.days} day{'' if reminder.days == 1 else 's'}: plug in "
+            + " or ".join(parts))
+
+
+def last_sent(state_dir: Path) -> datetime | None:
+    try:
+        data = tomllib.loads((state_dir / STATE_NAME).read_text())
+    except (FileNotFoundError, tomllib.TOMLDecodeError):
+        return None
+    value = data.get("last_sent")
+    return value if isinstance(value, datetime) else _parse(str(value)) if value else None
+
+
+def mark_sent(state_dir: Path, at: datetime) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    replace_file(state_dir / STATE_NAME, tomli_w.dumps({"last_sent": at}).encode())
