@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -746,3 +747,21 @@ def test_apprise_and_urllib3_log_lines_are_masked() -> None:
     assert [r.getMessage() for r in keep.records] == [
         "POST https://h/*** failed", '"POST /x/***" 500']
     assert [r.name for r in keep.records] == ["apprise", "urllib3.connectionpool"]
+
+
+def test_apprise_is_imported_only_when_a_message_is_sent_somewhere() -> None:
+    code = textwrap.dedent("""
+        import asyncio, sys
+        from immich_usb_backup import cli, daemon, flow, notify
+        from immich_usb_backup.config import Event, NotifyConfig
+        message = notify.Message(Event.FINISHED, "t", "b")
+        asyncio.run(notify.Notifier(NotifyConfig(), environ={}).send(message))
+        print("apprise" in sys.modules)
+        asyncio.run(notify.Notifier(NotifyConfig(urls=("json://127.0.0.1:9/x",),
+                                                 timeout_s=1), environ={}).send(message))
+        print("apprise" in sys.modules)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"]

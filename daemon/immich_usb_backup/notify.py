@@ -27,15 +27,16 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote
-
-import apprise
 
 from immich_usb_backup.config import Event, NotifyConfig
 from immich_usb_backup.execute import mask_secrets
 from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.record import DiskState, RunRecord
+
+if TYPE_CHECKING:
+    import apprise
 
 log = logging.getLogger(__name__)
 
@@ -387,12 +388,15 @@ def guard_library_logs() -> None:
 
 # Sending ------------------------------------------------------------------------------
 
-_APPRISE_TYPES = {
-    "info": apprise.NotifyType.INFO,
-    "success": apprise.NotifyType.SUCCESS,
-    "warning": apprise.NotifyType.WARNING,
-    "failure": apprise.NotifyType.FAILURE,
-}
+def _notify_type(kind: Kind) -> apprise.NotifyType:
+    import apprise  # noqa: PLC0415 - imported when a message is sent, not at start-up
+
+    return {
+        "info": apprise.NotifyType.INFO,
+        "success": apprise.NotifyType.SUCCESS,
+        "warning": apprise.NotifyType.WARNING,
+        "failure": apprise.NotifyType.FAILURE,
+    }[kind]
 
 
 @dataclass
@@ -474,10 +478,12 @@ class Notifier:
         self.outcomes.append(outcome)
 
     def _load(self) -> tuple[list[_Target], list[str]]:
-        """In a thread: read the URLs, let Apprise parse them, note their secrets."""
+        """In a thread: read the URLs, let Apprise parse them, note their secrets.
+        Apprise is imported here, only when there is a URL to send to."""
         sources, problems = collect_urls(self.config, self.environ)
         if not sources:
             return [], problems
+        import apprise  # noqa: PLC0415 - its import costs a start-up without messages
         guard_library_logs()
         for s in sources:  # masked before Apprise sees (and may log) any of them
             register_secrets(secrets_in(s.url))
@@ -517,10 +523,12 @@ def _url_of(plugin: Any, *, privacy: bool) -> str:
 async def _send_one(target: _Target, message: Message, limit_s: float) -> str | None:
     """Send to one service, giving up after ``limit_s``; return None when delivered, else
     why not."""
+    import apprise  # noqa: PLC0415 - already loaded by Notifier._load
+
     try:
         result = await target.apobj.async_notify(
             body=message.body, title=message.title,
-            notify_type=_APPRISE_TYPES[message.kind],
+            notify_type=_notify_type(message.kind),
             body_format=apprise.NotifyFormat.TEXT, timeout=limit_s)
     except Exception as exc:  # a broken plugin must not break a backup
         return f"{type(exc).__name__}: {exc}"
