@@ -256,3 +256,28 @@ def test_a_name_that_is_not_utf8_is_named_readably_and_every_output_works(
     # everything else was backed up
     good = {k: v for k, v in tree(server.upload).items() if "bad-" not in k}
     assert tree(disk.marker / "library") == good
+
+
+def test_a_move_onto_a_name_that_differs_only_in_case_keeps_the_old_file(
+    make_exfat, server: Server
+) -> None:
+    """exFAT ignores case: renaming onto IMG.jpg would replace img.jpg, which the keep
+    area must still get. Such a file is copied instead."""
+    folder = server.upload / "library" / USER
+    folder.mkdir(parents=True)
+    (folder / "img.jpg").write_bytes(b"old photo " * 500)
+    (photo,) = add_originals(server, 1, size=6000)
+    disk = make_exfat()
+    assert run(server, disk).returncode == 0
+    (folder / "img.jpg").unlink()
+    os.rename(photo, folder / "IMG.jpg")
+
+    r = run(server, disk)
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    lib = library_step(history(server)[-1])
+    assert not lib.get("moved") and lib["files"] == 1
+    mirror = disk.marker / "library"
+    assert (mirror / "library" / USER / "IMG.jpg").read_bytes() == (folder / "IMG.jpg").read_bytes()
+    (kept,) = (disk.marker / "deleted").rglob("img.jpg")
+    assert kept.read_bytes() == b"old photo " * 500

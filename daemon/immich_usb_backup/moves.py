@@ -43,6 +43,7 @@ from immich_usb_backup import manifest
 from immich_usb_backup.fsutil import Inside, allocated
 from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.hashing import sha256_file
+from immich_usb_backup.policy import exfat_fold
 from immich_usb_backup.scan import (
     MODIFY_WINDOW_NS,
     Plan,
@@ -65,7 +66,7 @@ class Moves:
     files: int = 0
     bytes: int = 0
     read_files: int = 0  # new files read on the server to prove a move
-    list: Path | None = None  # records P, Q, digest, size, mtime_ns (NUL-separated)
+    list: Path | None = None  # records P, Q, digest, size, mtime_ns, P's mtime_ns (NUL)
 
 
 @dataclass
@@ -90,10 +91,12 @@ def find(plan: Plan, source: Path, mirror: Path, work_dir: Path, cache: HashCach
         db.executescript("""
             PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;
             CREATE TABLE gone (rel TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,
-                               recorded_mtime_ns INTEGER, digest TEXT, used INTEGER DEFAULT 0);
+                               recorded_mtime_ns INTEGER, digest TEXT, used INTEGER DEFAULT 0,
+                               folded TEXT);
             CREATE INDEX gone_size ON gone (size);
+            CREATE INDEX gone_folded ON gone (folded);
             CREATE TABLE moved (q TEXT PRIMARY KEY, p TEXT UNIQUE, digest TEXT,
-                                size INTEGER, mtime_ns INTEGER);
+                                size INTEGER, mtime_ns INTEGER, p_mtime_ns INTEGER);
             BEGIN;
         """)
         if not _gone_files(db, plan.delete_list, mirror, cache, check_cancel):
@@ -133,9 +136,9 @@ def _gone_files(db: sqlite3.Connection, delete_list: Path, mirror: Path, cache: 
             size, mtime_ns, cached = recorded
             if size == st.st_size and abs(mtime_ns - st.st_mtime_ns) <= MODIFY_WINDOW_NS:
                 digest, recorded_mtime = cached, mtime_ns
-        db.execute("INSERT OR IGNORE INTO gone (rel, size, mtime_ns, recorded_mtime_ns, digest) "
-                   "VALUES (?,?,?,?,?)", (rel, st.st_size, st.st_mtime_ns, recorded_mtime,
-                                          digest))
+        db.execute("INSERT OR IGNORE INTO gone (rel, size, mtime_ns, recorded_mtime_ns, "
+                   "digest, folded) VALUES (?,?,?,?,?,?)",
+                   (rel, st.st_size, st.st_mtime_ns, recorded_mtime, digest, _fold(rel)))
         count += 1
     return count > 0
 
@@ -165,13 +168,14 @@ def _pair(db: sqlite3.Connection, plan: Plan, source: Path, moves: Moves,
             if not stat.S_ISREG(st.st_mode):
                 continue
             rows = db.execute(
-                "SELECT rel, recorded_mtime_ns, digest FROM gone WHERE size = ? AND used = 0 "
+                "SELECT rel, recorded_mtime_ns, digest, mtime_ns FROM gone WHERE size = ? "
+                "AND used = 0 "
                 "LIMIT ?", (st.st_size, CANDIDATES)).fetchall()
             if not rows:
                 continue
             exact = [r for r in rows if r[1] == st.st_mtime_ns and r[2] is not None]
             if len(exact) == 1:
-                gone, digest = exact[0][0], exact[0][2]
+                gone, digest, p_mtime = exact[0][0], exact[0][2], exact[0][3]
             else:
                 known = [r for r in rows if r[2] is not None]
                 if not known:
@@ -182,12 +186,22 @@ def _pair(db: sqlite3.Connection, plan: Plan, source: Path, moves: Moves,
                 if h.digest is None or not same or (h.size, h.mtime_ns) != (
                         st.st_size, st.st_mtime_ns):
                     continue
-                gone, digest = same[0][0], h.digest
+                gone, digest, p_mtime = same[0][0], h.digest, same[0][3]
+            twin = db.execute("SELECT rel FROM gone WHERE folded = ? AND rel != ?",
+                              (_fold(rel), gone)).fetchone()
+            if twin is not None:  # Q's name, in another case, is still there until deleted:
+                continue  # a rename would replace it (exFAT ignores case); copied instead
             db.execute("UPDATE gone SET used = 1 WHERE rel = ?", (gone,))
-            db.execute("INSERT INTO moved (q, p, digest, size, mtime_ns) VALUES (?,?,?,?,?)",
-                       (rel, gone, digest, st.st_size, st.st_mtime_ns))
+            db.execute("INSERT INTO moved (q, p, digest, size, mtime_ns, p_mtime_ns) "
+                       "VALUES (?,?,?,?,?,?)",
+                       (rel, gone, digest, st.st_size, st.st_mtime_ns, p_mtime))
             moves.files += 1
             moves.bytes += st.st_size
+
+
+def _fold(rel: str) -> str:
+    """``rel`` as exFAT compares names: case folded, component by component."""
+    return "/".join(exfat_fold(part) for part in rel.split("/"))
 
 
 def _take_out_of_plan(db: sqlite3.Connection, plan: Plan, work_dir: Path, cluster: int,
@@ -214,10 +228,11 @@ def _take_out_of_plan(db: sqlite3.Connection, plan: Plan, work_dir: Path, cluste
             for r in read_files_list(plan.files_list)))
     moves.list = work_dir / "moves"
     with open(moves.list, "wb") as out:
-        for p, q, digest, size, mtime_ns in db.execute(
-                "SELECT p, q, digest, size, mtime_ns FROM moved ORDER BY rowid"):
+        for p, q, digest, size, mtime_ns, p_mtime_ns in db.execute(
+                "SELECT p, q, digest, size, mtime_ns, p_mtime_ns FROM moved ORDER BY rowid"):
             out.write(b"\0".join((os.fsencode(p), os.fsencode(q), digest.encode(),
-                                  str(size).encode(), str(mtime_ns).encode())) + b"\0")
+                                  str(size).encode(), str(mtime_ns).encode(),
+                                  str(p_mtime_ns).encode())) + b"\0")
             alloc = allocated(size, cluster)
             plan.copy_alloc -= alloc
             plan.delete_alloc -= alloc
@@ -235,10 +250,11 @@ def _rewrite(path: Path, records: Iterator[bytes]) -> None:
     os.replace(temp, path)
 
 
-def read_moves(path: Path) -> Iterator[tuple[str, str, str, int, int]]:
-    """Yield (P, Q, digest, size, mtime_ns) from a moves list."""
-    for p, q, digest, size, mtime_ns in read_records(path, 5):
-        yield os.fsdecode(p), os.fsdecode(q), digest.decode(), int(size), int(mtime_ns)
+def read_moves(path: Path) -> Iterator[tuple[str, str, str, int, int, int]]:
+    """Yield (P, Q, digest, size, mtime_ns, P's mtime_ns on the disk) from a moves list."""
+    for p, q, digest, size, mtime_ns, p_mtime_ns in read_records(path, 6):
+        yield (os.fsdecode(p), os.fsdecode(q), digest.decode(), int(size), int(mtime_ns),
+               int(p_mtime_ns))
 
 
 def apply(moves: Moves, mirror: Path, work_dir: Path, cache: HashCache | None,
@@ -252,7 +268,7 @@ def apply(moves: Moves, mirror: Path, work_dir: Path, cache: HashCache | None,
     inside = Inside(mirror)
     made: set[str] = set()  # folders known to exist (bounded like Inside's)
     with open(recopy, "wb") as again:
-        for p, q, digest, size, mtime_ns in read_moves(moves.list):
+        for p, q, digest, size, mtime_ns, p_mtime_ns in read_moves(moves.list):
             check_cancel()
             src, dst = mirror / p, mirror / q
             inside.entry(src)
@@ -264,11 +280,11 @@ def apply(moves: Moves, mirror: Path, work_dir: Path, cache: HashCache | None,
                         made.clear()
                     made.add(str(dst.parent))
                 inside.entry(dst)
-                st = os.lstat(src)
-                if not stat.S_ISREG(st.st_mode) or os.path.lexists(dst):
-                    raise FileExistsError(f"{q} is already there, or {p} is not a file")
+                # Q is free: the scan listed its folder (case-insensitively) under the lock,
+                # and each Q is renamed to once; P was a regular file when it was paired.
+                # No look at either here: on exFAT every lookup reads the whole folder.
                 os.rename(src, dst)  # rename keeps the time: set it only when it differs
-                if abs(st.st_mtime_ns - mtime_ns) > MODIFY_WINDOW_NS:
+                if abs(p_mtime_ns - mtime_ns) > MODIFY_WINDOW_NS:
                     os.utime(dst, ns=(mtime_ns, mtime_ns))
             except OSError as exc:
                 log.warning("could not rename %s to %s in the backup (%s): copying it",
