@@ -4,6 +4,7 @@ heartbeat for an outside monitor."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -234,3 +235,37 @@ def test_no_heartbeat_after_a_backup_that_did_not_succeed(
         ok.close()
     assert r.returncode == 1
     assert ok.hits == []
+
+
+def test_the_history_page_has_a_disks_panel_with_the_overdue_one_marked(
+    server: Server, tmp_path: Path
+) -> None:
+    from html.parser import HTMLParser
+
+    two_disks(server)
+    page = tmp_path / "page.html"
+    r = run_cli("history", "--html", str(page), config=server.config_path)
+    assert r.returncode == 0, r.stderr
+
+    class Rows(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[dict[str, str | None]] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = dict(attrs)
+            if tag == "tr" and "disk" in (a.get("class") or "").split():
+                self.rows.append(a)
+
+    parser = Rows()
+    markup = page.read_text()
+    parser.feed(markup)
+    by_uuid = {row["data-uuid"]: row for row in parser.rows}
+    assert set(by_uuid) == {"AAAA-0001", "AAAA-0002"}  # approved ones only
+    assert all("overdue" in (row["class"] or "") for row in parser.rows)  # 9 and 23 days
+    assert re.search(r"no backup for 2[23] days", markup)  # NOW is about now
+    assert "3.0 GiB free of 4.0 GiB" in markup
+    assert "FAILED" in markup  # Backup's last content check found a difference
+    server.write_config("[notify]\nremind_after_days = 30\n")
+    run_cli("history", "--html", str(page), config=server.config_path)
+    assert 'class="disk overdue' not in page.read_text()

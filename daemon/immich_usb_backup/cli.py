@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--sample", type=_percent, metavar="PERCENT",
                     help="read back only this share of the files, chosen at random (a "
                     "quick check); the file lists are always compared in full")
+    ve.add_argument("--restore-drill", action="store_true",
+                    help="also load the newest database dump into a throwaway PostgreSQL "
+                    "(needs PostgreSQL's programs: database.postgres_bin_dir) and count "
+                    "Immich's assets, users and albums")
     ve.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     st = sub.add_parser("status", help="show the running backup's progress")
@@ -214,8 +218,10 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
 
     async def work() -> diskcheck.Report:
         if is_device_target(args.target):
-            return await diskcheck.verify_device(config, args.target, args.sample)
-        return await diskcheck.verify_path(config, Path(args.target), args.sample)
+            return await diskcheck.verify_device(config, args.target, args.sample,
+                                                 args.restore_drill)
+        return await diskcheck.verify_path(config, Path(args.target), args.sample,
+                                           args.restore_drill)
 
     try:
         report = asyncio.run(_with_progress(config, work))
@@ -247,6 +253,8 @@ def _verify_without_config(args: argparse.Namespace) -> int:
 
 
 def format_verify(r: Any) -> str:
+    from immich_usb_backup import drill  # noqa: PLC0415 - only verify needs it
+
     disk = r.disk
     share = (f" (a random {r.sample_percent:g}% sample)" if r.sample_percent is not None
              and r.sample_percent < 100 else "")
@@ -271,7 +279,34 @@ def format_verify(r: Any) -> str:
             lines += [f"    - {p}" for p in found.paths]
             if found.count > len(found.paths):
                 lines.append(f"    ... and {found.count - len(found.paths)} more")
+    if r.drill is not None:
+        lines += format_drill(r.drill)
+    lines.append(f"  last restore drill: {drill.describe(r.last_drill, drill.plain_time)}")
     return "\n".join(lines)
+
+
+def format_drill(d: Any) -> list[str]:
+    """The lines of ``verify``'s output for a restore drill (a ``drill.DrillResult``)."""
+    version = f", PostgreSQL {d.postgres_version}" if d.postgres_version else ""
+    lines = [f"  restore drill: {'PASSED' if d.passed else 'FAILED'} in "
+             f"{d.duration_s:g} s{version}",
+             f"    dump:      {d.dump or '-'}" + (f" ({d.kind})" if d.kind else "")]
+    counts = [f"{c.table} {'?' if c.rows is None else c.rows}"
+              for c in d.tables.values() if c.table]
+    if d.tables:
+        where = f" (database {d.database})" if d.database else ""
+        lines.append(f"    rows:      {', '.join(counts) or 'no Immich table found'}{where}")
+    lines += [f"    problem:   {p}" for p in d.problems]
+    if d.failed_count:
+        lines.append(f"    failed statements ({d.failed_count}; the load went on):")
+        for f in d.failed:
+            where = f" [database {f.database}]" if f.database else ""
+            lines.append(f"      - {f.error}{where}")
+            if f.statement:
+                lines.append(f"        {' '.join(f.statement.split())}")
+        if d.failed_count > len(d.failed):
+            lines.append(f"      ... and {d.failed_count - len(d.failed)} more")
+    return lines
 
 
 def is_device_target(target: str) -> bool:
@@ -421,10 +456,10 @@ def cmd_history(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     records = history.load_runs(config.state_dir, args.last, args.disk)
     if args.html is not None:
-        from immich_usb_backup import report  # noqa: PLC0415 - only this option needs it
+        from immich_usb_backup import page  # noqa: PLC0415 - only this option needs it
 
         try:
-            report.write_html(args.html, records)
+            page.write(args.html, config, args.last, args.disk)
         except OSError as exc:
             print(f"cannot write {args.html}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_USAGE

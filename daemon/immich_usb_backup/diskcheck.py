@@ -9,6 +9,10 @@ PostgreSQL's "dump complete" line) and the config archives' checksums tested.
 Nothing is written to the disk: a device is mounted read-only for the check. The
 lists are compared in a temporary SQLite database in the state dir, so a manifest of a
 million lines is never held in memory.
+
+With ``--restore-drill`` the newest dump is also loaded into a throwaway PostgreSQL
+(:mod:`immich_usb_backup.drill`), under the same lock and live status (phase ``drill``);
+its outcome is kept in the state dir, and every check shows the disk's last drill.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import manifest
+from immich_usb_backup import drill, manifest, page
 from immich_usb_backup.config import Config
+from immich_usb_backup.drill import DrillOutcome, DrillResult
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.hashing import BLOCK, Stopped, drop_device_cache, sha256_file
 from immich_usb_backup.lock import backup_lock
@@ -72,9 +77,13 @@ class Report:
     dumps_checked: int = 0
     archives_checked: int = 0
     damaged: Found = field(default_factory=Found)  # dumps and archives
+    drill: DrillResult | None = None  # with --restore-drill
+    last_drill: DrillOutcome | None = None  # the disk's last drill, kept in the state
 
     @property
     def ok(self) -> bool:
+        if self.drill is not None and not self.drill.passed:
+            return False
         return not any(f.count for f in (self.missing, self.changed, self.unreadable,
                                          self.unexpected, self.bad_lines, self.damaged))
 
@@ -88,6 +97,8 @@ class Report:
         for name in ("missing", "changed", "unreadable", "unexpected", "bad_lines", "damaged"):
             found: Found = getattr(self, name)
             out[name] = {"count": found.count, "paths": found.paths}
+        out["restore_drill"] = self.drill.as_dict() if self.drill else None
+        out["last_restore_drill"] = asdict(self.last_drill) if self.last_drill else None
         return out
 
 
@@ -243,15 +254,33 @@ def _check(config: Config, root: Path, listing: Path, db: sqlite3.Connection, re
     return report
 
 
-async def verify_path(config: Config, target: Path, sample: float | None) -> Report:
-    """Check the backup disk mounted at ``target`` (left mounted, as it was found)."""
+def _postgres(config: Config, restore_drill: bool) -> Path | None:
+    """Where the drill's PostgreSQL programs are (None without the drill); raises
+    drill.DrillUnavailable before anything is mounted or read."""
+    return drill.find_postgres(config.database.postgres_bin_dir) if restore_drill else None
+
+
+async def verify_path(config: Config, target: Path, sample: float | None,
+                      restore_drill: bool = False) -> Report:
+    """Check the backup disk mounted at ``target`` (left mounted, as it was found); with
+    ``restore_drill``, then load its newest dump into a throwaway PostgreSQL and keep the
+    outcome in the state dir."""
+    bin_dir = _postgres(config, restore_drill)
     stop = threading.Event()
     with backup_lock(config.state_dir):
         disk = await inspect_mount(target)
-        status = StatusWriter(config.state_dir, {"uuid": disk.uuid, "label": disk.label,
-                                                 "mount_point": str(disk.mount_point)})
+        identity = {"uuid": disk.uuid, "label": disk.label,
+                    "mount_point": str(disk.mount_point)}
+        status = StatusWriter(config.state_dir, identity)
         try:
-            return await asyncio.to_thread(check, config, disk, sample, status, stop)
+            report = await asyncio.to_thread(check, config, disk, sample, status, stop)
+            if bin_dir is not None:
+                root = await asyncio.to_thread(find_backup_root, disk)
+                report.drill = await drill.restore_drill(bin_dir, root / "database", status)
+                await asyncio.to_thread(_keep_drill, config, identity, report.drill)
+            report.last_drill = await asyncio.to_thread(drill.outcome_for, config.state_dir,
+                                                        disk.uuid)
+            return report
         except asyncio.CancelledError:
             stop.set()
             raise
@@ -259,10 +288,26 @@ async def verify_path(config: Config, target: Path, sample: float | None) -> Rep
             status.clear()
 
 
-async def verify_device(config: Config, target: str, sample: float | None) -> Report:
+def _keep_drill(config: Config, disk: dict[str, Any], result: DrillResult) -> None:
+    """The drill's outcome into the state dir (a check itself is not recorded), and the
+    state dir's history page refreshed with it (when there is one)."""
+    try:
+        drill.record(config.state_dir, disk, result)
+    except OSError as exc:
+        log.warning("could not keep the restore drill's outcome in %s: %s",
+                    config.state_dir, exc)
+        return
+    if (config.state_dir / page.NAME).exists():
+        page.refresh(config)
+
+
+async def verify_device(config: Config, target: str, sample: float | None,
+                        restore_drill: bool = False) -> Report:
     """Check the disk ``target`` (``/dev/...`` or ``UUID=...``): mounted read-only for the
     check, if it is not mounted already, and unmounted again."""
     from immich_usb_backup.udisks import UDisks, mounted  # noqa: PLC0415 - dbus when needed
+
+    _postgres(config, restore_drill)  # missing PostgreSQL: said before mounting anything
 
     udisks = await UDisks.connect()
     try:
@@ -271,6 +316,6 @@ async def verify_device(config: Config, target: str, sample: float | None) -> Re
         if info.fs_type != "exfat":
             raise Refused(f"{device} holds {info.fs_type or 'no'} file system, not exFAT")
         async with mounted(udisks, info, read_only=True) as mount:
-            return await verify_path(config, mount.mount_point, sample)
+            return await verify_path(config, mount.mount_point, sample, restore_drill)
     finally:
         udisks.close()

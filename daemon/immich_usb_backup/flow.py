@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import approvals, heartbeat, history, notify, overview, policy, report
+from immich_usb_backup import approvals, heartbeat, history, notify, overview, page, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.fsutil import BackupRoot, atomic_write_bytes, cluster_size, free_bytes
@@ -48,8 +48,6 @@ from immich_usb_backup.udisks import UDisks, UDisksError, mounted
 log = logging.getLogger(__name__)
 
 WORK_DIR = "run"
-REPORT_NAME = "history.html"  # in the state dir and in the backup folder on the disk
-REPORT_RUNS = 100  # runs on the page (the strip shows the last 30)
 SMALL_FILES_RESERVE = 1024 * 1024  # README, backup-info, folder entries
 
 Detach = Callable[[], Awaitable[DiskState]]
@@ -225,9 +223,8 @@ def _write_notes(ctx: RunContext, record: RunRecord) -> None:
     for result in record.steps.values():
         info.update(result.disk_info())
     disk_notes.write(ctx.root, info)
-    records = [*history.load_runs(ctx.config.state_dir, REPORT_RUNS - 1), record]
-    atomic_write_bytes(ctx.root, ctx.root.path(REPORT_NAME),
-                       report.render_html(records).encode("utf-8"))
+    atomic_write_bytes(ctx.root, ctx.root.path(page.NAME),
+                       page.render(ctx.config, current=record).encode("utf-8"))
     log.debug("notes written; syncing")
     os.sync()
     log.debug("synced")
@@ -247,11 +244,7 @@ async def _append_history(config: Config, record: RunRecord,
 
 def _append_and_render(config: Config, record: RunRecord) -> None:
     history.append(config.state_dir, record)
-    try:
-        report.write_html(config.state_dir / REPORT_NAME,
-                          history.load_runs(config.state_dir, REPORT_RUNS))
-    except OSError as exc:
-        log.warning("could not refresh %s: %s", REPORT_NAME, exc)
+    page.refresh(config)
 
 
 # A disk given by device: the daemon's plug, or `run /dev/sdX1` / `run UUID=...` ---------

@@ -5,6 +5,9 @@ oldest first) into a single page: no network, no external assets, no JavaScript,
 CSS only. The page shows the last run and its status in words, a strip of the last
 :data:`STRIP_RUNS` runs as coloured bars (oldest left, newest right), a legend, and a
 table of every run given, newest first. Every value taken from a record is escaped.
+Given the disks' last restore drills (``verify --restore-drill``, kept in the state dir
+by :mod:`immich_usb_backup.drill`), it also says when each disk's last drill ran, and
+how it went.
 
 ``write_html`` writes such a page atomically, so a web server or a browser never sees
 half a file.
@@ -16,13 +19,17 @@ import html
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from immich_usb_backup import __version__
 from immich_usb_backup.fsutil import replace_file
 from immich_usb_backup.history import format_duration
 from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.record import STATUSES, RunRecord
+
+if TYPE_CHECKING:
+    from immich_usb_backup.drill import DrillOutcome
+    from immich_usb_backup.overview import DiskSummary
 
 STRIP_RUNS = 30
 """How many runs the coloured strip shows at most (the table shows all it is given)."""
@@ -132,6 +139,8 @@ td.problems { min-width: 14rem; }
 ul.problems { margin: 0; padding-left: 1.1rem; }
 ul.problems li { overflow-wrap: anywhere; }
 details summary { cursor: pointer; color: var(--muted); }
+ul.drills { list-style: none; margin: 0; padding: 0; }
+ul.drills li { margin: .25rem 0; overflow-wrap: anywhere; }
 .none { color: var(--muted); }
 .nw { white-space: nowrap; }
 .vh {
@@ -169,6 +178,9 @@ def render_html(
     records: Sequence[RunRecord],
     generated_at: datetime | None = None,
     title: str = DEFAULT_TITLE,
+    drills: Sequence[DrillOutcome] = (),
+    disks: Sequence[DiskSummary] = (),
+    remind_after_days: int = 0,
 ) -> str:
     """Return one complete HTML document (``str``) for ``records``.
 
@@ -186,7 +198,14 @@ def render_html(
       in :data:`record.STATUSES`); failed and refused share the red colour;
     - every value from a record is HTML-escaped; damaged values (a time that does not
       parse, a count that is not a number) are shown as they are or as ``?``;
-    - with no records the page says "No backups yet" and has no table.
+    - with no records the page says "No backups yet" and has no table;
+    - ``drills`` (each disk's last restore drill, as ``drill.load_outcomes`` gives them):
+      one line each, "Last restore drill: <time>, passed (<dump>)" (or failed, with the
+      last pass), in a ``section.drills`` after the summary; none given, no section;
+    - ``disks`` (every approved disk, as ``overview.disks`` gives them): a "Disks" panel,
+      ``section.disks``, a row each (``tr.disk``, ``data-uuid``): label, UUID, last backup
+      and its age, free space and files then, last content check; a disk whose last
+      backup is ``remind_after_days`` old or more has the class ``overdue`` and says so.
     """
     now = (generated_at or datetime.now()).astimezone()
     recs = list(records)
@@ -206,6 +225,10 @@ def render_html(
         f"<h1>{_e(title)}</h1>",
         _summary(recs, now),
     ]
+    if disks:
+        parts.append(_disks(disks, now, remind_after_days))
+    if drills:
+        parts.append(_drills(drills, now))
     if recs:
         parts += [_strip(recs), _table(recs)]
     host = next((r.host for r in reversed(recs) if r.host), "")
@@ -227,6 +250,9 @@ def write_html(
     records: Sequence[RunRecord],
     generated_at: datetime | None = None,
     title: str = DEFAULT_TITLE,
+    drills: Sequence[DrillOutcome] = (),
+    disks: Sequence[DiskSummary] = (),
+    remind_after_days: int = 0,
 ) -> None:
     """Render ``records`` and write the page to ``path`` atomically (UTF-8, mode 0644).
 
@@ -235,8 +261,9 @@ def write_html(
     never part of one. The folder must exist; an ``OSError`` is raised as it comes and
     the temporary file is removed.
     """
-    replace_file(path, render_html(records, generated_at=generated_at, title=title)
-                 .encode("utf-8"))
+    replace_file(path, render_html(records, generated_at=generated_at, title=title,
+                                   drills=drills, disks=disks,
+                                   remind_after_days=remind_after_days).encode("utf-8"))
 
 
 # parts of the page --------------------------------------------------------------------
@@ -275,6 +302,76 @@ def _summary(recs: list[RunRecord], now: datetime) -> str:
                      f"{_e(problems[0])}{' …' if len(problems) > 1 else ''}</p>")
     lines.append("</section>")
     return "\n".join(lines)
+
+
+def _disks(disks: Sequence[DiskSummary], now: datetime, remind_after_days: int) -> str:
+    from immich_usb_backup.overview import overdue  # noqa: PLC0415 - plain functions
+
+    rows = []
+    for d in disks:
+        age = d.age_days(now)
+        late = overdue(age, remind_after_days)
+        when = (_when(d.last_backup_at) if d.last_backup_at else "never")
+        ago = ("" if age is None else f'<span class="muted"> ({age} day'
+               f'{"" if age == 1 else "s"} ago)</span>')
+        space = (f"{_e(human_bytes(d.free_bytes))} free of {_e(human_bytes(d.size_bytes))}"
+                 if d.free_bytes is not None and d.size_bytes else "-")
+        check = ("-" if d.last_verify_at is None else
+                 f"{_when(d.last_verify_at)}, "
+                 f'{"passed" if d.last_verify_passed else "<strong>FAILED</strong>"}')
+        flag = (f' <span class="badge">no backup for {age} days</span>' if late else "")
+        cells = [
+            ("Disk", "disk", f"{_e(d.label or '-')}{flag}"),
+            ("UUID", "uuid", f'<span class="nw">{_e(d.uuid)}</span>'),
+            ("Last backup", "time", f"{when}{ago}"),
+            ("Space then", "num", space),
+            ("Files", "num", "-" if d.files is None else f"{d.files:,}"),
+            ("Last check", "check", check),
+        ]
+        tds = "".join(f'<td class="{cls}" data-label="{label}"><div class="v">{body}</div>'
+                      "</td>" for label, cls, body in cells)
+        css = "disk overdue status-failed" if late else "disk"
+        rows.append(f'<tr class="{css}" data-uuid="{_e(d.uuid)}">{tds}</tr>')
+    head = "".join(f'<th scope="col">{c}</th>' for c in
+                   ("Disk", "UUID", "Last backup", "Space then", "Files", "Last check"))
+    return "\n".join([
+        '<section class="card disks" aria-labelledby="disks-h">',
+        f'<h2 id="disks-h">Disks ({len(disks)})</h2>',
+        '<div class="table-wrap"><table>',
+        f"<thead><tr>{head}</tr></thead>",
+        "<tbody>", *rows, "</tbody>",
+        "</table></div>",
+        "</section>",
+    ])
+
+
+def _drills(drills: Sequence[DrillOutcome], now: datetime) -> str:
+    items = []
+    for d in drills:
+        status = "success" if d.passed else "failed"
+        when = _parse_time(d.at)
+        ago = f' <span class="muted">({_e(_ago(when, now))})</span>' if when else ""
+        line = (f"Last restore drill: {_when(d.at)}{ago}, "
+                f'<span class="badge">{"passed" if d.passed else "failed"}</span> '
+                f"({_e(d.dump or '-')})")
+        if not d.passed:
+            line += (f'<br><span class="muted">{_e(d.problem)}</span>' if d.problem else "")
+            line += (f'<br><span class="muted">Last passed: {_when(d.last_passed_at)} '
+                     f"({_e(d.last_passed_dump)})</span>" if d.last_passed_at else
+                     '<br><span class="muted">No drill of this disk has passed yet.</span>')
+        disk = f"<strong>{_e(d.disk_name)}</strong>: " if len(drills) > 1 else ""
+        items.append(f'<li class="{_css_class(status)}" data-drill="{status}">{disk}{line}'
+                     "</li>")
+    disk = "" if len(drills) > 1 else f" of {_e(drills[0].disk_name)}"
+    return "\n".join([
+        '<section class="card drills" aria-labelledby="drills-h">',
+        f'<h2 id="drills-h">Restore drill{"s" if len(drills) > 1 else ""}{disk}</h2>',
+        f'<ul class="drills">{"".join(items)}</ul>',
+        '<p class="muted">A drill loads the newest database dump on the disk into a '
+        "throwaway PostgreSQL: <code>immich-usb-backup verify DISK --restore-drill</code>."
+        "</p>",
+        "</section>",
+    ])
 
 
 def _strip(recs: list[RunRecord]) -> str:
