@@ -269,3 +269,13 @@ def test_the_history_page_has_a_disks_panel_with_the_overdue_one_marked(
     server.write_config("[notify]\nremind_after_days = 30\n")
     run_cli("history", "--html", str(page), config=server.config_path)
     assert 'class="disk overdue' not in page.read_text()
+
+
+def test_a_disk_approved_in_the_config_without_any_backup_is_listed_last(
+    server: Server,
+) -> None:
+    two_disks(server)
+    server.write_config('[disks]\napproved = ["BBBB-0000"]\n')
+    config = load_config(server.config_path)
+    assert [d.uuid for d in overview.disks(config)] == ["AAAA-0002", "AAAA-0001", "BBBB-0000"]
+    assert overview.next_check_in(config) > 0

@@ -90,12 +90,13 @@ class Daemon:
     async def reminders(self) -> None:
         """The reminder's timer: check at start, then when one could next be due."""
         while True:
-            if self.current is None:
-                try:
+            delay = overview.CHECK_AT_LEAST_EVERY_S
+            try:  # a reminder must never stop the daemon
+                if self.current is None:
                     await flow.remind(self.config)
-                except Exception:  # a reminder must never stop the daemon
-                    log.exception("the reminder check failed")
-            delay = await asyncio.to_thread(overview.next_check_in, self.config)
+                delay = await asyncio.to_thread(overview.next_check_in, self.config)
+            except Exception:
+                log.exception("the reminder check failed")
             log.debug("next reminder check in %.0f s", delay)
             await asyncio.sleep(delay)
 

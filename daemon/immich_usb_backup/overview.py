@@ -97,8 +97,12 @@ def disks(config: Config) -> list[DiskSummary]:
         summary = found.get(normalise_uuid(run.disk.uuid))
         if summary is not None:
             _take(summary, run)
-    return sorted(found.values(), key=lambda d: d.since() or datetime.min.astimezone(),
-                  reverse=True)
+    return sorted(found.values(), key=_newest_first)
+
+
+def _newest_first(d: DiskSummary) -> tuple[bool, float]:
+    since = d.since()
+    return since is None, -since.timestamp() if since else 0.0
 
 
 def _take(summary: DiskSummary, run: RunRecord) -> None:
