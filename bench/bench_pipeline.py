@@ -239,7 +239,7 @@ def run_once(argv: list[str], tag: str, drop_caches: bool) -> Sample:
     if proc.returncode != 0:
         tail = err.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{tag}: exit status {proc.returncode}\n{stdout[-2000:]}\n{tail}")
-    m = re.search(r"copied:\s+(\d+) files", stdout)
+    m = re.search(r"copied:\s+(\d+) files?", stdout)
     peak = int(rss.read_text().split()[-1]) if GNU_TIME else None
     return Sample(seconds, peak, int(m.group(1)) if m else None)
 
