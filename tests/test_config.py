@@ -591,3 +591,15 @@ def test_a_fresh_dump_source_needs_what_it_uses(tmp_path: Path) -> None:
     path.write_text('[immich]\nupload_location = "/srv/immich"\n\n'
                     '[database]\nenabled = false\nsource = "command"\n')
     assert load_config(path).database.source == "command"  # off: nothing to check
+
+
+def test_the_error_example_in_the_docs_is_what_the_program_prints(tmp_path: Path) -> None:
+    doc = CONFIG_DOC.read_text()
+    shown = re.search(r"For example, a file with.*?```\n(configuration error.*?)```", doc,
+                      re.S)
+    assert shown is not None
+    path = write(tmp_path, '[immich]\nupload_locaton = "/srv/immich/library"\n\n'
+                           '[database]\nkeep = 0\n')
+    r = run_cli("check", config=path)
+    assert r.returncode == 2
+    assert r.stderr.replace(str(path), "/etc/immich-usb-backup/config.toml") == shown[1]

@@ -490,7 +490,10 @@ def test_run_with_a_device_that_is_not_connected_fails_clearly(
 ) -> None:
     r = run_cli("run", "UUID=0000-0000", config=server.config_path)
     assert r.returncode == 1
-    assert "no disk UUID=0000-0000 is connected" in r.stderr
+    assert "backup FAILED" in r.stdout and "  disk:     UUID=0000-0000" in r.stdout
+    assert (r.stdout + r.stderr).count("no disk UUID=0000-0000 is connected") == 1
+    (rec,) = records(server)  # recorded, so the history shows the attempt
+    assert rec["status"] == "failed" and rec["target"] == "UUID=0000-0000"
 
 
 def test_an_approved_disk_that_cannot_be_mounted_is_recorded_failed_with_the_reason(

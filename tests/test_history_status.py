@@ -473,3 +473,25 @@ def test_clear_removes_the_status_file_and_tolerates_a_missing_one(tmp_path: Pat
     w.clear()
     assert not (tmp_path / STATUS_NAME).exists()
     w.clear()
+
+
+def test_run_on_a_device_without_the_system_bus_says_what_to_start_and_records_it(
+    tmp_path: Path,
+) -> None:
+    upload = tmp_path / "immich"
+    (upload / "upload").mkdir(parents=True)
+    (upload / "upload" / ".immich").write_bytes(b"")
+    state = tmp_path / "state"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[immich]\nupload_location = "{upload}"\n\n[state]\ndir = "{state}"\n')
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}
+    r = subprocess.run([sys.executable, "-m", "immich_usb_backup", "-c", str(config), "run",
+                        "/dev/sdz1"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "backup FAILED" in r.stdout and "  disk:     /dev/sdz1" in r.stdout
+    assert out.count("cannot reach the system D-Bus") == 1, out
+    assert "systemctl start dbus udisks2" in out
+    (rec,) = history.last_records(state, None)
+    assert rec["status"] == "failed" and rec["target"] == "/dev/sdz1"
+    assert "could not be used" in rec["problems"][0]

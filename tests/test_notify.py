@@ -765,3 +765,26 @@ def test_apprise_is_imported_only_when_a_message_is_sent_somewhere() -> None:
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True"]
+
+
+def test_check_send_test_sends_one_message_and_says_how_each_service_answered(
+    server: Server, hook: Hook
+) -> None:
+    broken = Hook(status=500)
+    try:
+        notify_config(server, hook.url(), broken.url(), "bogus://nothing")
+        r = run_cli("check", "--send-test", config=server.config_path)
+    finally:
+        broken.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    (msg,) = hook.wait_for(1)
+    assert msg["title"] == "Immich backup: test message"
+    lines = r.stdout.splitlines()
+    assert "test message to 3 services:" in lines
+    assert "  JSON (notify.urls #1): sent" in lines
+    assert any(line.startswith("  JSON (notify.urls #2): NOT sent: ") for line in lines)
+    assert any("notify.urls #3" in line and "cannot be used" in line for line in lines)
+    assert "bogus://nothing" not in r.stdout  # a URL is never shown
+    notify_config(server, hook.url())
+    ok = run_cli("check", "--send-test", config=server.config_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr

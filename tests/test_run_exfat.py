@@ -622,6 +622,9 @@ def test_check_lists_every_environment_problem(server: Server) -> None:
     assert "library/.immich" in r.stdout
     assert "no-dumps does not exist" in r.stdout
     assert "no-etc does not exist" in r.stdout
+    # said as a check: nothing was about to be copied
+    assert "nothing was copied" not in r.stdout.lower()
+    assert "a backup would be refused" in r.stdout
 
 
 def test_check_names_a_notification_url_apprise_cannot_use_without_showing_it(

@@ -193,6 +193,19 @@ def test_verify_sample_reads_back_only_a_share(make_exfat, server: Server) -> No
     assert report["sample_percent"] == 30
 
 
+def test_a_sample_of_a_small_library_reads_at_least_one_file(
+    make_exfat, server: Server
+) -> None:
+    disk = make_exfat()
+    assert backup(server, disk).returncode == 0
+    for _ in range(5):  # 0.1 % of a dozen files draws nothing most of the time
+        code, report = verify(server, disk, "--sample", "0.1")
+        assert code == 0
+        assert report["checked_files"] == 1
+    r = run_cli("verify", str(disk.mount_point), "--sample", "0.1", config=server.config_path)
+    assert "read back: 1 file, " in r.stdout
+
+
 def test_verify_works_on_a_machine_without_a_configuration(
     make_exfat, server: Server
 ) -> None:

@@ -30,7 +30,7 @@ from immich_usb_backup.config import (
     resolve_config_path,
 )
 from immich_usb_backup.errors import BackupError, CommandError, ConfigError
-from immich_usb_backup.policy import human_bytes
+from immich_usb_backup.policy import count, human_bytes
 from immich_usb_backup.record import RunRecord
 from immich_usb_backup.status import read_status
 from immich_usb_backup.steps.library import RSYNC_MIN_VERSION
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     hi.add_argument("--disk", metavar="UUID", help="only the runs onto the disk with this "
                     "file system UUID")
 
-    sub.add_parser("check", help="validate the config and the environment")
+    ck = sub.add_parser("check", help="validate the config and the environment")
+    ck.add_argument("--send-test", action="store_true", help="also send a test message "
+                    "through every configured notification URL and say how each went")
 
     dk = sub.add_parser("disks", help="list the USB exFAT disks connected now")
     dk.add_argument("--json", action="store_true", help="print a JSON array")
@@ -174,11 +176,11 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
                 return [await _run_on_device(config, args.target, trigger, args.mode)]
             return [await run_backup(config, Path(args.target), trigger=trigger,
                                      mode=args.mode)]
-        except BackupError as exc:  # the device could not be found or mounted
-            print(f"error: {exc}", file=sys.stderr)
-            failed = RunRecord.begin(trigger, args.mode or config.library.mode, args.target)
-            failed.conclude([str(exc)])
-            return [failed]
+        except BackupError as exc:  # the device could not be found or mounted: recorded
+            from immich_usb_backup.flow import record_unusable  # noqa: PLC0415
+
+            return [await record_unusable(config, args.target, trigger,
+                                          args.mode or config.library.mode, str(exc))]
 
     records = asyncio.run(_with_progress(config, work))
     if records is None:
@@ -262,9 +264,10 @@ def format_verify(r: Any) -> str:
         f"verify {'OK' if r.ok else 'FAILED'}",
         f"  disk:      {disk.get('label') or '-'} (UUID {disk.get('uuid') or '-'}) at "
         f"{disk.get('mount_point')}",
-        f"  manifest:  {r.manifest_entries} files listed in library.sha256; "
-        f"{r.files_on_disk} files in library/",
-        f"  read back: {r.checked_files} files, {human_bytes(r.checked_bytes)}{share}",
+        f"  manifest:  {count(r.manifest_entries, 'file')} listed in library.sha256; "
+        f"{count(r.files_on_disk, 'file')} in library/",
+        f"  read back: {count(r.checked_files, 'file')}, {human_bytes(r.checked_bytes)}"
+        f"{share}",
         f"  database:  {r.dumps_checked} dump(s) read to the end; config: "
         f"{r.archives_checked} archive(s) tested",
     ]
@@ -336,8 +339,10 @@ async def _run_on_approved(config: Config, trigger: str,
 def format_summary(r: RunRecord) -> str:
     lines = [
         f"backup {r.status.upper()}",
-        f"  disk:     {r.disk.label or '-'} (UUID {r.disk.uuid or '-'})",
-        f"  copied:   {r.files_transferred} files, {human_bytes(r.bytes_transferred or 0)}",
+        f"  disk:     {r.disk.label or '-'} (UUID {r.disk.uuid})" if r.disk.uuid
+        else f"  disk:     {r.target or '-'}",
+        f"  copied:   {count(r.files_transferred, 'file')}, "
+        f"{human_bytes(r.bytes_transferred or 0)}",
         f"  took:     {r.duration_s} s",
         *(f"  {line}" for line in r.finished_lines),
     ]
@@ -443,7 +448,7 @@ def _idle_text(config: Config, just_finished: bool) -> str:
     r = last[0]
     when = (r.finished_at or r.started_at or "?")[:19].replace("T", " ")
     summary = (f"{r.status} on {r.disk.label or '-'} at {when}: "
-               f"{r.files_transferred} files, {human_bytes(r.bytes_transferred or 0)}")
+               f"{count(r.files_transferred, 'file')}, {human_bytes(r.bytes_transferred or 0)}")
     if just_finished:
         return f"finished: {summary}"
     return f"idle: no backup is running; last backup {summary}"
@@ -509,7 +514,7 @@ def environment_problems(config: Config) -> list[str]:
         try:
             check_source(config.immich.upload_location, config.immich.require_markers)
         except Exception as exc:
-            problems.append(f"immich.upload_location: {exc}")
+            problems.append(f"immich.upload_location: {_as_check(str(exc))}")
         else:
             if not os.access(config.immich.upload_location, os.R_OK | os.X_OK):
                 problems.append(f"immich.upload_location: {config.immich.upload_location} "
@@ -539,15 +544,39 @@ def environment_problems(config: Config) -> list[str]:
     return problems
 
 
+def _as_check(refusal: str) -> str:
+    """A backup's refusal, said for ``check`` (nothing was about to be copied)."""
+    refusal = re.sub(r",? so nothing was copied or deleted\.", ": a backup would be refused.",
+                     refusal)
+    return refusal.replace(" Nothing was copied or deleted.", " A backup would be refused.")
+
+
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
     problems = environment_problems(config)
     if problems:
         print(f"{len(problems)} problem(s) with {config.source}:")
         for problem in problems:
             print(f"  - {problem}")
-        return EXIT_FAILED
-    print(f"{config.source}: configuration and environment OK")
-    return EXIT_OK
+    else:
+        print(f"{config.source}: configuration and environment OK")
+    sent_ok = True
+    if args.send_test:
+        sent_ok = _send_test(config)
+    return EXIT_OK if not problems and sent_ok else EXIT_FAILED
+
+
+def _send_test(config: Config) -> bool:
+    from immich_usb_backup.notify import send_test  # noqa: PLC0415 - apprise is heavy
+
+    answers = asyncio.run(send_test(config.notify))
+    if not answers:
+        print("no notification URL is configured ([notify] urls, urls_file, or "
+              "$IMMICH_USB_BACKUP_NOTIFY_URLS): nothing to send")
+        return False
+    print(f"test message to {count(len(answers), 'service')}:")
+    for name, why in answers:
+        print(f"  {name}: {'sent' if why is None else 'NOT sent: ' + why}")
+    return all(why is None for _, why in answers)
 
 
 # daemon, disks, approve -----------------------------------------------------------------

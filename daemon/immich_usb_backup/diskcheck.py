@@ -217,6 +217,10 @@ def _check(config: Config, root: Path, listing: Path, db: sqlite3.Connection, re
     db.execute("CREATE TABLE s AS SELECT m.path AS path, m.digest AS digest, d.size AS size "
                "FROM m JOIN d USING (path) WHERE d.regular = 1 AND (random() & 1048575) < ?",
                (share,))
+    if sample is not None and not db.execute("SELECT 1 FROM s LIMIT 1").fetchone():
+        # a small share of a small library can draw nothing: a sample reads at least one
+        db.execute("INSERT INTO s SELECT m.path, m.digest, d.size FROM m JOIN d USING (path) "
+                   "WHERE d.regular = 1 ORDER BY random() LIMIT 1")
     total_files, total_bytes = db.execute("SELECT count(*), coalesce(sum(size), 0) "
                                           "FROM s").fetchone()
     dumps = sorted((root / "database").glob("*.sql.gz")) if (root / "database").is_dir() else []

@@ -321,6 +321,21 @@ async def _record_needs_approval(config: Config, device: str, uuid: str | None,
                          notify.needs_approval(label, uuid, device, hint, left))
 
 
+async def record_unusable(config: Config, target: str, trigger: str, mode: str,
+                          why: str) -> RunRecord:
+    """``run /dev/...`` or ``run UUID=...`` whose disk could not be found or mounted (no
+    such disk, no D-Bus or UDisks2): a failed run in the history, and its message."""
+    record = RunRecord.begin(trigger, mode, target)
+    record.conclude([f"the disk {target} could not be used: {why}"])
+    record.duration_s = 0.0
+    notifier = notify.Notifier(config.notify)
+    try:
+        await notifier.send(notify.end_message(record, notify.DiskEnd("not-mounted")))
+    finally:
+        await asyncio.shield(_append_history(config, record, notifier))
+    return record
+
+
 async def _record_simple(config: Config, status: str, device: str, uuid: str | None,
                          label: str | None, trigger: str, message: str,
                          note: notify.Message | None = None) -> None:

@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote
 
 from immich_usb_backup.config import Event, NotifyConfig
 from immich_usb_backup.execute import mask_secrets
-from immich_usb_backup.policy import human_bytes
+from immich_usb_backup.policy import count, human_bytes
 from immich_usb_backup.record import DiskState, RunRecord
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def started(label: str | None, uuid: str | None, what: Sequence[str], files: int
         "",
         "What will be copied:",
         *(f"- {w}" for w in what),
-        f"In all: about {files} files, {human_bytes(nbytes)}.",
+        f"In all: about {count(files, 'file')}, {human_bytes(nbytes)}.",
         "",
         "Do not unplug the disk until the message that the backup finished arrives.",
     ]
@@ -116,7 +116,7 @@ def finished(record: RunRecord, end: DiskEnd) -> Message:
         lines.append(_STATUS_LINE[status])
     lines += [
         "",
-        f"Copied: {record.files_transferred or 0} files, "
+        f"Copied: {count(record.files_transferred or 0, 'file')}, "
         f"{human_bytes(record.bytes_transferred or 0)}, in "
         f"{_duration(record.duration_s or 0.0)}.",
         *record.finished_lines,
@@ -508,6 +508,21 @@ class Notifier:
             apobj.add(plugin)
             targets.append(_Target(f"{plugin.service_name} ({s.origin})", apobj))
         return targets, problems
+
+
+async def send_test(config: NotifyConfig) -> list[tuple[str, str | None]]:
+    """``check --send-test``: one test message to every configured URL. Return each
+    service by its name (never the URL) with None when it took the message, else why
+    not; a URL that cannot be used is listed with its problem."""
+    notifier = Notifier(config)
+    targets, problems = await asyncio.to_thread(notifier._load)
+    message = Message(Event.FINISHED, f"{TITLE}: test message",
+                      f"A test message from immich-usb-backup on {socket.gethostname()}: "
+                      "notifications work.", "info")
+    answers = await asyncio.gather(*(_send_one(t, message, config.timeout_s)
+                                     for t in targets))
+    return [*((t.name, mask(a) if a else None) for t, a in zip(targets, answers, strict=True)),
+            *((mask(p), "cannot be used") for p in problems)]
 
 
 def url_problems(config: NotifyConfig) -> list[str]:

@@ -185,6 +185,13 @@ def capacity_refusal(need: SpaceNeed) -> str | None:
     )
 
 
+def count(n: int | None, noun: str) -> str:
+    """``count(1, "file")`` -> ``1 file``, ``count(3, "file")`` -> ``3 files``."""
+    if n is None:
+        return f"? {noun}s"
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -54,7 +54,8 @@ _FRIENDLY = {
     ERR + "NotAuthorizedDismissed": "not allowed: the request was dismissed",
     ERR + "AlreadyMounted": "the disk is already mounted",
     ERR + "NotMounted": "the disk is not mounted",
-    "org.freedesktop.DBus.Error.ServiceUnknown": "UDisks2 is not running (udisks2.service)",
+    "org.freedesktop.DBus.Error.ServiceUnknown": "UDisks2 is not running; start it with: "
+    "systemctl start udisks2",
 }
 
 
@@ -88,7 +89,9 @@ class UDisks:
         try:
             bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=False).connect()
         except (OSError, ValueError) as exc:
-            raise UDisksError(f"cannot reach the system D-Bus: {exc}") from exc
+            raise UDisksError(
+                f"cannot reach the system D-Bus ({exc}): is it running? Start it, and "
+                "UDisks2, with: systemctl start dbus udisks2") from exc
         return cls(bus)
 
     def close(self) -> None:
