@@ -321,6 +321,12 @@ def read_whole_gzip(path: Path) -> str:
         return f.read().decode()
 
 
+def file_modes(root: Path) -> set[int]:
+    """The permission bits of the files under ``root``."""
+    return {Path(d, f).stat().st_mode & 0o7777 for d, _, files in os.walk(root)
+            for f in files}
+
+
 def error_lines(output: str) -> set[str]:
     return {ln.strip() for ln in output.splitlines() if "ERROR" in ln}
 
@@ -450,6 +456,8 @@ def test_guide_restores_library_and_both_kinds_of_dump_from_a_real_backup(
     photos = Path(guide.env["HOME"]) / "immich-photos"
     assert tree(photos / "upload") == tree(server.upload / "upload")
     assert tree(photos / "library") == tree(server.upload / "library")
+    # exFAT keeps no modes (every file on it looks executable): the copies are plain files
+    assert file_modes(photos) == {0o644}
 
     # 3.2 The configuration: unzip, then docker's files back where they were
     lost = server.etc.with_name("immich.lost")
@@ -557,3 +565,4 @@ def test_guide_deleted_block_brings_back_a_photo_deleted_on_the_server(
     assert day in out.split()  # the listing of the day folders
     back = Path(guide.values["SCRATCH"]) / f"deleted-{day}" / rel
     assert back.read_bytes() == content
+    assert file_modes(Path(guide.values["SCRATCH"]) / f"deleted-{day}") == {0o644}
