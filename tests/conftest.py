@@ -457,3 +457,21 @@ def leak_check(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     pytest.fail("the test session left behind (found at its end, in the teardown of its "
                 "last test, which need not be the one to blame; each must be cleaned up by "
                 "the test or fixture that made it):\n  " + "\n  ".join(left), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def real_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st.Stack]:
+    """A system D-Bus, udevd and UDisks2 (tests/stack.py): used as they are when the
+    machine runs them, else started, for the tests of one module. Only the images under
+    this session's tmp dir look like USB disks, not a person's own disks nor images an
+    earlier run may have left attached. ``DBUS_SYSTEM_BUS_ADDRESS`` points at its bus."""
+    missing = st.missing_pieces()
+    need(not missing, f"the real stack needs: {', '.join(missing)}")
+    s = st.Stack(tmp_path_factory.mktemp("stack"), tmp_path_factory.getbasetemp())
+    try:
+        s.start()
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = s.bus_address
+        yield s
+    finally:
+        os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+        s.stop()

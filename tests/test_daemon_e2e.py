@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import stack as st
-from conftest import IN_CI, LoopWatch, Server, note_loop_blocks, run_cli, tree
+from conftest import LoopWatch, Server, note_loop_blocks, run_cli, tree
 from immich_usb_backup import history
 
 
@@ -33,26 +33,6 @@ def _loop_never_blocked(no_blocked_loop: LoopWatch) -> LoopWatch:
     """Every test fails if the daemon's (or a command's) event loop was blocked for
     100 ms (conftest). Set up first, so checked last: after the daemons stopped."""
     return no_blocked_loop
-
-
-@pytest.fixture(scope="module")
-def real_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st.Stack]:
-    missing = st.missing_pieces()
-    if missing:
-        why = f"the real stack needs: {', '.join(missing)}"
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
-    # only the images of this session look like USB disks: not a person's own disks,
-    # nor images an earlier run may have left attached
-    s = st.Stack(tmp_path_factory.mktemp("stack"), tmp_path_factory.getbasetemp())
-    try:
-        s.start()
-        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = s.bus_address
-        yield s
-    finally:
-        os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
-        s.stop()
 
 
 class Daemon:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import stack as st
-from conftest import IN_CI, REPO, Server, mount_exfat, need, unmount
+from conftest import REPO, Server, mount_exfat, need, unmount
 
 GUIDE = REPO / "docs" / "first-disk.md"
 MICROSOFT_BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"  # GPT type of an exFAT partition
@@ -83,23 +83,6 @@ def blkid(device: str) -> dict[str, str]:
 def columns(line: str) -> list[str]:
     """A row of the program's tables: columns are two spaces or more apart."""
     return re.split(r"\s{2,}", line.strip())
-
-
-@pytest.fixture(scope="module")
-def real_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st.Stack]:
-    missing = st.missing_pieces()
-    if missing:
-        why = f"the real stack needs: {', '.join(missing)}"
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
-    # only the images of this session look like USB disks
-    s = st.Stack(tmp_path_factory.mktemp("stack"), tmp_path_factory.getbasetemp())
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
 
 
 @dataclass

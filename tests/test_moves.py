@@ -58,7 +58,8 @@ def storage_template_migration(server: Server) -> dict[str, str]:
     relative to the upload location."""
     moved = {}
     for i, old in enumerate(sorted((server.upload / "upload" / USER).rglob("*.jpg"))):
-        new = server.upload / "library" / USER / "2024" / f"{i % 12 + 1:02d}" / old.name
+        # unique names, as Immich makes them (it adds +1 to a name already taken)
+        new = server.upload / "library" / USER / "2024" / f"{i % 12 + 1:02d}" / f"{i}-{old.name}"
         new.parent.mkdir(parents=True, exist_ok=True)
         os.rename(old, new)
         moved[str(old.relative_to(server.upload))] = str(new.relative_to(server.upload))

@@ -623,9 +623,7 @@ def format_disks_all(rows: list[dict[str, Any]]) -> str:
             str(r["label"] or "-"), str(r["uuid"]), when,
             "-" if age is None else f"{age} d{' OVERDUE' if r['overdue'] else ''}",
             free, "-" if r["files"] is None else str(r["files"]), check))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in table)
+    return history.columns(table)
 
 
 def cmd_disks(config: Config, args: argparse.Namespace) -> int:
@@ -662,9 +660,7 @@ def cmd_disks(config: Config, args: argparse.Namespace) -> int:
         table.append((r["device"], r["label"] or "-", human_bytes(r["size"]),
                       r["model"] or "-", r["uuid"] or "-", marker,
                       "yes" if r["approved"] else "no"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print(history.columns(table))
     return EXIT_OK
 
 
