@@ -164,7 +164,8 @@ class DatabaseConfig:
                 "the key or takes too long, the newest nightly dump is copied and the reason "
                 "named in the problems (`partial`).",
                 "command": "`command` writes a fresh dump to its standard output now; it is "
-                "compressed straight onto the disk.",
+                "kept in the state dir's work folder (room for one plain dump is needed there), "
+                "checked to be whole, then compressed onto the disk.",
             },
             choices=DUMP_SOURCES,
         ),
