@@ -23,7 +23,7 @@ import stack as st
 from conftest import REPO, need
 
 # The real stack (dbus, udevd, UDisks2), module-scoped, and plugged disks pulled at the end.
-from test_daemon_e2e import plugs, real_stack  # noqa: F401 - fixtures for pytest
+from test_daemon_e2e import plugs  # noqa: F401 - a fixture for pytest
 
 UNIT = REPO / "systemd" / "immich-usb-backup.service"
 RULE = REPO / "udev" / "90-immich-usb-backup.rules"

@@ -182,6 +182,17 @@ def check(config: Config, disk: Disk, sample: float | None, status: StatusWriter
 def _check(config: Config, root: Path, listing: Path, db: sqlite3.Connection, report: Report,
            sample: float | None, status: StatusWriter, stop: threading.Event,
            device: str) -> Report:
+    """The lists compared (the manifest against the files on the disk), then the chosen
+    files, every dump and every config archive read back."""
+    _compare_lists(config, root, listing, db, report, status, stop)
+    _choose(db, sample)
+    _read_back(root, db, report, status, stop, device)
+    return report
+
+
+def _compare_lists(config: Config, root: Path, listing: Path, db: sqlite3.Connection,
+                   report: Report, status: StatusWriter, stop: threading.Event) -> None:
+    """The manifest into table m, the disk's files into d: missing and unexpected."""
     db.executescript("""
         PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;
         CREATE TABLE m (path TEXT PRIMARY KEY, digest TEXT NOT NULL) WITHOUT ROWID;
@@ -212,6 +223,9 @@ def _check(config: Config, root: Path, listing: Path, db: sqlite3.Connection, re
                              "ORDER BY path"):
         report.unexpected.add(f"library/{rel}")
 
+
+def _choose(db: sqlite3.Connection, sample: float | None) -> None:
+    """Table s: the files to read back, all of them or a random ``sample`` percent."""
     # random() gives 64 random bits: keep a row when its low 20 bits fall under the share
     share = 1 << 20 if sample is None else round(sample / 100 * (1 << 20))
     db.execute("CREATE TABLE s AS SELECT m.path AS path, m.digest AS digest, d.size AS size "
@@ -221,6 +235,12 @@ def _check(config: Config, root: Path, listing: Path, db: sqlite3.Connection, re
         # a small share of a small library can draw nothing: a sample reads at least one
         db.execute("INSERT INTO s SELECT m.path, m.digest, d.size FROM m JOIN d USING (path) "
                    "WHERE d.regular = 1 ORDER BY random() LIMIT 1")
+
+
+def _read_back(root: Path, db: sqlite3.Connection, report: Report, status: StatusWriter,
+               stop: threading.Event, device: str) -> None:
+    """Hash the chosen files from the disk itself; read every dump to its end, test
+    every config archive."""
     total_files, total_bytes = db.execute("SELECT count(*), coalesce(sum(size), 0) "
                                           "FROM s").fetchone()
     dumps = sorted((root / "database").glob("*.sql.gz")) if (root / "database").is_dir() else []
@@ -236,6 +256,7 @@ def _check(config: Config, root: Path, listing: Path, db: sqlite3.Connection, re
 
     drop_device_cache(device)  # read the disk, not what a FUSE driver left in memory
     buf = bytearray(BLOCK)
+    mirror = root / "library"
     for rel, digest, _size in db.execute("SELECT path, digest, size FROM s ORDER BY path"):
         h = sha256_file(str(mirror / rel), rel, drop_cache=True, on_bytes=on_bytes, stop=stop,
                         buf=buf)
@@ -255,7 +276,6 @@ def _check(config: Config, root: Path, listing: Path, db: sqlite3.Connection, re
         report.archives_checked += 1
         if why:
             report.damaged.add(f"config/{archive.name}: {why}")
-    return report
 
 
 def _postgres(config: Config, restore_drill: bool) -> Path | None:
