@@ -33,7 +33,6 @@ from immich_usb_backup.errors import BackupError, CommandError, ConfigError
 from immich_usb_backup.policy import count, human_bytes
 from immich_usb_backup.record import RunRecord
 from immich_usb_backup.status import read_status
-from immich_usb_backup.steps.library import RSYNC_MIN_VERSION
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")
@@ -492,7 +491,10 @@ _RSYNC_VERSION = re.compile(r"rsync\s+version\s+v?(\d+)\.(\d+)\.(\d+)")
 
 def environment_problems(config: Config) -> list[str]:
     """Every problem of the environment that would stop or weaken a backup."""
-    from immich_usb_backup.steps.library import check_source  # noqa: PLC0415
+    from immich_usb_backup.steps.library import (  # noqa: PLC0415 - not for status
+        RSYNC_MIN_VERSION,
+        check_source,
+    )
 
     problems: list[str] = []
     rsync = shutil.which("rsync")
