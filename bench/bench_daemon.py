@@ -116,9 +116,9 @@ def _time_plug(plugged: st.Plug, state: Path, monitor: pyudev.Monitor, daemon_lo
     with open(daemon_log, "rb") as f:
         f.seek(log_size)
         lines = f.read().decode(errors="replace").splitlines()
-    mounted = next(_log_time(x) for x in lines if "flow: mounted" in x)
+    mounted = next(_log_time(x) for x in lines if "udisks: mounted" in x)
     copying = next(_log_time(x) for x in lines if "running rsync" in x)
-    st.wait_for(lambda: "flow: unmounted" in daemon_log.read_text(errors="replace")
+    st.wait_for(lambda: "udisks: unmounted" in daemon_log.read_text(errors="replace")
                 [log_size:], "the unmount", 60)
     return mounted - t_event, copying - t_event
 
@@ -133,7 +133,7 @@ def main() -> int:
         print(f"needs: {', '.join(missing)}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="iub-bench-daemon-"))
-    stack = st.Stack(work / "stack")
+    stack = st.Stack(work / "stack", images_under=work)  # only its own image is "USB"
     daemon = None
     try:
         stack.start()
