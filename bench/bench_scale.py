@@ -1,0 +1,135 @@
+"""Benchmark: a library of N small files (200,000 or 1,000,000), the pipeline against bare
+rsync, onto exFAT: the no-change run and peak memory, warm or cold.
+
+The library (N files of 1-2 KB in Immich's layout: upload/<user>/xx/yy/, thumbs/...) is
+generated once and cached in /var/tmp/iub-bench-scale/library-N. The disk image is a
+sparse file formatted with 4 KB clusters (``mkfs.exfat -c 4K``: a million files in 32 KB
+clusters would need 32 GB) and cached too, holding a complete mirror made by a first
+pipeline run. Per round, in alternating order: a no-change run of the pipeline and of
+bare ``rsync -rt --modify-window=1 --delete`` with the product's flags onto that mirror,
+the page cache dropped before each side with ``--cold``. Prints the medians, the ratio
+against the bare tool and the targets of issue "A million files at rsync's speed"
+(no change at most 1.20x bare + 0.3 s; peak RSS at most 60 MB). Needs root. See
+bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import bench_pipeline as bp
+
+WORK = Path("/var/tmp/iub-bench-scale")
+USER = "5b0f7d22-scale"
+
+
+def build_library(files: int, seed: int) -> Path:
+    library = WORK / f"library-{files}"
+    stamp = WORK / f"library-{files}.done"
+    if stamp.exists():
+        print(f"library: cached at {library}")
+        return library
+    print(f"library: generating {files} files at {library} (cached for next time)")
+    shutil.rmtree(library, ignore_errors=True)
+    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
+    for top in ("upload", "library", "thumbs", "profile", "encoded-video", "backups"):
+        (library / top).mkdir(parents=True)
+        (library / top / ".immich").write_bytes(b"")
+    for i in range(files):
+        top = "upload" if i % 3 == 0 else "thumbs"
+        folder = library / top / USER / f"{i % 251:02x}" / f"{i // 251 % 97:02x}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:07d}.jpg").write_bytes(rng.randbytes(rng.randint(1024, 2048)))
+    stamp.write_text("ok\n")
+    return library
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="No-change runs at scale against bare rsync.")
+    p.add_argument("--files", type=int, default=200_000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cold", action="store_true", help="drop the page cache before each run")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench: run as root: sudo .venv/bin/python bench/bench_scale.py", file=sys.stderr)
+        return 2
+    WORK.mkdir(parents=True, exist_ok=True)
+    library = build_library(args.files, args.seed)
+    bp.RUN_DIR = WORK / "run"
+    shutil.rmtree(bp.RUN_DIR, ignore_errors=True)
+    (bp.RUN_DIR / "logs").mkdir(parents=True)
+    state = WORK / f"state-{args.files}"  # the hash cache belongs with the cached mirror
+    config = bp.RUN_DIR / "config.toml"
+    config.write_text(f'[immich]\nupload_location = "{library}"\n\n[database]\nenabled = '
+                      'false\n\n[config_backup]\nenabled = false\n\n'
+                      f'[state]\ndir = "{state}"\n')
+    disk = bp.Disk("SCALE", WORK / f"disk-{args.files}.img", WORK / "mnt")
+    ready = WORK / f"disk-{args.files}.done"
+    try:
+        bp.teardown(disk)
+        if not ready.exists():
+            size = max(8 * 1024**3, args.files * 16 * 1024)
+            disk.image.unlink(missing_ok=True)
+            with open(disk.image, "wb") as f:
+                f.truncate(size)
+            bp.sh("mkfs.exfat", "-c", "4K", "-L", disk.name, str(disk.image))
+            disk.device = bp.sh("losetup", "-f", "--show", str(disk.image))
+            disk.mount.mkdir(parents=True, exist_ok=True)
+            bp.sh("mount.exfat-fuse", disk.device, str(disk.mount))
+            (disk.mount / "immich-server-backups").mkdir()
+            shutil.rmtree(state, ignore_errors=True)
+            first = bp.run_once([str(bp.CLI), "-c", str(config), "run", str(disk.mount)],
+                                "first", drop_caches=False)
+            print(f"first backup: {first.seconds:.1f} s (made once, cached)")
+            ready.write_text("ok\n")
+        else:
+            disk.device = bp.sh("losetup", "-f", "--show", str(disk.image))
+            disk.mount.mkdir(parents=True, exist_ok=True)
+            bp.sh("mount.exfat-fuse", disk.device, str(disk.mount))
+        pipeline = [str(bp.CLI), "-c", str(config), "run", str(disk.mount)]
+        bare = [*bp.rsync_base_args(), "--recursive", "--delete", f"{library}/",
+                f"{disk.library}/"]
+        bp.run_once(pipeline, "warm-up", drop_caches=False)
+        samples: dict[str, list[bp.Sample]] = {"bare": [], "pipeline": []}
+        for n in range(args.rounds):
+            order = ("bare", "pipeline") if n % 2 == 0 else ("pipeline", "bare")
+            for tool in order:
+                s = bp.run_once(bare if tool == "bare" else pipeline, f"r{n}-{tool}",
+                                drop_caches=args.cold)
+                samples[tool].append(s)
+                print(f"round {n + 1} {tool}: {s.seconds:.2f} s, peak RSS "
+                      f"{(s.peak_rss_kib or 0) / 1024:.1f} MiB")
+        med = {t: statistics.median(s.seconds for s in v) for t, v in samples.items()}
+        rss = {t: max((s.peak_rss_kib or 0) for s in v) / 1024 for t, v in samples.items()}
+        ratio = med["pipeline"] / med["bare"]
+        allowed = 1.20 * med["bare"] + 0.3
+        print(f"\n{args.files} files, no change, medians of {args.rounds} rounds "
+              f"({'cold' if args.cold else 'warm'}):")
+        print(f"  bare rsync {med['bare']:.2f} s, pipeline {med['pipeline']:.2f} s, ratio "
+              f"{ratio:.2f} (target <= 1.20 x bare + 0.3 s = {allowed:.2f} s: "
+              f"{'PASS' if med['pipeline'] <= allowed else 'OVER'})")
+        print(f"  peak RSS: bare {rss['bare']:.1f} MiB, pipeline {rss['pipeline']:.1f} MiB "
+              f"(target <= 60 MB: {'PASS' if rss['pipeline'] <= 60 * 1e6 / 2**20 else 'OVER'})")
+        out = bp.REPO / "bench" / "results" / f"scale-{args.files}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"files": args.files, "cold": args.cold, "medians": med,
+                                   "ratio": ratio, "peak_rss_mib": rss}, indent=2) + "\n")
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for proc in bp.RUNNING:
+            bp.stop(proc)
+        bp.teardown(disk)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
