@@ -640,7 +640,6 @@ class _Feeder:
         self._out = -1
         self._copy = -1  # the FIFO of the COPY block being fed; -2: its rows are skipped
         self._fifo: Path | None = None  # that FIFO's path
-        self._done = 0
 
     def make_fifo(self) -> None:
         self._mkfifo(self.fifo)

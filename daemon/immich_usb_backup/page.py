@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from immich_usb_backup import drill, history, overview, report
 from immich_usb_backup.config import Config
@@ -20,17 +21,24 @@ NAME = "history.html"  # in the state dir and in the backup folder on the disk
 RUNS = 100  # runs on the page (the strip shows the last 30)
 
 
-def render(config: Config, runs: int | None = RUNS, *, current: RunRecord | None = None,
-           disk: str | None = None) -> str:
-    """The page: the last ``runs`` runs (with ``current``, a run not yet in the history,
-    as the newest; ``disk``: only the runs onto that disk), the disks and the drills."""
+def _gather(config: Config, runs: int | None, current: RunRecord | None,
+            disk: str | None) -> tuple[list[RunRecord], dict[str, Any]]:
+    """The records (the last ``runs``, with ``current``, a run not yet in the history, as
+    the newest; ``disk``: only the runs onto that disk) and what else the page shows."""
     records = history.load_runs(config.state_dir, runs if current is None or runs is None
                                 else runs - 1, disk)
     if current is not None:
         records.append(current)
-    return report.render_html(
-        records, drills=drill.load_outcomes(config.state_dir),
-        disks=overview.disks(config), remind_after_days=config.notify.remind_after_days)
+    return records, {"drills": drill.load_outcomes(config.state_dir),
+                     "disks": overview.disks(config),
+                     "remind_after_days": config.notify.remind_after_days}
+
+
+def render(config: Config, runs: int | None = RUNS, *, current: RunRecord | None = None,
+           disk: str | None = None) -> str:
+    """The page: the runs, every approved disk and the drills."""
+    records, extras = _gather(config, runs, current, disk)
+    return report.render_html(records, **extras)
 
 
 def refresh(config: Config) -> None:
@@ -43,7 +51,6 @@ def refresh(config: Config) -> None:
 
 def write(path: Path, config: Config, runs: int | None = RUNS,
           disk: str | None = None) -> None:
-    """Write the page to ``path`` atomically (see ``report.write_html``)."""
-    from immich_usb_backup.fsutil import replace_file  # noqa: PLC0415
-
-    replace_file(path, render(config, runs, disk=disk).encode("utf-8"))
+    """Write the page to ``path`` atomically (``report.write_html``)."""
+    records, extras = _gather(config, runs, None, disk)
+    report.write_html(path, records, **extras)

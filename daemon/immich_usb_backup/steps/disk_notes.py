@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from datetime import datetime
 from typing import Any
 
 import tomli_w
@@ -98,6 +97,3 @@ def write(root: BackupRoot, info: dict[str, Any]) -> None:
     }
     atomic_write_bytes(root, root.path(INFO_NAME), tomli_w.dumps(doc).encode())
 
-
-def now_iso() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
