@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -439,3 +440,39 @@ def test_inside_accepts_entries_under_real_folders_and_refuses_what_a_link_leads
     # a folder checked once is remembered: replacing it by a link is not looked at again
     # within the run, which is why Inside is only for exFAT (no links there)
     assert str(root / "upload" / "ab") in inside._known
+
+
+# the quick paths of exfat_fold and exfat_name_problem ----------------------------------
+
+TRICKY = ["a", "Z", ".", '"', "*", ":", "<", ">", "?", "\\", "|", "\x01", "\x1f", " ", "ß",
+          "ﬁ", "İ", "ǅ", "é", "本", EMOJI, "\udc80", "\udcff", "-", "ŉ", "ΐ", "\u0345"]
+
+
+def fold_char_by_char(name: str) -> str:
+    return "".join(c.upper() if len(c.upper()) == 1 else c for c in name)
+
+
+def problem_reference(name: str) -> str | None:
+    """The checks one by one, as exfat_name_problem describes them."""
+    if any("\udc80" <= c <= "\udcff" for c in name):
+        return "not valid UTF-8"
+    if any(c in '"*:<>?\\|' or ord(c) < 0x20 for c in name):
+        return "characters"
+    if len(name.encode("utf-16-le", "surrogatepass")) // 2 > 255:
+        return "longer"
+    if name.endswith("."):
+        return "dot"
+    return None
+
+
+@pytest.mark.parametrize("length", [1, 3, 20, 126, 127, 128, 200, 255, 256])
+def test_quick_paths_agree_with_the_rules_char_by_char(length: int) -> None:
+    rng = random.Random(length)  # noqa: S311 - test data
+    names = ["".join(rng.choice(TRICKY) if rng.random() < share else "x"
+                     for _ in range(length)) for share in (0.05, 0.3, 1.0) for _ in range(1000)]
+    for name in [*names, EMOJI * length, EMOJI * (length // 2) + "x"]:
+        assert exfat_fold(name) == fold_char_by_char(name), repr(name)
+        got, want = exfat_name_problem(name), problem_reference(name)
+        assert (got is None) == (want is None), repr(name)
+        if want is not None:
+            assert got is not None and want in got, (got, want)
