@@ -36,9 +36,10 @@ from immich_usb_backup.config import Config
 from immich_usb_backup.drill import DrillOutcome, DrillResult
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.hashing import BLOCK, Stopped, drop_device_cache, sha256_file
+from immich_usb_backup.lister import list_dir
 from immich_usb_backup.lock import backup_lock
 from immich_usb_backup.record import readable
-from immich_usb_backup.scan import Excludes, list_dir
+from immich_usb_backup.scan import Excludes
 from immich_usb_backup.status import StatusWriter
 from immich_usb_backup.target import Disk, find_backup_root, inspect_mount
 
@@ -108,14 +109,14 @@ def _walk_files(top: Path, excludes: Excludes) -> Iterator[tuple[str, int, bool]
     while stack:
         rel = stack.pop()
         subdirs = []
-        for e in sorted(list_dir(os.path.join(top, rel)), key=lambda e: e.name):
-            child = f"{rel}/{e.name}" if rel else e.name
+        for name, kind, size, _ in sorted(list_dir(os.path.join(top, rel))):
+            child = f"{rel}/{name}" if rel else name
             if excludes.match(child):
                 continue
-            if e.kind == "dir":
+            if kind == "dir":
                 subdirs.append(child)
             else:
-                yield child, e.size, e.kind == "file"
+                yield child, size, kind == "file"
         stack.extend(reversed(subdirs))
 
 

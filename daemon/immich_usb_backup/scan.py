@@ -17,17 +17,18 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from immich_usb_backup.fsutil import allocated
+from immich_usb_backup.lister import Entry, Lister, list_dir
 from immich_usb_backup.policy import exfat_fold, exfat_name_problem
 
 MODIFY_WINDOW_NS = 1_000_000_000
 BATCH_FILES = 50_000
 PROBLEMS_KEPT = 100
+LOOKAHEAD_FOLDERS = 16  # folders listed ahead of the walk
 
 
 class Problems:
@@ -75,14 +76,6 @@ class Plan:
     files_list: Path | None = None
 
 
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    kind: str  # "file", "dir", "link", "other"
-    size: int = 0
-    mtime_ns: int = 0
-
-
 class Excludes:
     """``library.excludes`` patterns, matched against paths relative to the source root.
 
@@ -102,6 +95,9 @@ class Excludes:
                 self.paths.append(body)
             else:
                 self.names.append(body)
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.paths)
 
     def match(self, rel: str) -> bool:
         name = rel.rsplit("/", 1)[-1]
@@ -142,50 +138,12 @@ class _ListWriter:
             self._f = None
 
 
-def list_dir(path: str) -> Iterator[Entry]:
-    with os.scandir(path) as it:
-        for e in it:
-            if e.is_symlink():
-                yield Entry(e.name, "link")
-            elif e.is_dir(follow_symlinks=False):
-                yield Entry(e.name, "dir")
-            elif e.is_file(follow_symlinks=False):
-                st = e.stat(follow_symlinks=False)
-                yield Entry(e.name, "file", st.st_size, st.st_mtime_ns)
-            else:
-                yield Entry(e.name, "other")
-
-
-class _Lookahead:
-    """Lists folders ahead of the walk in a few threads.
-
-    Reading a folder's entries and their sizes and times is mostly waiting for the disk
-    (a cold cache on the server, a USB disk or FUSE on the other side); a handful of
-    listings in flight at once make the walk several times faster. At most ``limit``
-    listings are held, so memory stays bounded whatever the tree.
-    """
-
-    def __init__(self, workers: int = 8, limit: int = 64) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan")
-        self.limit = limit
-        self.pending: dict[str, Future[list[Entry]]] = {}
-
-    def want(self, path: str) -> None:
-        if len(self.pending) < self.limit and path not in self.pending:
-            self.pending[path] = self.pool.submit(lambda: list(list_dir(path)))
-
-    def get(self, path: str) -> list[Entry]:
-        future = self.pending.pop(path, None)
-        return future.result() if future is not None else list(list_dir(path))
-
-    def close(self) -> None:
-        for future in self.pending.values():
-            future.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _sort_key(entry: Entry) -> bytes:
-    return os.fsencode(entry.name)
+def _in_order(entries: list[Entry]) -> list[Entry]:
+    """Sort a folder's entries by name (names are unique in a folder, so the tuples sort
+    by name): code point order, the same as UTF-8 byte order for every name exFAT can
+    hold, so the walk's order does not depend on the locale."""
+    entries.sort()
+    return entries
 
 
 def _join(rel: str, name: str) -> str:
@@ -227,7 +185,7 @@ def scan(
         try:
             walk.run()
         finally:
-            walk.ahead.close()
+            walk.close()
             if files_out is not None:
                 files_out.close()
     copies.close()
@@ -267,7 +225,15 @@ class _Walk:
         self.files_out = files_out
         self.next_report = 5000  # the source file count at which on_progress is called next
         self.to_visit: list[tuple[str, bool]] = [("", mirror.is_dir())]  # (folder, in mirror?)
-        self.ahead = _Lookahead()
+        self.source_ahead = Lister()
+        self.mirror_ahead = Lister()
+        self.source_dir = str(source).rstrip("/") + "/"  # for joining relative paths
+        self.mirror_dir = str(mirror).rstrip("/") + "/"
+        self.asked: set[str] = set()  # folders to visit whose listings were asked for
+
+    def close(self) -> None:
+        self.source_ahead.close()
+        self.mirror_ahead.close()
 
     def run(self) -> None:
         """Visit every folder, depth first in sorted order: compare its entries with the
@@ -275,19 +241,19 @@ class _Walk:
         to_visit = self.to_visit
         while to_visit:
             rel, in_mirror = to_visit.pop()
+            self.asked.discard(rel)
             src_entries, mirrored = self._list_folder(rel, in_mirror)
             subdirs = self._compare_entries(rel, src_entries, mirrored)
             self._delete_leftovers(rel, mirrored)
-            self._list_ahead(subdirs)
             to_visit.extend(reversed(subdirs))
+            self._list_ahead()
 
     def _list_folder(self, rel: str, in_mirror: bool) -> tuple[list[Entry], dict[str, Entry]]:
         """The folder's source entries, sorted, and its mirror entries by exFAT-folded name."""
-        src_entries = sorted(self.ahead.get(os.path.join(self.source, rel)), key=_sort_key)
+        src_entries = _in_order(self.source_ahead.get(self.source_dir + rel))
         mirrored: dict[str, Entry] = {}
         if in_mirror:
-            for e in self.ahead.get(os.path.join(self.mirror, rel)):
-                mirrored[exfat_fold(e.name)] = e
+            mirrored = {exfat_fold(e[0]): e for e in self.mirror_ahead.get(self.mirror_dir + rel)}
         return src_entries, mirrored
 
     def _compare_entries(
@@ -302,66 +268,69 @@ class _Walk:
         next_report = self.next_report
         seen: dict[str, str] = {}
         subdirs: list[tuple[str, bool]] = []
+        prefix = f"{rel}/" if rel else ""
+        any_excludes = bool(excludes)
         for e in src_entries:
-            child = _join(rel, e.name)
-            key = exfat_fold(e.name)
-            if excludes.match(child):
+            name, kind, size, mtime_ns = e
+            child = prefix + name
+            key = exfat_fold(name)
+            if any_excludes and excludes.match(child):
                 mirrored.pop(key, None)
                 continue
-            why = exfat_name_problem(e.name)
-            if why is None and (e.kind in {"link", "other"} or key in seen):
-                why = _not_storable(self.source, rel, child, e, seen.get(key))
+            why = exfat_name_problem(name)
+            if why is None and (kind in {"link", "other"} or key in seen):
+                why = _not_storable(self.source, rel, child, kind, seen.get(key))
             if why is not None:
                 self.problems.add(f"not backed up: {child}: {why}")
                 plan.skipped_files += 1
                 continue
-            seen[key] = e.name
+            seen[key] = name
             old = mirrored.pop(key, None)
-            if e.kind == "dir":
-                subdirs.append(self._source_folder(rel, child, e, old))
+            if kind == "dir":
+                subdirs.append(self._source_folder(rel, child, name, old))
                 continue
             # a regular file
-            alloc = allocated(e.size, cluster)
+            alloc = -(-size // cluster) * cluster  # fsutil.allocated, inlined
             plan.source_files += 1
-            plan.source_bytes += e.size
+            plan.source_bytes += size
             plan.source_alloc += alloc
             if plan.source_files >= next_report and on_progress:
                 on_progress(plan.source_files)
                 next_report += 5000
-            if old is not None and (old.kind != "file" or old.name != e.name):
-                self._delete(_join(rel, old.name), old)
+            if old is not None and (old[1] != "file" or old[0] != name):
+                self._delete(_join(rel, old[0]), old)
                 old = None
             if old is not None:
                 plan.mirror_files += 1
-                unchanged = (old.size == e.size
-                             and abs(old.mtime_ns - e.mtime_ns) <= MODIFY_WINDOW_NS)
+                unchanged = (old[2] == size
+                             and abs(old[3] - mtime_ns) <= MODIFY_WINDOW_NS)
                 if files_out is not None:
                     files_out.write(files_record(
-                        b"U" if unchanged else b"C", e.size, e.mtime_ns, child))
+                        b"U" if unchanged else b"C", size, mtime_ns, child))
                 if unchanged:
                     continue
-                old_alloc = allocated(old.size, cluster)
+                old_alloc = allocated(old[2], cluster)
                 plan.replaced_files += 1
                 plan.replaced_alloc += old_alloc
                 plan.largest_replaced_alloc = max(plan.largest_replaced_alloc, old_alloc)
                 deletes.write(b"R\0" + os.fsencode(child) + b"\0")
             elif files_out is not None:
-                files_out.write(files_record(b"C", e.size, e.mtime_ns, child))
+                files_out.write(files_record(b"C", size, mtime_ns, child))
             plan.copy_files += 1
-            plan.copy_bytes += e.size
+            plan.copy_bytes += size
             plan.copy_alloc += alloc
             copies.add(os.fsencode(child) + b"\0")
         self.next_report = next_report
         return subdirs
 
     def _source_folder(
-        self, rel: str, child: str, entry: Entry, old: Entry | None
+        self, rel: str, child: str, name: str, old: Entry | None
     ) -> tuple[str, bool]:
         """A source subfolder ``child``: what the mirror has under its name (``old``) goes
         if it is not this very folder, and a folder the mirror lacks is created by the
         copy. Return it as a folder to visit, with whether the mirror has it."""
-        if old is not None and (old.kind != "dir" or old.name != entry.name):
-            self._delete(_join(rel, old.name), old)
+        if old is not None and (old[1] != "dir" or old[0] != name):
+            self._delete(_join(rel, old[0]), old)
             old = None
         if old is None:
             self.copies.add(os.fsencode(child) + b"\0")
@@ -370,8 +339,8 @@ class _Walk:
     def _delete_leftovers(self, rel: str, mirrored: dict[str, Entry]) -> None:
         """The mirror's entries of folder ``rel`` that no source entry matched go, in
         sorted order (excluded ones stay)."""
-        for old in sorted(mirrored.values(), key=_sort_key):
-            child = _join(rel, old.name)
+        for old in _in_order(list(mirrored.values())):
+            child = _join(rel, old[0])
             if self.excludes.match(child):
                 continue
             self._delete(child, old)
@@ -379,32 +348,41 @@ class _Walk:
     def _delete(self, rel: str, entry: Entry) -> None:
         """Put a mirror entry on the delete list: a file, or a folder with all in it."""
         plan = self.plan
-        if entry.kind == "dir":
+        if entry[1] == "dir":
             _delete_tree(self.mirror, rel, plan, self.deletes, self.cluster, self.excludes)
         else:
             plan.delete_files += 1
             plan.mirror_files += 1
-            plan.delete_alloc += allocated(entry.size, self.cluster)
+            plan.delete_alloc += allocated(entry[2], self.cluster)
             self.deletes.write(b"F\0" + os.fsencode(rel) + b"\0")
 
-    def _list_ahead(self, subdirs: list[tuple[str, bool]]) -> None:
-        """Start listing the subfolders (both sides) while the walk goes on."""
-        for child, child_in_mirror in subdirs:
-            self.ahead.want(os.path.join(self.source, child))
+    def _list_ahead(self) -> None:
+        """Ask for the listings (both sides) of the folders the walk visits next: the top
+        of the stack of folders to visit."""
+        asked, sources, mirrors = self.asked, [], []
+        for child, child_in_mirror in reversed(self.to_visit[-LOOKAHEAD_FOLDERS:]):
+            if child in asked:
+                continue
+            asked.add(child)
+            sources.append(self.source_dir + child)
             if child_in_mirror:
-                self.ahead.want(os.path.join(self.mirror, child))
+                mirrors.append(self.mirror_dir + child)
+        if sources:
+            self.source_ahead.want(sources)
+        if mirrors:
+            self.mirror_ahead.want(mirrors)
 
 
 def _not_storable(
-    source: Path, rel: str, child: str, entry: Entry, case_twin: str | None
+    source: Path, rel: str, child: str, kind: str, case_twin: str | None
 ) -> str | None:
     """Why exFAT cannot hold the source entry ``child`` of folder ``rel`` beyond its name:
     a symbolic link, a socket, device or pipe, or a name that differs only in case from
     ``case_twin``, already seen in that folder. None when it can."""
-    if entry.kind == "link":
+    if kind == "link":
         target = _readlink(os.path.join(source, child))
         return f"symbolic link (exFAT cannot store links; it points to {target})"
-    if entry.kind == "other":
+    if kind == "other":
         return "not a regular file or folder (socket, device or pipe)"
     if case_twin is not None:
         return (
@@ -423,17 +401,16 @@ def _delete_tree(
     the folder itself is listed for removal.
     """
     removable = True
-    entries = sorted(list_dir(os.path.join(mirror, rel)), key=_sort_key)
-    for e in entries:
-        child = _join(rel, e.name)
+    for name, kind, size, _ in _in_order(list_dir(os.path.join(mirror, rel))):
+        child = _join(rel, name)
         if excludes.match(child):
             removable = False
-        elif e.kind == "dir":
+        elif kind == "dir":
             removable = _delete_tree(mirror, child, plan, out, cluster, excludes) and removable
         else:
             plan.delete_files += 1
             plan.mirror_files += 1
-            plan.delete_alloc += allocated(e.size, cluster)
+            plan.delete_alloc += allocated(size, cluster)
             out.write(b"F\0" + os.fsencode(child) + b"\0")
     if removable:
         plan.delete_dirs += 1
