@@ -6,14 +6,14 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 
-from immich_usb_backup import lister as lister_mod
 from immich_usb_backup import scan as scan_mod
 from immich_usb_backup.lister import Lister, list_dir
-from immich_usb_backup.scan import Excludes, Problems, read_delete_list, read_files_list
+from immich_usb_backup.scan import Excludes, Problems, read_delete_records, read_files_list
 
 BASE_NS = 1_700_000_000_000_000_000
 
@@ -88,7 +88,13 @@ def test_an_error_listing_a_folder_is_raised_by_get_as_reading_it_would(tmp_path
 def test_a_helper_that_is_killed_is_replaced_by_reading_directly(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    folders = tree(tmp_path / "lib")
+    folders = []
+    for n in range(6):  # listings larger than a pipe holds: the helper cannot be ahead
+        folder = tmp_path / f"big-{n}"
+        folder.mkdir()
+        for i in range(1500):
+            (folder / f"IMG_{i:05d}_{'x' * 40}.jpg").touch()
+        folders.append(str(folder))
     ahead = Lister(start_after=0)
     try:
         ahead.want(folders)
@@ -109,7 +115,7 @@ def test_a_helper_that_cannot_start_leaves_the_reading_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     folders = tree(tmp_path / "lib")
-    monkeypatch.setattr(lister_mod.sys, "executable", str(tmp_path / "no-python"))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
     ahead = Lister(start_after=0)
     with caplog.at_level(logging.WARNING, logger="immich_usb_backup.lister"):
         ahead.want(folders)
@@ -128,7 +134,7 @@ def test_no_helper_for_a_small_tree(tmp_path: Path) -> None:
     ahead.close()
 
 
-def scan_lists(source: Path, mirror: Path, work: Path) -> tuple[object, ...]:
+def scan_lists(source: Path, mirror: Path, work: Path) -> dict[str, object]:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir()
@@ -137,10 +143,10 @@ def scan_lists(source: Path, mirror: Path, work: Path) -> tuple[object, ...]:
                          list_files=True)
     copies = b"".join(p.read_bytes() for p in plan.copy_lists)
     assert plan.delete_list is not None and plan.files_list is not None
-    return (plan.source_files, plan.copy_files, plan.delete_files, plan.delete_dirs,
-            plan.mirror_files, plan.replaced_files, copies,
-            list(read_delete_list(plan.delete_list)), list(read_files_list(plan.files_list)),
-            problems.as_list())
+    return {"counts": (plan.source_files, plan.copy_files, plan.delete_files,
+                       plan.delete_dirs, plan.mirror_files, plan.replaced_files),
+            "copies": copies, "deletes": list(read_delete_records(plan.delete_list)),
+            "files": list(read_files_list(plan.files_list)), "problems": problems.as_list()}
 
 
 def test_a_scan_with_the_helper_plans_exactly_what_one_without_plans(
@@ -149,6 +155,7 @@ def test_a_scan_with_the_helper_plans_exactly_what_one_without_plans(
     source, mirror = tmp_path / "src", tmp_path / "mirror"
     tree(source, folders=120)
     tree(mirror, folders=90)  # new folders, missing folders, changed and equal files
+    tree(mirror / "moved-away", folders=80)  # a whole tree to delete, listed ahead too
     (mirror / "upload" / "user" / "00" / "old-only").mkdir()
     (mirror / "upload" / "user" / "00" / "old-only" / "gone.jpg").write_bytes(b"g")
     (source / "upload" / "user" / "01" / "01" / "skip.tmp").write_bytes(b"t")
@@ -162,6 +169,7 @@ def test_a_scan_with_the_helper_plans_exactly_what_one_without_plans(
 
     monkeypatch.setattr(scan_mod, "Lister", Watched)
     with_helper = scan_lists(source, mirror, tmp_path / "work")
+    assert ("D", "moved-away", 0, 0) in with_helper["deletes"]  # type: ignore[operator]
     assert len(started) == 2  # one helper for each side was used
     assert all(w.proc is not None and w.proc.returncode is not None for w in started)
 

@@ -16,7 +16,9 @@ from immich_usb_backup.scan import (
     Excludes,
     Plan,
     Problems,
+    delete_record,
     read_delete_list,
+    read_delete_records,
     read_files_list,
     read_records,
     scan,
@@ -310,15 +312,16 @@ def test_folder_deleted_in_the_source_is_listed_with_its_files_deepest_first(
 def test_read_delete_list_reads_records_across_read_chunks(tmp_path: Path) -> None:
     records = [("F" if i % 3 else "D", f"folder-{i:05d}/" + "x" * (i % 200)) for i in range(3000)]
     path = tmp_path / "delete"
-    path.write_bytes(b"".join(k.encode() + b"\0" + os.fsencode(r) + b"\0" for k, r in records))
+    path.write_bytes(b"".join(delete_record(k.encode(), r, 1, 2) for k, r in records))
     assert path.stat().st_size > 3 * 65536
     assert list(read_delete_list(path)) == records
 
 
 def test_read_delete_list_keeps_undecodable_names(tmp_path: Path) -> None:
     path = tmp_path / "delete"
-    path.write_bytes(b"F\0a/\xff.jpg\0D\0a\0")
+    path.write_bytes(b"\0".join([b"F", b"a/\xff.jpg", b"5", b"6", b"D", b"a", b"0", b"0", b""]))
     assert list(read_delete_list(path)) == [("F", os.fsdecode(b"a/\xff.jpg")), ("D", "a")]
+    assert next(read_delete_records(path)) == ("F", os.fsdecode(b"a/\xff.jpg"), 5, 6)
 
 
 # names exFAT cannot hold -------------------------------------------------------------

@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +46,9 @@ from immich_usb_backup.policy import exfat_fold
 from immich_usb_backup.scan import (
     MODIFY_WINDOW_NS,
     Plan,
+    delete_record,
     files_record,
-    read_delete_list,
+    read_delete_records,
     read_files_list,
     read_paths,
     read_records,
@@ -75,14 +75,16 @@ class Applied:
     recopy: Path | None = None  # new files whose rename could not be made: copied instead
 
 
-def find(plan: Plan, source: Path, mirror: Path, work_dir: Path, cache: HashCache,
+def find(plan: Plan, source: Path, work_dir: Path, cache: HashCache,
          manifest_path: Path | None, cluster: int, *,
          check_cancel: Callable[[], None] = lambda: None) -> Moves:
     """Pair the plan's deleted and new files that are one file moved; take them out of
     the plan's lists and numbers. ``manifest_path``: the disk's manifest when it is up to
-    date (a second source of P's digest). Reads only (the source, the disk's stats)."""
+    date (a second source of P's digest). Sizes and times are the scan's (its delete and
+    files lists); reads only the new files it must compare by content."""
     moves = Moves()
-    if not plan.delete_files or not plan.copy_files or plan.delete_list is None:
+    if (not plan.delete_files or not plan.copy_files or plan.delete_list is None
+            or plan.files_list is None):
         return moves
     db_path = work_dir / "moves.sqlite"
     db_path.unlink(missing_ok=True)
@@ -99,7 +101,7 @@ def find(plan: Plan, source: Path, mirror: Path, work_dir: Path, cache: HashCach
                                 size INTEGER, mtime_ns INTEGER, p_mtime_ns INTEGER);
             BEGIN;
         """)
-        if not _gone_files(db, plan.delete_list, mirror, cache, check_cancel):
+        if not _gone_files(db, plan.delete_list, cache, check_cancel):
             return moves
         if manifest_path is not None:
             _digests_from_manifest(db, manifest_path)
@@ -115,30 +117,26 @@ def find(plan: Plan, source: Path, mirror: Path, work_dir: Path, cache: HashCach
         db_path.unlink(missing_ok=True)
 
 
-def _gone_files(db: sqlite3.Connection, delete_list: Path, mirror: Path, cache: HashCache,
+def _gone_files(db: sqlite3.Connection, delete_list: Path, cache: HashCache,
                 check_cancel: Callable[[], None]) -> bool:
-    """The delete list's files, with their size and time on the disk and, when the disk
-    holds the version the cache recorded, its digest. Return whether there is any."""
+    """The delete list's files, with their size and time on the disk (as the scan listed
+    them) and, when the disk holds the version the cache recorded, its digest. Return
+    whether there is any."""
     count = 0
-    for kind, rel in read_delete_list(delete_list):
-        if kind != "F":
+    for kind, rel, disk_size, disk_mtime in read_delete_records(delete_list):
+        if kind != "F" or disk_size < 0:  # not a regular file
             continue
-        check_cancel()
-        try:
-            st = os.lstat(os.path.join(mirror, rel))
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
+        if count % 1000 == 0:
+            check_cancel()
         recorded = cache.entry(rel)
         digest = recorded_mtime = None
         if recorded is not None:
             size, mtime_ns, cached = recorded
-            if size == st.st_size and abs(mtime_ns - st.st_mtime_ns) <= MODIFY_WINDOW_NS:
+            if size == disk_size and abs(mtime_ns - disk_mtime) <= MODIFY_WINDOW_NS:
                 digest, recorded_mtime = cached, mtime_ns
         db.execute("INSERT OR IGNORE INTO gone (rel, size, mtime_ns, recorded_mtime_ns, "
                    "digest, folded) VALUES (?,?,?,?,?,?)",
-                   (rel, st.st_size, st.st_mtime_ns, recorded_mtime, digest, _fold(rel)))
+                   (rel, disk_size, disk_mtime, recorded_mtime, digest, _fold(rel)))
         count += 1
     return count > 0
 
@@ -156,47 +154,42 @@ def _digests_from_manifest(db: sqlite3.Connection, path: Path) -> None:
 
 def _pair(db: sqlite3.Connection, plan: Plan, source: Path, moves: Moves,
           check_cancel: Callable[[], None]) -> None:
-    """Each new file of the copy lists against the gone files of its size."""
+    """Each new file (copied, in the files list) against the gone files of its size."""
+    assert plan.files_list is not None
     buf = bytearray(1024 * 1024)
-    for batch in plan.copy_lists:
-        for rel in read_paths(batch):
+    for n, new in enumerate(read_files_list(plan.files_list)):
+        if not new.copied:
+            continue
+        if n % 1000 == 0:
             check_cancel()
-            try:
-                st = os.lstat(os.path.join(source, rel))
-            except OSError:
+        rel, size, mtime_ns = new.rel, new.size, new.mtime_ns
+        rows = db.execute(
+            "SELECT rel, recorded_mtime_ns, digest, mtime_ns FROM gone WHERE size = ? "
+            "AND used = 0 LIMIT ?", (size, CANDIDATES)).fetchall()
+        if not rows:
+            continue
+        exact = [r for r in rows if r[1] == mtime_ns and r[2] is not None]
+        if len(exact) == 1:
+            gone, digest, p_mtime = exact[0][0], exact[0][2], exact[0][3]
+        else:
+            known = [r for r in rows if r[2] is not None]
+            if not known:
                 continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            rows = db.execute(
-                "SELECT rel, recorded_mtime_ns, digest, mtime_ns FROM gone WHERE size = ? "
-                "AND used = 0 "
-                "LIMIT ?", (st.st_size, CANDIDATES)).fetchall()
-            if not rows:
-                continue
-            exact = [r for r in rows if r[1] == st.st_mtime_ns and r[2] is not None]
-            if len(exact) == 1:
-                gone, digest, p_mtime = exact[0][0], exact[0][2], exact[0][3]
-            else:
-                known = [r for r in rows if r[2] is not None]
-                if not known:
-                    continue
-                h = sha256_file(os.path.join(source, rel), rel, buf=buf)
-                moves.read_files += 1
-                same = [r for r in known if r[2] == h.digest]
-                if h.digest is None or not same or (h.size, h.mtime_ns) != (
-                        st.st_size, st.st_mtime_ns):
-                    continue
-                gone, digest, p_mtime = same[0][0], h.digest, same[0][3]
-            twin = db.execute("SELECT rel FROM gone WHERE folded = ? AND rel != ?",
-                              (_fold(rel), gone)).fetchone()
-            if twin is not None:  # Q's name, in another case, is still there until deleted:
-                continue  # a rename would replace it (exFAT ignores case); copied instead
-            db.execute("UPDATE gone SET used = 1 WHERE rel = ?", (gone,))
-            db.execute("INSERT INTO moved (q, p, digest, size, mtime_ns, p_mtime_ns) "
-                       "VALUES (?,?,?,?,?,?)",
-                       (rel, gone, digest, st.st_size, st.st_mtime_ns, p_mtime))
-            moves.files += 1
-            moves.bytes += st.st_size
+            h = sha256_file(os.path.join(source, rel), rel, buf=buf)
+            moves.read_files += 1
+            same = [r for r in known if r[2] == h.digest]
+            if h.digest is None or not same or (h.size, h.mtime_ns) != (size, mtime_ns):
+                continue  # unreadable, no match, or changed since the scan: copied
+            gone, digest, p_mtime = same[0][0], h.digest, same[0][3]
+        twin = db.execute("SELECT rel FROM gone WHERE folded = ? AND rel != ?",
+                          (_fold(rel), gone)).fetchone()
+        if twin is not None:  # Q's name, in another case, is still there until deleted:
+            continue  # a rename would replace it (exFAT ignores case); copied instead
+        db.execute("UPDATE gone SET used = 1 WHERE rel = ?", (gone,))
+        db.execute("INSERT INTO moved (q, p, digest, size, mtime_ns, p_mtime_ns) "
+                   "VALUES (?,?,?,?,?,?)", (rel, gone, digest, size, mtime_ns, p_mtime))
+        moves.files += 1
+        moves.bytes += size
 
 
 def _fold(rel: str) -> str:
@@ -218,8 +211,9 @@ def _take_out_of_plan(db: sqlite3.Connection, plan: Plan, work_dir: Path, cluste
         _rewrite(batch, (os.fsencode(rel) + b"\0" for rel in read_paths(batch)
                          if not moved_q(rel)))
     assert plan.delete_list is not None
-    _rewrite(plan.delete_list, (kind.encode() + b"\0" + os.fsencode(rel) + b"\0"
-                                for kind, rel in read_delete_list(plan.delete_list)
+    _rewrite(plan.delete_list, (delete_record(kind.encode(), rel, size, mtime_ns)
+                                for kind, rel, size, mtime_ns
+                                in read_delete_records(plan.delete_list)
                                 if kind != "F" or not moved_p(rel)))
     if plan.files_list is not None:
         _rewrite(plan.files_list, (

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from immich_usb_backup.fsutil import allocated
-from immich_usb_backup.lister import Entry, Lister, list_dir
+from immich_usb_backup.lister import Entry, Lister
 from immich_usb_backup.policy import exfat_fold, exfat_name_problem
 
 MODIFY_WINDOW_NS = 1_000_000_000
@@ -313,7 +313,7 @@ class _Walk:
                 plan.replaced_files += 1
                 plan.replaced_alloc += old_alloc
                 plan.largest_replaced_alloc = max(plan.largest_replaced_alloc, old_alloc)
-                deletes.write(b"R\0" + os.fsencode(child) + b"\0")
+                deletes.write(delete_record(b"R", child, old[2], old[3]))
             elif files_out is not None:
                 files_out.write(files_record(b"C", size, mtime_ns, child))
             plan.copy_files += 1
@@ -349,12 +349,45 @@ class _Walk:
         """Put a mirror entry on the delete list: a file, or a folder with all in it."""
         plan = self.plan
         if entry[1] == "dir":
-            _delete_tree(self.mirror, rel, plan, self.deletes, self.cluster, self.excludes)
+            self._delete_tree(rel)
         else:
             plan.delete_files += 1
             plan.mirror_files += 1
             plan.delete_alloc += allocated(entry[2], self.cluster)
-            self.deletes.write(b"F\0" + os.fsencode(rel) + b"\0")
+            self.deletes.write(delete_record(b"F", rel, *_size_time(entry[1], entry[2],
+                                                                     entry[3])))
+
+    def _delete_tree(self, rel: str) -> bool:
+        """Append a mirror folder and everything in it to the delete list, deepest first.
+
+        Excluded paths inside are kept (with the folders holding them). Return True when
+        the folder itself is listed for removal. Its subfolders are listed ahead, as the
+        walk's are (a folder Immich emptied by moving its files holds one or two).
+        """
+        plan, excludes, cluster = self.plan, self.excludes, self.cluster
+        removable = True
+        entries = _in_order(self.mirror_ahead.get(self.mirror_dir + rel))
+        subdirs = [self.mirror_dir + _join(rel, e[0]) for e in entries if e[1] == "dir"]
+        below = 0  # subfolders passed so far
+        for name, kind, size, mtime_ns in entries:
+            child = _join(rel, name)
+            if excludes.match(child):
+                removable = False
+            elif kind == "dir":
+                self.mirror_ahead.want(subdirs[below:below + LOOKAHEAD_FOLDERS])
+                below += 1
+                removable = self._delete_tree(child) and removable
+            else:
+                plan.delete_files += 1
+                plan.mirror_files += 1
+                plan.delete_alloc += allocated(size, cluster)
+                self.deletes.write(delete_record(b"F", child, *_size_time(kind, size,
+                                                                           mtime_ns)))
+        if removable:
+            plan.delete_dirs += 1
+            self.deletes.write(delete_record(b"D", rel, 0, 0))
+        return removable
+
 
     def _list_ahead(self) -> None:
         """Ask for the listings (both sides) of the folders the walk visits next: the top
@@ -392,32 +425,6 @@ def _not_storable(
     return None
 
 
-def _delete_tree(
-    mirror: Path, rel: str, plan: Plan, out: BinaryIO, cluster: int, excludes: Excludes
-) -> bool:
-    """Append a mirror folder and everything in it to the delete list, deepest first.
-
-    Excluded paths inside are kept (with the folders holding them). Return True when
-    the folder itself is listed for removal.
-    """
-    removable = True
-    for name, kind, size, _ in _in_order(list_dir(os.path.join(mirror, rel))):
-        child = _join(rel, name)
-        if excludes.match(child):
-            removable = False
-        elif kind == "dir":
-            removable = _delete_tree(mirror, child, plan, out, cluster, excludes) and removable
-        else:
-            plan.delete_files += 1
-            plan.mirror_files += 1
-            plan.delete_alloc += allocated(size, cluster)
-            out.write(b"F\0" + os.fsencode(child) + b"\0")
-    if removable:
-        plan.delete_dirs += 1
-        out.write(b"D\0" + os.fsencode(rel) + b"\0")
-    return removable
-
-
 def read_records(path: Path, fields: int) -> Iterator[list[bytes]]:
     """Yield the records of a NUL-separated list file, ``fields`` fields each, streaming."""
     with open(path, "rb") as f:
@@ -439,13 +446,29 @@ def read_paths(path: Path) -> Iterator[str]:
         yield os.fsdecode(rel)
 
 
-def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:
-    """Yield (kind, relative path) from a delete list; kind is "F", "D" or "R".
+def delete_record(kind: bytes, rel: str, size: int, mtime_ns: int) -> bytes:
+    """A delete list record: the kind, the path, and the size and time the mirror's
+    entry had when the scan listed it (0 for folders, -1 for links and the like)."""
+    return b"%s\0%s\0%d\0%d\0" % (kind, os.fsencode(rel), size, mtime_ns)
 
-    Subfolders of a deleted folder are removed by its own "D" record (deepest first).
-    """
-    for kind, rel in read_records(path, 2):
-        yield kind.decode(), os.fsdecode(rel)
+
+def _size_time(kind: str, size: int, mtime_ns: int) -> tuple[int, int]:
+    """A delete record's size and time: -1 for an entry that is not a regular file."""
+    return (size, mtime_ns) if kind == "file" else (-1, -1)
+
+
+def read_delete_records(path: Path) -> Iterator[tuple[str, str, int, int]]:
+    """Yield (kind, relative path, size, mtime_ns) from a delete list; kind is "F" (a
+    file to remove), "D" (a folder, after everything in it: subfolders of a deleted
+    folder come first, deepest first) or "R" (a file the copy replaces)."""
+    for kind, rel, size, mtime_ns in read_records(path, 4):
+        yield kind.decode(), os.fsdecode(rel), int(size), int(mtime_ns)
+
+
+def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:
+    """Yield (kind, relative path) from a delete list (see ``read_delete_records``)."""
+    for kind, rel, _, _ in read_delete_records(path):
+        yield kind, rel
 
 
 @dataclass(frozen=True)

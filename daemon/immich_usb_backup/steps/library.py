@@ -126,9 +126,8 @@ class LibraryStep(Step):
         if cache is None or not p.delete_files or not p.copy_files:
             return moves.Moves()
         ctx.status.set_phase("scan", 0, "looking for files Immich moved")
-        mirror = ctx.root.path(FOLDER)
         return await in_thread(ctx, lambda: moves.find(
-            p, ctx.config.immich.upload_location, mirror, ctx.work_dir, cache,
+            p, ctx.config.immich.upload_location, ctx.work_dir, cache,
             self._fresh_manifest(cache), cluster, check_cancel=ctx.check_cancel))
 
     def _fresh_manifest(self, cache: HashCache) -> Path | None:
