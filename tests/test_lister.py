@@ -38,20 +38,26 @@ def tree(root: Path, folders: int = 60) -> list[str]:
     return sorted(set(paths))
 
 
-def test_listings_from_the_helper_are_what_reading_directly_gives(tmp_path: Path) -> None:
+@pytest.mark.parametrize("helpers", [1, 2])
+def test_listings_from_the_helper_are_what_reading_directly_gives(
+    tmp_path: Path, helpers: int
+) -> None:
     folders = tree(tmp_path / "lib")
-    ahead = Lister(start_after=0)
+    ahead = Lister(start_after=0, helpers=helpers)
     try:
         ahead.want(folders)
-        assert ahead.proc is not None and ahead.proc.returncode is None  # it is the helper
-        assert len(ahead.waiting) == min(len(folders), ahead.limit)
+        assert [h.proc.returncode for h in ahead.helpers] == [None] * helpers  # they run
+        if helpers == 2:  # asked in turn
+            assert abs(len(ahead.helpers[0].asked) - len(ahead.helpers[1].asked)) <= 1
+        assert len(ahead.owner) == min(len(folders), ahead.limit)
         for n, folder in enumerate(folders):
             assert sorted(ahead.get(folder)) == sorted(list_dir(folder)), folder
             ahead.want(folders[n + 1:])  # what is asked already is not asked twice
-        assert not ahead.waiting and not ahead.answers
+        assert not ahead.owner and not ahead.answers
+        helper = ahead.helpers[0]
     finally:
         ahead.close()
-    assert ahead.proc.returncode is not None  # closed means ended
+    assert helper.proc.returncode is not None  # closed means ended
 
 
 def test_the_helper_holds_at_most_limit_listings(tmp_path: Path) -> None:
@@ -59,11 +65,11 @@ def test_the_helper_holds_at_most_limit_listings(tmp_path: Path) -> None:
     ahead = Lister(limit=5, start_after=0)
     try:
         ahead.want(folders)
-        assert len(ahead.waiting) == 5
+        assert len(ahead.owner) == 5
         ahead.get(folders[4])  # read past four others: they are held, not asked again
-        assert len(ahead.answers) == 4 and not ahead.waiting
+        assert len(ahead.answers) == 4 and not ahead.owner
         ahead.want(folders)
-        assert len(ahead.answers) + len(ahead.waiting) == 5
+        assert len(ahead.answers) + len(ahead.owner) == 5
     finally:
         ahead.close()
 
@@ -98,15 +104,16 @@ def test_a_helper_that_is_killed_is_replaced_by_reading_directly(
     ahead = Lister(start_after=0)
     try:
         ahead.want(folders)
-        assert ahead.proc is not None
+        proc = ahead.helpers[0].proc
         first = ahead.get(folders[0])
-        os.kill(ahead.proc.pid, signal.SIGKILL)
-        ahead.proc.wait()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
         with caplog.at_level(logging.WARNING, logger="immich_usb_backup.lister"):
             listings = [ahead.get(f) for f in folders[1:]]
             ahead.want(folders)  # asks nothing of a helper that has gone
         assert [sorted(x) for x in [first, *listings]] == [sorted(list_dir(f)) for f in folders]
-        assert "the folder listing helper ended early" in caplog.text
+        assert "a folder listing helper ended early" in caplog.text
+        assert not ahead.helpers
     finally:
         ahead.close()
 
@@ -119,7 +126,7 @@ def test_a_helper_that_cannot_start_leaves_the_reading_here(
     ahead = Lister(start_after=0)
     with caplog.at_level(logging.WARNING, logger="immich_usb_backup.lister"):
         ahead.want(folders)
-    assert ahead.proc is None
+    assert not ahead.helpers
     assert "cannot start the folder listing helper" in caplog.text
     assert sorted(ahead.get(folders[3])) == sorted(list_dir(folders[3]))
 
@@ -128,9 +135,9 @@ def test_no_helper_for_a_small_tree(tmp_path: Path) -> None:
     ahead = Lister(start_after=3)
     ahead.want([str(tmp_path), str(tmp_path / "a")])
     ahead.want([str(tmp_path / "b")])
-    assert ahead.proc is None  # three folders: read here, no process started
+    assert not ahead.helpers  # three folders: read here, no process started
     ahead.want([str(tmp_path / "c")])
-    assert ahead.proc is not None  # the fourth starts it
+    assert len(ahead.helpers) == 1  # the fourth starts it
     ahead.close()
 
 
@@ -159,23 +166,22 @@ def test_a_scan_with_the_helper_plans_exactly_what_one_without_plans(
     (mirror / "upload" / "user" / "00" / "old-only").mkdir()
     (mirror / "upload" / "user" / "00" / "old-only" / "gone.jpg").write_bytes(b"g")
     (source / "upload" / "user" / "01" / "01" / "skip.tmp").write_bytes(b"t")
-    started: list[Lister] = []
+    started: dict[int, int] = {}  # id of a Lister: the helpers it ran
 
     class Watched(Lister):
         def want(self, paths: list[str]) -> None:
             super().want(paths)
-            if self.proc is not None and self not in started:
-                started.append(self)
+            started[id(self)] = max(started.get(id(self), 0), len(self.helpers))
+
 
     monkeypatch.setattr(scan_mod, "Lister", Watched)
     with_helper = scan_lists(source, mirror, tmp_path / "work")
     assert ("D", "moved-away", 0, 0) in with_helper["deletes"]  # type: ignore[operator]
-    assert len(started) == 2  # one helper for each side was used
-    assert all(w.proc is not None and w.proc.returncode is not None for w in started)
+    assert sorted(started.values()) == [1, 2]  # the source's helper, the mirror's two
 
     class Direct(Lister):
-        def __init__(self) -> None:
-            super().__init__(start_after=10**9)
+        def __init__(self, helpers: int = 1) -> None:
+            super().__init__(start_after=10**9, helpers=helpers)
 
     monkeypatch.setattr(scan_mod, "Lister", Direct)
     assert scan_lists(source, mirror, tmp_path / "work") == with_helper

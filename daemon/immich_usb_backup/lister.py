@@ -56,94 +56,132 @@ Listing = list[Entry] | OSError
 log = logging.getLogger(__name__)
 
 
+class _Helper:
+    """One helper process and the folders asked of it whose answers are not read yet."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.asked: deque[str] = deque()  # in the order asked (and answered)
+
+    def ask(self, paths: list[str]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"".join([os.fsencode(p) + b"\0" for p in paths]))
+        self.proc.stdin.flush()
+        self.asked.extend(paths)
+
+    def answer(self) -> Listing:
+        assert self.proc.stdout is not None
+        answer: Listing = pickle.load(self.proc.stdout)  # noqa: S301 - our own child
+        return answer
+
+    def close(self) -> None:
+        """End it (it may be in the middle of a listing nobody wants now)."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                if pipe is not None:
+                    pipe.close()
+
+
 class Lister:
-    """Listings of folders, read ahead in a helper process.
+    """Listings of folders, read ahead in ``helpers`` helper processes.
 
-    ``want(paths)`` asks for folders in the order the walk will get them (at most
-    ``limit`` listings in flight or held, so memory stays bounded whatever the tree);
-    ``get(path)`` returns a folder's entries, from the helper when it was asked for, else
-    read here. An error reading a folder is raised by ``get``, as ``list_dir`` would.
+    ``want(paths)`` asks for folders in the order the walk will get them, spread over
+    the helpers in turn (at most ``limit`` listings in flight or held, so memory stays
+    bounded whatever the tree); ``get(path)`` returns a folder's entries, from a helper
+    when it was asked for, else read here. An error reading a folder is raised by
+    ``get``, as ``list_dir`` would.
 
-    The helper starts once more than ``start_after`` folders were asked for (a small tree
-    is read before a process would have started). If it cannot start, or ends early,
-    the folders are read here: slower, never different.
+    Two helpers for one side pay off on a FUSE file system: its daemon answers one
+    request at a time, and while it works on one helper's, the other's next request is
+    on its way. The helpers start once more than ``start_after`` folders were asked for
+    (a small tree is read before a process would have started). If one cannot start, or
+    ends early, its folders are read here: slower, never different.
     """
 
-    def __init__(self, limit: int = 64, start_after: int = 64) -> None:
+    def __init__(self, limit: int = 64, start_after: int = 64, helpers: int = 1) -> None:
         self.limit = limit
         self.start_after = start_after
-        self.asked: deque[str] = deque()  # asked for, answer not read yet, in order
-        self.waiting: set[str] = set()
-        self.answers: dict[str, Listing] = {}
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.wanted_helpers = helpers
+        self.helpers: list[_Helper] = []
+        self.started = False
+        self.owner: dict[str, _Helper] = {}  # asked for, answer not read yet
+        self.answers: dict[str, Listing] = {}  # read, not got yet
+        self.turn = 0
 
     def want(self, paths: list[str]) -> None:
-        if self.proc is None:
+        if not self.started:
             if self.start_after > 0:
                 self.start_after -= len(paths)
                 return
-            self.proc = _start_helper()
-            if self.proc is None:
-                return
-        if self.proc.returncode is not None:
+            self.started = True
+            for _ in range(self.wanted_helpers):
+                proc = _start_helper()
+                if proc is not None:
+                    self.helpers.append(_Helper(proc))
+        if not self.helpers:
             return
-        new = [p for p in paths if p not in self.waiting and p not in self.answers]
-        del new[max(self.limit - len(self.waiting) - len(self.answers), 0):]
+        owner, answers = self.owner, self.answers
+        new = [p for p in paths if p not in owner and p not in answers]
+        del new[max(self.limit - len(owner) - len(answers), 0):]
         if not new:
             return
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(b"".join([os.fsencode(p) + b"\0" for p in new]))
-            self.proc.stdin.flush()
-        except OSError:
-            self._lost()
-            return
-        self.asked.extend(new)
-        self.waiting.update(new)
+        count = len(self.helpers)
+        for n, helper in enumerate(list(self.helpers)):
+            share = new[(n - self.turn) % count::count]
+            if not share:
+                continue
+            try:
+                helper.ask(share)
+            except OSError:
+                self._lost(helper)
+                continue
+            for path in share:
+                owner[path] = helper
+        self.turn = (self.turn + len(new)) % count
 
     def get(self, path: str) -> list[Entry]:
         listing = self.answers.pop(path, None)
-        if listing is None and path in self.waiting:
-            listing = self._read_until(path)
+        if listing is None:
+            helper = self.owner.get(path)
+            if helper is not None:
+                listing = self._read_until(helper, path)
         if listing is None:
             return list_dir(path)
         if isinstance(listing, OSError):
             raise listing
         return listing
 
-    def _read_until(self, path: str) -> Listing | None:
+    def _read_until(self, helper: _Helper, path: str) -> Listing | None:
         """Read the helper's answers in order up to ``path``'s, keeping the others."""
-        assert self.proc is not None and self.proc.stdout is not None
         while True:
-            done = self.asked.popleft()
-            self.waiting.discard(done)
+            done = helper.asked.popleft()
+            del self.owner[done]
             try:
-                answer: Listing = pickle.load(self.proc.stdout)  # noqa: S301 - our own child
+                answer = helper.answer()
             except (EOFError, OSError, pickle.UnpicklingError):
-                self._lost()
+                self._lost(helper)
                 return None
             if done == path:
                 return answer
             self.answers[done] = answer
 
-    def _lost(self) -> None:
-        """The helper has gone (killed, out of memory): read the rest here."""
-        log.warning("the folder listing helper ended early; reading folders directly")
-        self.asked.clear()
-        self.waiting.clear()
-        self.close()
+    def _lost(self, helper: _Helper) -> None:
+        """A helper has gone (killed, out of memory): its folders are read here."""
+        log.warning("a folder listing helper ended early; reading its folders directly")
+        for path in helper.asked:
+            self.owner.pop(path, None)
+        helper.asked.clear()
+        helper.close()
+        self.helpers.remove(helper)
 
     def close(self) -> None:
-        """End the helper (it may be in the middle of a listing nobody wants now)."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            with contextlib.suppress(OSError):
-                if pipe is not None:
-                    pipe.close()
+        """End the helpers."""
+        for helper in self.helpers:
+            helper.close()
+        self.helpers.clear()
 
 
 def _start_helper() -> subprocess.Popen[bytes] | None:

@@ -226,7 +226,7 @@ class _Walk:
         self.next_report = 5000  # the source file count at which on_progress is called next
         self.to_visit: list[tuple[str, bool]] = [("", mirror.is_dir())]  # (folder, in mirror?)
         self.source_ahead = Lister()
-        self.mirror_ahead = Lister()
+        self.mirror_ahead = Lister(helpers=2)  # the disk (FUSE, USB) is the slow side
         self.source_dir = str(source).rstrip("/") + "/"  # for joining relative paths
         self.mirror_dir = str(mirror).rstrip("/") + "/"
         self.asked: set[str] = set()  # folders to visit whose listings were asked for
