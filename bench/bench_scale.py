@@ -22,6 +22,7 @@ import random
 import shutil
 import statistics
 import sys
+import threading
 from pathlib import Path
 
 import bench_pipeline as bp
@@ -49,6 +50,43 @@ def build_library(files: int, seed: int) -> Path:
         (folder / f"{i:07d}.jpg").write_bytes(rng.randbytes(rng.randint(1024, 2048)))
     stamp.write_text("ok\n")
     return library
+
+
+class TreeMemory:
+    """The peak memory of a run with all its processes (the CLI and its folder listing
+    helpers): the sum of their proportional set sizes (PSS, shared pages split between
+    the processes that share them), sampled every 50 ms from /proc."""
+
+    def __init__(self) -> None:
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            total = 0
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    if ((b"immich-usb-backup" not in cmd and b"immich_usb_backup" not in cmd)
+                            or cmd.split(b"\0")[0].endswith(b"time")):  # GNU time's
+                        continue
+                    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                        if line.startswith("Pss:"):
+                            total += int(line.split()[1])
+                except OSError:
+                    continue  # ended meanwhile
+            self.peak_kib = max(self.peak_kib, total)
 
 
 def main() -> int:
@@ -99,14 +137,20 @@ def main() -> int:
                 f"{disk.library}/"]
         bp.run_once(pipeline, "warm-up", drop_caches=False)
         samples: dict[str, list[bp.Sample]] = {"bare": [], "pipeline": []}
+        tree_pss: list[float] = []
         for n in range(args.rounds):
             order = ("bare", "pipeline") if n % 2 == 0 else ("pipeline", "bare")
             for tool in order:
-                s = bp.run_once(bare if tool == "bare" else pipeline, f"r{n}-{tool}",
-                                drop_caches=args.cold)
+                with TreeMemory() as memory:
+                    s = bp.run_once(bare if tool == "bare" else pipeline, f"r{n}-{tool}",
+                                    drop_caches=args.cold)
                 samples[tool].append(s)
+                extra = ""
+                if tool == "pipeline":
+                    tree_pss.append(memory.peak_kib / 1024)
+                    extra = f", all its processes {tree_pss[-1]:.1f} MiB (PSS)"
                 print(f"round {n + 1} {tool}: {s.seconds:.2f} s, peak RSS "
-                      f"{(s.peak_rss_kib or 0) / 1024:.1f} MiB")
+                      f"{(s.peak_rss_kib or 0) / 1024:.1f} MiB{extra}")
         med = {t: statistics.median(s.seconds for s in v) for t, v in samples.items()}
         rss = {t: max((s.peak_rss_kib or 0) for s in v) / 1024 for t, v in samples.items()}
         ratio = med["pipeline"] / med["bare"]
@@ -116,12 +160,15 @@ def main() -> int:
         print(f"  bare rsync {med['bare']:.2f} s, pipeline {med['pipeline']:.2f} s, ratio "
               f"{ratio:.2f} (target <= 1.20 x bare + 0.3 s = {allowed:.2f} s: "
               f"{'PASS' if med['pipeline'] <= allowed else 'OVER'})")
+        whole = max(tree_pss)
         print(f"  peak RSS: bare {rss['bare']:.1f} MiB, pipeline {rss['pipeline']:.1f} MiB "
-              f"(target <= 60 MB: {'PASS' if rss['pipeline'] <= 60 * 1e6 / 2**20 else 'OVER'})")
+              f"(largest process); the pipeline with its helpers {whole:.1f} MiB PSS "
+              f"(target <= 60 MB: {'PASS' if whole <= 60 * 1e6 / 2**20 else 'OVER'})")
         out = bp.REPO / "bench" / "results" / f"scale-{args.files}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"files": args.files, "cold": args.cold, "medians": med,
-                                   "ratio": ratio, "peak_rss_mib": rss}, indent=2) + "\n")
+                                   "ratio": ratio, "peak_rss_mib": rss,
+                                   "pipeline_tree_pss_mib": whole}, indent=2) + "\n")
         return 0
     except KeyboardInterrupt:
         return 130
