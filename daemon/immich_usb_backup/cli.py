@@ -7,7 +7,6 @@ Exit codes: 0 success; 1 the backup failed, was partial, refused or interrupted 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from immich_usb_backup import __version__, execute, history
+from immich_usb_backup import __version__, history
 from immich_usb_backup.config import (
     MODES,
     Config,
@@ -164,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # run ---------------------------------------------------------------------------------
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - not at start-up: status and history need none
+
     from immich_usb_backup.flow import run_backup  # noqa: PLC0415 - keeps `status` fast
 
     async def work() -> list[RunRecord]:
@@ -198,6 +199,8 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 async def _with_progress(config: Config, work: Callable[[], Awaitable[T]]) -> T | None:
     """Run ``work`` with the live progress on stderr; Ctrl-C or SIGTERM cancels it (the
     work records what it must) and gives None."""
+    import asyncio  # noqa: PLC0415 - see cmd_run
+
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -215,6 +218,8 @@ async def _with_progress(config: Config, work: Callable[[], Awaitable[T]]) -> T 
 
 
 def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - see cmd_run
+
     from immich_usb_backup import diskcheck  # noqa: PLC0415
 
     async def work() -> diskcheck.Report:
@@ -362,6 +367,8 @@ class _ProgressPrinter:
         self.shown = False
 
     async def follow(self, state_dir: Path) -> None:
+        import asyncio  # noqa: PLC0415 - see cmd_run
+
         while True:
             await asyncio.sleep(0.5)
             st = read_status(state_dir)
@@ -477,6 +484,8 @@ def cmd_history(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_remind(config: Config, args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - see cmd_run
+
     from immich_usb_backup.flow import remind  # noqa: PLC0415
 
     sent = asyncio.run(remind(config))
@@ -491,6 +500,9 @@ _RSYNC_VERSION = re.compile(r"rsync\s+version\s+v?(\d+)\.(\d+)\.(\d+)")
 
 def environment_problems(config: Config) -> list[str]:
     """Every problem of the environment that would stop or weaken a backup."""
+    import asyncio  # noqa: PLC0415 - see cmd_run
+
+    from immich_usb_backup import execute  # noqa: PLC0415 - it imports asyncio
     from immich_usb_backup.steps.library import (  # noqa: PLC0415 - not for status
         RSYNC_MIN_VERSION,
         check_source,
@@ -568,6 +580,8 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 
 def _send_test(config: Config) -> bool:
+    import asyncio  # noqa: PLC0415 - see cmd_run
+
     from immich_usb_backup.notify import send_test  # noqa: PLC0415 - apprise is heavy
 
     answers = asyncio.run(send_test(config.notify))
@@ -667,6 +681,8 @@ def cmd_disks(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_approve(config: Config, args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - see cmd_run
+
     from immich_usb_backup.flow import approve_device  # noqa: PLC0415
 
     try:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import urllib.error
-import urllib.request
 from typing import Any
 
 from immich_usb_backup.config import NotifyConfig
@@ -47,6 +45,9 @@ def _get(url: str, timeout_s: float) -> str | None:
     """In a thread: None when the monitor answered 2xx, else why not (no URL in it)."""
     if not url.startswith(("http://", "https://")):
         return "not an http:// or https:// URL"
+    import urllib.error  # noqa: PLC0415 - here: 15 ms of start-up for every run otherwise
+    import urllib.request  # noqa: PLC0415
+
     request = urllib.request.Request(url, method="GET",  # noqa: S310 - http(s) only
                                      headers={"User-Agent": "immich-usb-backup"})
     try:

@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import stat
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from immich_usb_backup.errors import BackupError
@@ -92,6 +90,9 @@ def _call(url: str, method: str, path: str, body: dict[str, str], key: str,
           timeout_s: float) -> int:
     if not url.startswith(("http://", "https://")):
         raise ImmichError(f"immich.url must start with http:// or https:// (got {url!r})")
+    import urllib.error  # noqa: PLC0415 - here: 15 ms of start-up for every run otherwise
+    import urllib.request  # noqa: PLC0415
+
     request = urllib.request.Request(  # noqa: S310 - http(s) only, checked above
         url.rstrip("/") + path, data=json.dumps(body).encode(), method=method,
         headers={"x-api-key": key, "Content-Type": "application/json",
