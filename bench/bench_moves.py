@@ -88,10 +88,11 @@ def moves_made(files: int) -> list[tuple[str, str]]:
 
 def bare_renames(mirror: Path, moves: list[tuple[str, str]], back: bool = False) -> float:
     """The floor for renaming on this disk: ``os.rename`` of every move in a plain loop,
-    then ``rmdir`` of the emptied folders (or the way back), timed to a following sync."""
+    in the order the pipeline makes them (its walk's order of the new paths), then
+    ``rmdir`` of the emptied folders (or the way back), timed to a following sync."""
     start = time.monotonic()
     made: set[Path] = set()
-    for old, new in moves:
+    for old, new in sorted(moves, key=lambda m: (m[0] if back else m[1]).split("/")):
         src, dst = (mirror / new, mirror / old) if back else (mirror / old, mirror / new)
         if dst.parent not in made:
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import history, overview, report
+from immich_usb_backup import drill, history, overview, report
 from immich_usb_backup.config import Config
 from immich_usb_backup.record import RunRecord
 
@@ -29,8 +29,6 @@ def _gather(config: Config, runs: int | None, current: RunRecord | None,
                                 else runs - 1, disk)
     if current is not None:
         records.append(current)
-    from immich_usb_backup import drill  # noqa: PLC0415 - the page only: not at start-up
-
     return records, {"drills": drill.load_outcomes(config.state_dir),
                      "disks": overview.disks(config),
                      "remind_after_days": config.notify.remind_after_days}
