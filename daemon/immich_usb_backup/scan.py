@@ -5,7 +5,8 @@ entry, what the mirror needs: copy (new or changed by size or modification time,
 one-second window as exFAT stores times coarsely), delete (in the mirror, not in the
 source), or nothing. Files exFAT cannot hold are reported, never silently lost.
 
-It holds one folder's listing at a time (plus the names of folders still to visit), and
+It holds one folder's listing at a time (plus the names of folders still to visit, and
+at most 64 listings per side read ahead by ``lister``'s helper processes), and
 writes the work to do into files in the state dir: the copy lists (NUL-separated paths
 for ``rsync --files-from --from0``, in batches) and the delete list. So the run knows
 every number the safety rules need (files to delete, bytes to write) before anything is
