@@ -37,47 +37,10 @@ RESULTS = bp.REPO / "bench" / "results" / "moves.json"
 GIB = 1024**3
 
 
-def build_library(files: int, seed: int) -> int:
-    """N originals of 1-8 KB in upload/<user>/xx/yy/ (made anew: it is quick)."""
-    shutil.rmtree(LIBRARY, ignore_errors=True)
-    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
-    for top in ("upload", "library", "thumbs", "profile", "backups"):
-        (LIBRARY / top).mkdir(parents=True)
-        (LIBRARY / top / ".immich").write_bytes(b"")
-    total = 0
-    for i in range(files):
-        folder = LIBRARY / "upload" / USER / f"{i % 256:02x}" / f"{i // 256 % 256:02x}"
-        folder.mkdir(parents=True, exist_ok=True)
-        size = rng.randint(1024, 8192)
-        (folder / f"IMG_{i:06d}.jpg").write_bytes(rng.randbytes(size))
-        total += size
-    return total
-
-
-def migrate(back: bool = False) -> int:
-    """Move every original to library/<user>/2024/MM/ (or back); return how many."""
-    moved = 0
-    if not back:
-        for path in sorted((LIBRARY / "upload" / USER).rglob("*.jpg")):
-            n = int(path.stem.split("_")[1])
-            new = LIBRARY / "library" / USER / "2024" / f"{n % 12 + 1:02d}" / path.name
-            new.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, new)
-            moved += 1
-        shutil.rmtree(LIBRARY / "upload" / USER)
-        return moved
-    for path in sorted((LIBRARY / "library" / USER).rglob("*.jpg")):
-        n = int(path.stem.split("_")[1])
-        old = LIBRARY / "upload" / USER / f"{n % 256:02x}" / f"{n // 256 % 256:02x}" / path.name
-        old.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(path, old)
-        moved += 1
-    shutil.rmtree(LIBRARY / "library" / USER)
-    return moved
-
-
 def moves_made(files: int) -> list[tuple[str, str]]:
-    """The (old, new) paths, relative to the library, of what ``migrate`` moves."""
+    """The (old, new) paths, relative to the library, of the N originals a template
+    migration moves: upload/<user>/xx/yy/ (one folder per file, as Immich's two-level
+    hash folders give for a library of this size) to library/<user>/2024/MM/."""
     out = []
     for n in range(files):
         name = f"IMG_{n:06d}.jpg"
@@ -86,24 +49,53 @@ def moves_made(files: int) -> list[tuple[str, str]]:
     return out
 
 
-def bare_renames(mirror: Path, moves: list[tuple[str, str]], back: bool = False) -> float:
-    """The floor for renaming on this disk: ``os.rename`` of every move in a plain loop,
-    in the order the pipeline makes them (its walk's order of the new paths), then
-    ``rmdir`` of the emptied folders (or the way back), timed to a following sync."""
-    start = time.monotonic()
+def build_library(files: int, seed: int) -> int:
+    """N originals of 1-8 KB at their old paths (made anew: it is quick)."""
+    shutil.rmtree(LIBRARY, ignore_errors=True)
+    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
+    for top in ("upload", "library", "thumbs", "profile", "backups"):
+        (LIBRARY / top).mkdir(parents=True)
+        (LIBRARY / top / ".immich").write_bytes(b"")
+    total = 0
+    for old, _ in moves_made(files):
+        path = LIBRARY / old
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = rng.randint(1024, 8192)
+        path.write_bytes(rng.randbytes(size))
+        total += size
+    return total
+
+
+def rename_moves(root: Path, moves: list[tuple[str, str]], back: bool = False) -> None:
+    """Make the moves under ``root`` (or undo them) with ``os.rename``, in the order the
+    pipeline makes them (its walk's order of the new paths), then remove the folders
+    they emptied."""
     made: set[Path] = set()
     for old, new in sorted(moves, key=lambda m: (m[0] if back else m[1]).split("/")):
-        src, dst = (mirror / new, mirror / old) if back else (mirror / old, mirror / new)
+        src, dst = (root / new, root / old) if back else (root / old, root / new)
         if dst.parent not in made:
             dst.parent.mkdir(parents=True, exist_ok=True)
             made.add(dst.parent)
         os.rename(src, dst)
-    emptied = {(mirror / (new if back else old)).parent for old, new in moves}
+    emptied = {(root / (new if back else old)).parent for old, new in moves}
     for deepest in sorted(emptied, key=lambda f: len(f.parts), reverse=True):
         folder = deepest
-        while folder != mirror and folder.is_dir() and not any(folder.iterdir()):
+        while folder != root and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
             folder = folder.parent
+
+
+def migrate(files: int, back: bool = False) -> int:
+    """On the server: move every original as a template change does (or back)."""
+    rename_moves(LIBRARY, moves_made(files), back)
+    return files
+
+
+def bare_renames(mirror: Path, moves: list[tuple[str, str]], back: bool = False) -> float:
+    """The floor for renaming on this disk: ``rename_moves`` in a plain loop, timed to a
+    following sync."""
+    start = time.monotonic()
+    rename_moves(mirror, moves, back)
     os.sync()
     return time.monotonic() - start
 
@@ -118,7 +110,7 @@ def last_library_step(state: Path) -> dict[str, Any]:
     return step
 
 
-def one_round(n: int, disks: list[bp.Disk], size: int, config: Path, state: Path,
+def one_round(n: int, files: int, disks: list[bp.Disk], size: int, config: Path, state: Path,
               cold: bool) -> dict[str, Any]:
     pipe, bare = disks
     for disk in disks:
@@ -133,7 +125,7 @@ def one_round(n: int, disks: list[bp.Disk], size: int, config: Path, state: Path
     bp.run_once(rsync, f"r{n}-bare-first", drop_caches=False)
     no_change = bp.run_once(pipeline, f"r{n}-no-change", drop_caches=cold)
     keep_before = du(pipe.mount / "immich-server-backups" / "deleted")
-    moved = migrate()
+    moved = migrate(files)
     try:
         migration = bp.run_once(pipeline, f"r{n}-migration", drop_caches=cold)
         lib = last_library_step(state)
@@ -149,7 +141,7 @@ def one_round(n: int, disks: list[bp.Disk], size: int, config: Path, state: Path
                               for line in stats.splitlines()
                               if line.startswith("Total transferred file size")))
     finally:
-        migrate(back=True)
+        migrate(files, back=True)
     return {
         "moved_on_server": moved, "renamed_on_disk": lib.get("moved", 0),
         "no_change_s": no_change.seconds, "migration_s": migration.seconds,
@@ -187,7 +179,7 @@ def main() -> int:
         size = max(8 * GIB, args.files * 160 * 1024)  # bare rsync holds both copies at once
         rounds = []
         for n in range(args.rounds):
-            r = one_round(n, disks, size, config, state, args.cold)
+            r = one_round(n, args.files, disks, size, config, state, args.cold)
             rounds.append(r)
             print(f"round {n + 1}: bare renames {r['bare_renames_s']:.2f} s")
             print(f"round {n + 1}: no change {r['no_change_s']:.2f} s, migration "
