@@ -68,6 +68,9 @@ def test_sha256sum_and_shasum_check_a_fresh_backup(make_exfat, server: Server) -
         r = subprocess.run(cmd, cwd=disk.marker, capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         assert r.stdout.count(": OK") == len(listed)
+    # every file was hashed while rsync copied it: the manifest hashed none itself
+    lib = history(server)[-1]["steps"]["library"]  # type: ignore[index]
+    assert lib["manifest"] == {"entries": len(listed), "hashed": 0, "left_out": 0}
 
 
 def test_manifest_hashes_only_new_or_changed_files(make_exfat, server: Server) -> None:

@@ -11,11 +11,24 @@ The cache is a cache: deleting it costs one run that hashes the whole library ag
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 CACHE_NAME = "hashes.sqlite"
+CHUNK = 500  # paths per query of lookup_many (SQLite allows 999 parameters at least)
+
+T = TypeVar("T")
+
+
+def chunked(items: Iterable[T], size: int = CHUNK) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last may be shorter), streaming."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -66,6 +79,25 @@ class HashCache:
             return None
         return str(row[2])
 
+    def lookup_many(self, files: Sequence[tuple[str, int, int]]) -> list[str | None]:
+        """``lookup`` for each (path, size, mtime_ns), in one query per ``CHUNK``: a
+        library of a million files asks a million times, and a query costs more than
+        the answer."""
+        found: dict[str, tuple[int, int, str]] = {}
+        for i in range(0, len(files), CHUNK):
+            paths = [f[0] for f in files[i:i + CHUNK]]
+            marks = ",".join("?" * len(paths))  # placeholders only: paths are parameters
+            query = f"SELECT path, size, mtime_ns, sha256 FROM files WHERE path IN ({marks})"  # noqa: S608
+            with self._lock:
+                rows = self._db.execute(query, paths).fetchall()
+            found.update((row[0], (row[1], row[2], row[3])) for row in rows)
+        out: list[str | None] = []
+        for path, size, mtime_ns in files:
+            row = found.get(path)
+            out.append(str(row[2]) if row is not None and row[:2] == (size, mtime_ns)
+                       else None)
+        return out
+
     def entry(self, path: str) -> tuple[int, int, str] | None:
         """(size, mtime_ns, digest) last recorded for ``path``, at whatever size and time."""
         with self._lock:
@@ -81,6 +113,18 @@ class HashCache:
                 (path, size, mtime_ns, digest),
             )
             self._pending += 1
+            if self._pending >= 10_000:
+                self._commit()
+
+    def put_many(self, rows: Iterable[tuple[str, int, int, str]]) -> None:
+        """``put`` for each (path, size, mtime_ns, digest), in one statement."""
+        rows = list(rows)
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO files (path, size, mtime_ns, sha256) VALUES (?,?,?,?)",
+                rows,
+            )
+            self._pending += len(rows)
             if self._pending >= 10_000:
                 self._commit()
 

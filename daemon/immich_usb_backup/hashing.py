@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 BLOCK = 1024 * 1024
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 QUEUE_DEPTH = 256  # results held between the reader threads and the consumer
 
 
@@ -93,7 +94,7 @@ def sha256_file(
     buf = buf if buf is not None else bytearray(BLOCK)
     view = memoryview(buf)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
         return Hashed(rel, None, error=exc.strerror or str(exc))
     try:
@@ -102,10 +103,11 @@ def sha256_file(
             return Hashed(rel, None, error="not a regular file")
         if drop_cache:
             _drop(fd)
-        elif hasattr(os, "posix_fadvise"):
+        elif before.st_size > len(buf) and hasattr(os, "posix_fadvise"):
             with contextlib.suppress(OSError):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         h = hashlib.sha256()
+        done = 0
         while True:
             if stop is not None and stop.is_set():
                 raise Stopped
@@ -113,8 +115,11 @@ def sha256_file(
             if not n:
                 break
             h.update(view[:n])
+            done += n
             if on_bytes is not None:
                 on_bytes(n)
+            if done == before.st_size:
+                break  # one read less; a file that grew or changed meanwhile shows below
         after = os.fstat(fd)
         if drop_cache:
             _drop(fd)

@@ -24,7 +24,7 @@ from typing import BinaryIO
 from immich_usb_backup import keep, manifest
 from immich_usb_backup.errors import BackupError
 from immich_usb_backup.fsutil import atomic_write
-from immich_usb_backup.hashcache import HashCache
+from immich_usb_backup.hashcache import HashCache, chunked
 from immich_usb_backup.hashing import (
     Hashed,
     drop_device_cache,
@@ -187,25 +187,27 @@ def _write_lines(ctx: RunContext, plan: Plan, cache: HashCache, out: BinaryIO,
     source = str(ctx.config.immich.upload_location)
     done = 0
     buf = bytearray(1024 * 1024)
-    for rec in read_files_list(plan.files_list):
+    for chunk in chunked(read_files_list(plan.files_list)):
         ctx.check_cancel()
-        digest = cache.lookup(rec.rel, rec.size, rec.mtime_ns)
-        if digest is None:
-            h = sha256_file(os.path.join(source, rec.rel), rec.rel, stop=ctx.cancel, buf=buf)
-            if h.digest is not None:
-                cache.put(rec.rel, h.size, h.mtime_ns, h.digest)
-                counts["hashed"] += 1
-            if h.digest is None or (h.size, h.mtime_ns) != (rec.size, rec.mtime_ns):
-                counts["left_out"] += 1  # changed on the server during the run: next run
-                log.info("not in the manifest this time: %s (%s)", rec.rel,
-                         h.error or "changed during the run")
-                continue
-            digest = h.digest
-        out.write(manifest.line(digest, rec.rel))
-        counts["entries"] += 1
-        done += rec.size
-        if counts["entries"] % 2000 == 0:
-            ctx.status.progress(done, f"{counts['entries']} files listed")
+        known = cache.lookup_many([(r.rel, r.size, r.mtime_ns) for r in chunk])
+        for rec, cached in zip(chunk, known, strict=True):
+            digest = cached
+            if digest is None:
+                h = sha256_file(os.path.join(source, rec.rel), rec.rel, stop=ctx.cancel,
+                                buf=buf)
+                if h.digest is not None:
+                    cache.put(rec.rel, h.size, h.mtime_ns, h.digest)
+                    counts["hashed"] += 1
+                if h.digest is None or (h.size, h.mtime_ns) != (rec.size, rec.mtime_ns):
+                    counts["left_out"] += 1  # changed on the server during the run: next run
+                    log.info("not in the manifest this time: %s (%s)", rec.rel,
+                             h.error or "changed during the run")
+                    continue
+                digest = h.digest
+            out.write(manifest.line(digest, rec.rel))
+            counts["entries"] += 1
+            done += rec.size
+        ctx.status.progress(done, f"{counts['entries']} files listed")
     cache.commit()
 
 

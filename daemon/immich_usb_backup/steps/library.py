@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import re
-import stat
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,11 +25,11 @@ from immich_usb_backup import execute, keep, manifest, moves, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, CommandError, Refused
 from immich_usb_backup.fsutil import Inside, allocated
-from immich_usb_backup.hashcache import HashCache
+from immich_usb_backup.hashcache import CHUNK, HashCache, chunked
 from immich_usb_backup.hashing import Stopped, hash_files
 from immich_usb_backup.policy import Space, human_bytes
 from immich_usb_backup.record import StepResult
-from immich_usb_backup.scan import Excludes, Plan, read_delete_list, read_paths, scan
+from immich_usb_backup.scan import Excludes, Plan, read_delete_list, read_files_list, scan
 from immich_usb_backup.steps.base import Preflight, RunContext, Step, in_thread
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ IMMICH_MARKER = ".immich"
 RSYNC_MIN_VERSION = (3, 1, 0)
 RSYNC_VANISHED = 24  # a source file vanished while copying: Immich deleted it; fine
 
+HASH_AHEAD_BYTES = 128 * 1024 * 1024  # how far hashing may read ahead of rsync's copy
 MANIFEST_LINE_BYTES = 200  # a generous average: digest, two spaces, a long Immich path
 
 _PROGRESS = re.compile(r"^\s*([\d,.]+)\s+(\d+)%")
@@ -358,18 +359,19 @@ async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
         if moved:
             result.keep_day = keep_day(ctx)
             result.keep_days = ctx.config.library.keep_deleted_days
-    hash_while_copying = cache if ctx.mode == "quick" else None
-    await copy_paths(ctx, copy_lists, plan.copy_files, plan.copy_bytes, result,
-                     hash_while_copying)
+    hasher = None  # in quick mode, the manifest's new digests come from hashing meanwhile
+    if cache is not None and plan.files_list is not None and ctx.mode == "quick":
+        hasher = CopyHasher(str(ctx.config.immich.upload_location), plan.files_list, cache)
+    await copy_paths(ctx, copy_lists, plan.copy_files, plan.copy_bytes, result, hasher)
     result.source_files, result.source_bytes = plan.source_files, plan.source_bytes
     return result
 
 
 async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes: int,
-                     result: StepResult, cache: HashCache | None = None) -> None:
+                     result: StepResult, hasher: CopyHasher | None = None) -> None:
     """Copy the paths in ``lists`` (NUL-separated, relative to the upload location) with
-    rsync, one list at a time, counting into ``result``. With a ``cache``, a thread
-    hashes the source files of each list while rsync copies it."""
+    rsync, one list at a time, counting into ``result``. A ``hasher`` runs in a thread
+    meanwhile, kept within ``HASH_AHEAD_BYTES`` of rsync's progress."""
     mirror = ctx.root.path(FOLDER)
     ctx.status.set_phase("library", total_bytes, f"{files} files to copy")
     source = str(ctx.config.immich.upload_location).rstrip("/") + "/"
@@ -380,6 +382,8 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
         if m:
             done["batch"] = _number(m.group(1))
             ctx.status.progress(done["before"] + done["batch"])
+            if hasher is not None:
+                hasher.copied = done["before"] + done["batch"]
             return
         m = _STATS_FILES.match(line)
         if m:
@@ -389,59 +393,85 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
         if m:
             result.bytes += _number(m.group(1))
 
-    for batch in lists:
-        done["batch"] = 0
-        argv = [
-            *rsync_base_args(ctx.config.library.bwlimit_kib),
-            "--dirs",
-            f"--files-from={batch}",
-            "--from0",
-            "--info=progress2",
-            "--stats",
-            "--no-human-readable",
-            source,
-            str(mirror) + "/",
-        ]
-        t0 = time.monotonic()
-        stop = threading.Event()
-        hasher = (asyncio.ensure_future(asyncio.to_thread(_hash_list, ctx, batch, cache, stop))
-                  if cache is not None else None)
-        try:
-            await execute.run(argv, on_line=on_line, ok_codes=(0, RSYNC_VANISHED))
-        except CommandError as exc:
-            raise BackupError(
-                f"library: rsync failed with status {exc.returncode}: {exc.stderr_tail}"
-            ) from exc
-        except BaseException:
-            stop.set()
-            raise
-        finally:
-            if hasher is not None:  # a hashing error costs only a cache entry: logged
-                for outcome in await asyncio.shield(
-                        asyncio.gather(hasher, return_exceptions=True)):
-                    if isinstance(outcome, Exception) and not isinstance(outcome, Stopped):
-                        log.warning("hashing while copying failed: %s", outcome)
-        log.debug("rsync batch %s: %.1f s", batch.name, time.monotonic() - t0)
-        done["before"] += done["batch"]
-
-
-def _hash_list(ctx: RunContext, batch: Path, cache: HashCache, stop: threading.Event) -> None:
-    """Hash the source files of a copy list into the cache: those it does not know at
-    their size and time (a second disk's first backup hashes nothing again). Folders
-    are skipped."""
-    source = str(ctx.config.immich.upload_location)
-
-    def unknown() -> Iterator[str]:
-        for rel in read_paths(batch):
+    hashing = (asyncio.ensure_future(asyncio.to_thread(hasher.run))
+               if hasher is not None else None)
+    try:
+        for batch in lists:
+            done["batch"] = 0
+            argv = [
+                *rsync_base_args(ctx.config.library.bwlimit_kib),
+                "--dirs",
+                f"--files-from={batch}",
+                "--from0",
+                "--info=progress2",
+                "--stats",
+                "--no-human-readable",
+                source,
+                str(mirror) + "/",
+            ]
+            t0 = time.monotonic()
             try:
-                st = os.stat(os.path.join(source, rel), follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) and cache.lookup(rel, st.st_size,
-                                                          st.st_mtime_ns) is None:
-                yield rel
+                await execute.run(argv, on_line=on_line, ok_codes=(0, RSYNC_VANISHED))
+            except CommandError as exc:
+                raise BackupError(
+                    f"library: rsync failed with status {exc.returncode}: {exc.stderr_tail}"
+                ) from exc
+            log.debug("rsync batch %s: %.1f s", batch.name, time.monotonic() - t0)
+            done["before"] += done["batch"]
+    except BaseException:
+        if hasher is not None:
+            hasher.stop.set()
+        raise
+    finally:
+        if hasher is not None and hashing is not None:
+            hasher.copied = sys.maxsize  # nothing more to wait for
+            t0 = time.monotonic()
+            # a hashing error costs only cache entries (the manifest hashes them): logged
+            for outcome in await asyncio.shield(asyncio.gather(hashing,
+                                                               return_exceptions=True)):
+                if isinstance(outcome, Exception) and not isinstance(outcome, Stopped):
+                    log.warning("hashing while copying failed: %s", outcome)
+            log.debug("hashing while copying: %d files, %.1f s after the copy",
+                      hasher.hashed, time.monotonic() - t0)
 
-    for h in hash_files(source, unknown(), stop=stop):
-        if h.digest is not None:
-            cache.put(h.rel, h.size, h.mtime_ns, h.digest)
-    cache.commit()
+
+class CopyHasher:
+    """Hashes the files a run copies into the hash cache, in a thread, while rsync copies
+    them: the files list's records marked copied, in its order, those the cache does not
+    know at the size and time the scan saw (a second disk's first backup hashes nothing
+    again). It reads at most ``HASH_AHEAD_BYTES`` ahead of what rsync reports copied, so
+    a cold library is read from the server's storage once: by whichever comes first,
+    the other finds it in the page cache."""
+
+    def __init__(self, source: str, files_list: Path, cache: HashCache) -> None:
+        self.source, self.files_list, self.cache = source, files_list, cache
+        self.copied = 0  # bytes rsync has copied so far; sys.maxsize when it is done
+        self.stop = threading.Event()
+        self.hashed = 0
+
+    def _unknown(self) -> Iterator[str]:
+        position = 0  # bytes of the copied files before this one, in the list's order
+        copied = (r for r in read_files_list(self.files_list) if r.copied)
+        for chunk in chunked(copied):
+            known = self.cache.lookup_many([(r.rel, r.size, r.mtime_ns) for r in chunk])
+            for rec, digest in zip(chunk, known, strict=True):
+                before, position = position, position + rec.size
+                if digest is not None:
+                    continue
+                while before - self.copied > HASH_AHEAD_BYTES:
+                    if self.stop.wait(0.05):
+                        raise Stopped
+                yield rec.rel
+
+    def run(self) -> None:
+        rows: list[tuple[str, int, int, str]] = []
+        for h in hash_files(self.source, self._unknown(), stop=self.stop):
+            if h.digest is not None:
+                rows.append((h.rel, h.size, h.mtime_ns, h.digest))
+                if len(rows) >= CHUNK:
+                    self.cache.put_many(rows)
+                    self.hashed += len(rows)
+                    rows.clear()
+        self.cache.put_many(rows)
+        self.hashed += len(rows)
+        self.cache.commit()
