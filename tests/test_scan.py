@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from immich_usb_backup.fsutil import allocated
+from immich_usb_backup.steps.library import rsync_base_args
 from immich_usb_backup.scan import (
     PROBLEMS_KEPT,
     Excludes,
@@ -105,13 +107,17 @@ SOURCE_DIRS = {
     "library", "library/admin", "library/admin/2024", "library/admin/2024/trip",
     "profile", "backups",
 }
+# the folders with no file of their own: listed themselves (rsync makes the others as
+# the parents of their files)
+LISTED_DIRS = {"upload", "upload/user1", "upload/user1/ab", "library", "library/admin",
+               "library/admin/2024"}
 
 
 # first run, no change ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mirror_exists", [False, True])
-def test_first_run_lists_every_file_and_every_new_folder(
+def test_first_run_lists_every_file_and_the_folders_no_file_makes(
     tmp_path: Path, source: Path, mirror_exists: bool
 ) -> None:
     mirror = tmp_path / "mirror"
@@ -119,7 +125,7 @@ def test_first_run_lists_every_file_and_every_new_folder(
         mirror.mkdir()
     run = run_scan(tmp_path, source, mirror)
 
-    assert sorted(run.copies) == sorted(SOURCE_FILES.keys() | SOURCE_DIRS)
+    assert sorted(run.copies) == sorted(SOURCE_FILES.keys() | LISTED_DIRS)
     assert len(run.copies) == len(set(run.copies))
     assert run.deletes == []
     p = run.plan
@@ -142,11 +148,30 @@ def test_allocated_sizes_round_up_to_whole_clusters(tmp_path: Path, source: Path
     assert plan.source_alloc == 4096 + 8192 + 4096 + 8192 + 4096 + 0
 
 
-def test_new_folder_is_listed_before_its_files(tmp_path: Path, source: Path) -> None:
-    copies = run_scan(tmp_path, source, tmp_path / "mirror").copies
-    for rel in SOURCE_FILES:
-        parent = rel.rsplit("/", 1)[0]
-        assert copies.index(parent) < copies.index(rel)
+def copy_with_rsync(run: Run, source: Path, mirror: Path) -> None:
+    """Copy the run's copy lists the way the library step does (its flags)."""
+    mirror.mkdir(exist_ok=True)
+    for batch in run.plan.copy_lists:
+        subprocess.run([*rsync_base_args(), "--dirs", f"--files-from={batch}", "--from0",
+                        f"{source}/", f"{mirror}/"], check=True, capture_output=True)
+
+
+def folders(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()}
+
+
+def test_rsync_makes_every_folder_from_the_copy_lists(tmp_path: Path, source: Path) -> None:
+    (source / "upload" / "user1" / "empty" / "deeper").mkdir(parents=True)
+    put(source, "library/only-excluded/x.tmp")
+    mirror = tmp_path / "mirror"
+    run = run_scan(tmp_path, source, mirror, excludes=("*.tmp",), batch=2)
+    assert "upload/user1/empty/deeper" in run.copies
+    assert "upload/user1/ab/cd" not in run.copies  # made as its files' parent
+    copy_with_rsync(run, source, mirror)
+    assert folders(mirror) == folders(source)
+    assert {str(p.relative_to(mirror)) for p in mirror.rglob("*") if p.is_file()} == set(
+        SOURCE_FILES)
+    assert run_scan(tmp_path, source, mirror, excludes=("*.tmp",)).copies == []
 
 
 def test_second_run_without_changes_lists_nothing(tmp_path: Path, source: Path) -> None:
@@ -379,7 +404,7 @@ def test_mirror_file_replaced_by_a_source_folder_counts_among_the_backed_up_file
     put(mirror, "a/thing", b"was a file")
     run = run_scan(tmp_path, source, mirror)
     assert run.deletes == [("F", "a/thing")]
-    assert run.copies == ["a/thing", "a/thing/inside.jpg"]
+    assert run.copies == ["a/thing/inside.jpg"]
     assert run.plan.mirror_files == 1
     assert run.plan.delete_files <= run.plan.mirror_files
 
@@ -392,7 +417,7 @@ def test_mirror_folder_in_another_case_is_deleted_and_the_source_folder_copied(
     put(mirror, "album/x.jpg", b"x")
     run = run_scan(tmp_path, source, mirror)
     assert run.deletes == [("F", "album/x.jpg"), ("D", "album")]
-    assert run.copies == ["Album", "Album/x.jpg"]
+    assert run.copies == ["Album/x.jpg"]
     assert run.plan.mirror_files == 1
 
 
@@ -502,7 +527,7 @@ def test_excluded_files_are_not_copied_on_a_first_run(tmp_path: Path) -> None:
     put(source, "encoded-video/d.mp4")
     run = run_scan(tmp_path, source, tmp_path / "mirror",
                    excludes=("thumbs", "/upload/x", "encoded-video/"))
-    assert sorted(run.copies) == ["library", "upload", "upload/xy", "upload/xy/b.jpg"]
+    assert sorted(run.copies) == ["library", "upload", "upload/xy/b.jpg"]
     assert run.plan.source_files == 1
 
 
@@ -550,7 +575,7 @@ def test_copy_lists_are_split_in_batches_holding_every_path_once(tmp_path: Path)
     for i in range(10):
         rel = f"d{i % 3}/f{i}.jpg"
         put(source, rel, bytes(i))
-        expected |= {rel, rel.split("/", maxsplit=1)[0]}
+        expected.add(rel)  # the folders are made as the files' parents
     run = run_scan(tmp_path, source, tmp_path / "mirror", batch=3)
 
     lists = run.plan.copy_lists

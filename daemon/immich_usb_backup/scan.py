@@ -244,7 +244,13 @@ class _Walk:
             rel, in_mirror = to_visit.pop()
             self.asked.discard(rel)
             src_entries, mirrored = self._list_folder(rel, in_mirror)
+            copied_before = self.plan.copy_files
             subdirs = self._compare_entries(rel, src_entries, mirrored)
+            if not in_mirror and rel and self.plan.copy_files == copied_before:
+                # A new folder with no file copied into it (empty, or only subfolders):
+                # listed itself. One that gets files is created by rsync as their parent
+                # (--files-from implies --relative), faster than an entry of its own.
+                self.copies.add(os.fsencode(rel) + b"\0")
             self._delete_leftovers(rel, mirrored)
             to_visit.extend(reversed(subdirs))
             self._list_ahead()
@@ -328,13 +334,11 @@ class _Walk:
         self, rel: str, child: str, name: str, old: Entry | None
     ) -> tuple[str, bool]:
         """A source subfolder ``child``: what the mirror has under its name (``old``) goes
-        if it is not this very folder, and a folder the mirror lacks is created by the
-        copy. Return it as a folder to visit, with whether the mirror has it."""
+        if it is not this very folder. Return it as a folder to visit, with whether the
+        mirror has it (one it lacks is created by the copy, see ``run``)."""
         if old is not None and (old[1] != "dir" or old[0] != name):
             self._delete(_join(rel, old[0]), old)
             old = None
-        if old is None:
-            self.copies.add(os.fsencode(child) + b"\0")
         return child, old is not None
 
     def _delete_leftovers(self, rel: str, mirrored: dict[str, Entry]) -> None:
