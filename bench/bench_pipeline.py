@@ -158,16 +158,22 @@ def is_mounted(path: Path) -> bool:
                for line in Path("/proc/mounts").read_text().splitlines())
 
 
-def make_disk(disk: Disk, size: int) -> None:
-    """A fresh sparse image, mkfs.exfat, a loop device, mounted with exfat-fuse."""
+def make_disk(disk: Disk, size: int, cluster: str | None = None) -> None:
+    """A fresh sparse image, mkfs.exfat (with ``cluster`` size, e.g. "4K", if given), a
+    loop device, mounted with exfat-fuse, the marker folder made."""
     disk.image.unlink(missing_ok=True)
     with open(disk.image, "wb") as f:
         f.truncate(size)
-    sh("mkfs.exfat", "-L", disk.name, str(disk.image))
+    sh("mkfs.exfat", *(["-c", cluster] if cluster else []), "-L", disk.name, str(disk.image))
+    attach(disk)
+    (disk.mount / "immich-server-backups").mkdir()
+
+
+def attach(disk: Disk) -> None:
+    """A loop device on the disk's image, mounted with exfat-fuse."""
     disk.device = sh("losetup", "-f", "--show", str(disk.image))
     disk.mount.mkdir(parents=True, exist_ok=True)
     sh("mount.exfat-fuse", disk.device, str(disk.mount))
-    (disk.mount / "immich-server-backups").mkdir()
 
 
 def teardown(disk: Disk) -> None:
