@@ -4,6 +4,7 @@ and the library step's ``CopyHasher`` (hashing while rsync copies), on plain fol
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 import time
@@ -109,11 +110,8 @@ def test_copy_hasher_keeps_within_reach_of_the_copy(tmp_path: Path,
     time.sleep(0.5)  # rsync has reported nothing yet: at most 1000 bytes ahead of 0
     assert thread.is_alive()
     first = [r for r in read_files_list(files_list) if r.copied]
-    reach = 0
-    for n, rec in enumerate(first):  # the files whose start is within reach of 0 bytes
-        if sum(r.size for r in first[:n]) > 1000:
-            break
-        reach += 1
+    starts = itertools.accumulate((r.size for r in first[:-1]), initial=0)
+    reach = sum(start <= 1000 for start in starts)  # files starting within reach of 0 bytes
     cache.commit()
     assert sum(cache.lookup(r.rel, r.size, r.mtime_ns) is not None for r in first) <= reach
     hasher.copied = total  # rsync reports the whole copy
