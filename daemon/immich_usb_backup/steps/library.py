@@ -360,7 +360,8 @@ async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
             result.keep_day = keep_day(ctx)
             result.keep_days = ctx.config.library.keep_deleted_days
     hasher = None  # in quick mode, the manifest's new digests come from hashing meanwhile
-    if cache is not None and plan.files_list is not None and ctx.mode == "quick":
+    if (copy_lists and cache is not None and plan.files_list is not None
+            and ctx.mode == "quick"):  # not a no-change run: its files list is long
         hasher = CopyHasher(str(ctx.config.immich.upload_location), plan.files_list, cache)
     await copy_paths(ctx, copy_lists, plan.copy_files, plan.copy_bytes, result, hasher)
     result.source_files, result.source_bytes = plan.source_files, plan.source_bytes
