@@ -107,14 +107,7 @@ class HashCache:
         return None if row is None else (int(row[0]), int(row[1]), str(row[2]))
 
     def put(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO files (path, size, mtime_ns, sha256) VALUES (?,?,?,?)",
-                (path, size, mtime_ns, digest),
-            )
-            self._pending += 1
-            if self._pending >= 10_000:
-                self._commit()
+        self.put_many(((path, size, mtime_ns, digest),))
 
     def put_many(self, rows: Iterable[tuple[str, int, int, str]]) -> None:
         """``put`` for each (path, size, mtime_ns, digest), in one statement."""
