@@ -29,6 +29,8 @@ import bench_pipeline as bp
 
 WORK = Path("/var/tmp/iub-bench-scale")
 USER = "5b0f7d22-scale"
+TOP_FOLDERS = ("upload", "library", "thumbs", "profile", "encoded-video", "backups")  # each
+# with an empty .immich: the library holds N + len(TOP_FOLDERS) files
 
 
 def build_library(files: int, seed: int) -> Path:
@@ -40,7 +42,7 @@ def build_library(files: int, seed: int) -> Path:
     print(f"library: generating {files} files at {library} (cached for next time)")
     shutil.rmtree(library, ignore_errors=True)
     rng = random.Random(seed)  # noqa: S311 - test data, not secrets
-    for top in ("upload", "library", "thumbs", "profile", "encoded-video", "backups"):
+    for top in TOP_FOLDERS:
         (library / top).mkdir(parents=True)
         (library / top / ".immich").write_bytes(b"")
     for i in range(files):
@@ -135,11 +137,13 @@ def main() -> int:
     config.write_text(f'[immich]\nupload_location = "{library}"\n\n[database]\nenabled = '
                       'false\n\n[config_backup]\nenabled = false\n\n'
                       f'[state]\ndir = "{state}"\n')
-    disk = bp.Disk("FIRST", WORK / "disk-first.img", WORK / "mnt")
+    disk = bp.Disk("FIRST", WORK / "disk-first.img", WORK / "mnt")  # the same mount point
+    pipeline = [str(bp.CLI), "-c", str(config), "run", str(disk.mount)]  # as the cached one
+    bare = [*bp.rsync_base_args(), "--recursive", "--delete", f"{library}/",
+            f"{disk.library}/"]
     try:
         if not args.first:
             disk = no_change_disk(args.files, config, state)
-            pipeline = [str(bp.CLI), "-c", str(config), "run", str(disk.mount)]
             bp.run_once(pipeline, "warm-up", drop_caches=False)
         samples: dict[str, list[bp.Sample]] = {"bare": [], "pipeline": []}
         tree_pss: list[float] = []
@@ -150,15 +154,13 @@ def main() -> int:
                     bp.teardown(disk)
                     bp.make_disk(disk, disk_size(args.files), cluster="4K")
                     shutil.rmtree(state, ignore_errors=True)
-                pipeline = [str(bp.CLI), "-c", str(config), "run", str(disk.mount)]
-                bare = [*bp.rsync_base_args(), "--recursive", "--delete", f"{library}/",
-                        f"{disk.library}/"]
                 with TreeMemory() as memory:
                     s = bp.run_once(bare if tool == "bare" else pipeline, f"r{n}-{tool}",
                                     drop_caches=args.cold)
-                if args.first and tool == "pipeline" and s.copied != args.files + 6:
-                    raise RuntimeError(f"the first backup copied {s.copied} files, not "
-                                       f"{args.files + 6}")
+                every_file = args.files + len(TOP_FOLDERS)
+                if args.first and tool == "pipeline" and s.copied != every_file:
+                    raise RuntimeError(f"the first backup copied {s.copied} files, "
+                                       f"not {every_file}")
                 samples[tool].append(s)
                 extra = ""
                 if tool == "pipeline":
