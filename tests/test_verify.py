@@ -114,9 +114,13 @@ def test_a_second_disk_is_not_hashed_again(make_exfat, server: Server) -> None:
 
 def test_unchanged_run_leaves_the_manifest_as_it_is(make_exfat, server: Server) -> None:
     disk = make_exfat()
-    assert backup(server, disk).returncode == 0
+    first = run_cli("-v", "run", str(disk.mount_point), config=server.config_path)
+    assert first.returncode == 0, first.stderr
+    assert "hashing while copying:" in first.stderr  # the first backup hashed as it copied
     before = (disk.marker / "library.sha256").stat().st_mtime_ns
-    assert backup(server, disk).returncode == 0
+    again = run_cli("-v", "run", str(disk.mount_point), config=server.config_path)
+    assert again.returncode == 0, again.stderr
+    assert "hashing while copying" not in again.stderr  # nothing copied: no hashing thread
     assert (disk.marker / "library.sha256").stat().st_mtime_ns == before
     lib = history(server)[-1]["steps"]["library"]  # type: ignore[index]
     assert lib["manifest"]["unchanged"] == 1  # type: ignore[index]

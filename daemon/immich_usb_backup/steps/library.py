@@ -394,8 +394,8 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
         if m:
             result.bytes += _number(m.group(1))
 
-    hashing = (asyncio.ensure_future(asyncio.to_thread(hasher.run))
-               if hasher is not None else None)
+    if hasher is not None:
+        hasher.start()
     try:
         for batch in lists:
             done["batch"] = 0
@@ -424,17 +424,8 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
             hasher.stop.set()
         raise
     finally:
-        if hasher is not None and hashing is not None:
-            hasher.copied = sys.maxsize  # nothing more to wait for
-            t0 = time.monotonic()
-            # a hashing error costs only cache entries (the manifest hashes them): logged
-            for outcome in await asyncio.shield(asyncio.gather(hashing,
-                                                               return_exceptions=True)):
-                if isinstance(outcome, Exception) and not isinstance(outcome, Stopped):
-                    log.warning("hashing while copying failed: %s", outcome)
-            log.debug("hashing while copying: %d files, %.1f s after the copy",
-                      hasher.hashed, time.monotonic() - t0)
-
+        if hasher is not None:
+            await hasher.finish()
 
 class CopyHasher:
     """Hashes the files a run copies into the hash cache, in a thread, while rsync copies
@@ -449,6 +440,7 @@ class CopyHasher:
         self.copied = 0  # bytes rsync has copied so far; sys.maxsize when it is done
         self.stop = threading.Event()
         self.hashed = 0
+        self._thread: asyncio.Future[None] | None = None
 
     def _unknown(self) -> Iterator[str]:
         position = 0  # bytes of the copied files before this one, in the list's order
@@ -463,6 +455,23 @@ class CopyHasher:
                     if self.stop.wait(0.05):
                         raise Stopped
                 yield rec.rel
+
+    def start(self) -> None:
+        """Hash in a thread from now on, until ``finish``."""
+        self._thread = asyncio.ensure_future(asyncio.to_thread(self.run))
+
+    async def finish(self) -> None:
+        """Let the thread hash the rest (rsync is done, or ``stop`` was set) and wait for
+        it. A hashing error costs only cache entries (the manifest hashes those): logged."""
+        assert self._thread is not None, "finish() before start()"
+        self.copied = sys.maxsize  # nothing more to wait for
+        t0 = time.monotonic()
+        for outcome in await asyncio.shield(asyncio.gather(self._thread,
+                                                           return_exceptions=True)):
+            if isinstance(outcome, Exception) and not isinstance(outcome, Stopped):
+                log.warning("hashing while copying failed: %s", outcome)
+        log.debug("hashing while copying: %d files, %.1f s after the copy", self.hashed,
+                  time.monotonic() - t0)
 
     def run(self) -> None:
         rows: list[tuple[str, int, int, str]] = []
