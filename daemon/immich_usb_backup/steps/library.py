@@ -440,7 +440,7 @@ class CopyHasher:
         self.copied = 0  # bytes rsync has copied so far; sys.maxsize when it is done
         self.stop = threading.Event()
         self.hashed = 0
-        self._thread: asyncio.Future[None] | None = None
+        self._running: asyncio.Future[None] | None = None
 
     def _unknown(self) -> Iterator[str]:
         position = 0  # bytes of the copied files before this one, in the list's order
@@ -458,15 +458,15 @@ class CopyHasher:
 
     def start(self) -> None:
         """Hash in a thread from now on, until ``finish``."""
-        self._thread = asyncio.ensure_future(asyncio.to_thread(self.run))
+        self._running = asyncio.ensure_future(asyncio.to_thread(self.run))
 
     async def finish(self) -> None:
         """Let the thread hash the rest (rsync is done, or ``stop`` was set) and wait for
         it. A hashing error costs only cache entries (the manifest hashes those): logged."""
-        assert self._thread is not None, "finish() before start()"
+        assert self._running is not None, "finish() before start()"
         self.copied = sys.maxsize  # nothing more to wait for
         t0 = time.monotonic()
-        for outcome in await asyncio.shield(asyncio.gather(self._thread,
+        for outcome in await asyncio.shield(asyncio.gather(self._running,
                                                            return_exceptions=True)):
             if isinstance(outcome, Exception) and not isinstance(outcome, Stopped):
                 log.warning("hashing while copying failed: %s", outcome)
