@@ -427,6 +427,7 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
         if hasher is not None:
             await hasher.finish()
 
+
 class CopyHasher:
     """Hashes the files a run copies into the hash cache, in a thread, while rsync copies
     them: the files list's records marked copied, in its order, those the cache does not
