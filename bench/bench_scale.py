@@ -180,6 +180,10 @@ def main() -> int:
         print(f"  bare rsync {med['bare']:.2f} s, pipeline {med['pipeline']:.2f} s, ratio "
               f"{ratio:.2f} (target <= {target} = {allowed:.2f} s: "
               f"{'PASS' if med['pipeline'] <= allowed else 'OVER'})")
+        per_round = [p.seconds / b.seconds
+                     for b, p in zip(samples["bare"], samples["pipeline"], strict=True)]
+        print(f"  ratio of each round: {', '.join(f'{x:.2f}' for x in per_round)} "
+              f"(median {statistics.median(per_round):.2f})")
         whole = max(tree_pss)
         print(f"  peak RSS: bare {rss['bare']:.1f} MiB, pipeline {rss['pipeline']:.1f} MiB "
               f"(largest process); the pipeline with its helpers {whole:.1f} MiB PSS "
@@ -188,7 +192,8 @@ def main() -> int:
         out = bp.REPO / "bench" / "results" / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"files": args.files, "first": args.first, "cold": args.cold,
-                                   "medians": med, "ratio": ratio, "peak_rss_mib": rss,
+                                   "medians": med, "ratio": ratio,
+                                   "round_ratios": per_round, "peak_rss_mib": rss,
                                    "pipeline_tree_pss_mib": whole}, indent=2) + "\n")
         return 0
     except KeyboardInterrupt:
