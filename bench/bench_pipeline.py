@@ -393,6 +393,9 @@ def main() -> int:
     p.add_argument("--warm", action="store_true",
                    help="full copies from a warm page cache (the library read just before) "
                    "instead of dropping it")
+    p.add_argument("--images", type=Path, default=WORK, metavar="DIR",
+                   help=f"where the disk images live (default {WORK}); a folder in /dev/shm "
+                   "keeps them in memory, out of reach of the VM's own disk")
     args = p.parse_args()
     files = args.files or (2000 if args.small else 20_000)
     gb = args.gb or (0.25 if args.small else 2.5)
@@ -409,7 +412,9 @@ def main() -> int:
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     WORK.mkdir(parents=True, exist_ok=True)
-    disks = [Disk(f"BENCH{x.upper()}", WORK / f"disk-{x}.img", WORK / f"mnt-{x}") for x in "ab"]
+    args.images.mkdir(parents=True, exist_ok=True)
+    disks = [Disk(f"BENCH{x.upper()}", args.images / f"disk-{x}.img", WORK / f"mnt-{x}")
+             for x in "ab"]
     try:
         for disk in disks:
             teardown(disk)  # leftovers of an interrupted run

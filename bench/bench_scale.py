@@ -95,10 +95,10 @@ def disk_size(files: int) -> int:
     return max(8 * 1024**3, files * 16 * 1024)
 
 
-def no_change_disk(files: int, config: Path, state: Path) -> bp.Disk:
+def no_change_disk(files: int, config: Path, state: Path, images: Path) -> bp.Disk:
     """The cached disk holding a complete mirror (made by a first pipeline run once)."""
-    disk = bp.Disk("SCALE", WORK / f"disk-{files}.img", WORK / "mnt")
-    ready = WORK / f"disk-{files}.done"
+    disk = bp.Disk("SCALE", images / f"disk-{files}.img", WORK / "mnt")
+    ready = images / f"disk-{files}.done"
     bp.teardown(disk)
     if ready.exists():
         bp.attach(disk)
@@ -122,11 +122,15 @@ def main() -> int:
                    help="a first backup onto a freshly formatted disk, from an empty hash "
                    "cache (the manifest hashes every file), against bare rsync + sync")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--images", type=Path, default=WORK, metavar="DIR",
+                   help=f"where the disk images live (default {WORK}); a folder in /dev/shm "
+                   "keeps them in memory, out of reach of the VM's own disk")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: run as root: sudo .venv/bin/python bench/bench_scale.py", file=sys.stderr)
         return 2
     WORK.mkdir(parents=True, exist_ok=True)
+    args.images.mkdir(parents=True, exist_ok=True)
     library = build_library(args.files, args.seed)
     bp.RUN_DIR = WORK / "run"
     shutil.rmtree(bp.RUN_DIR, ignore_errors=True)
@@ -137,13 +141,13 @@ def main() -> int:
     config.write_text(f'[immich]\nupload_location = "{library}"\n\n[database]\nenabled = '
                       'false\n\n[config_backup]\nenabled = false\n\n'
                       f'[state]\ndir = "{state}"\n')
-    disk = bp.Disk("FIRST", WORK / "disk-first.img", WORK / "mnt")  # the same mount point
+    disk = bp.Disk("FIRST", args.images / "disk-first.img", WORK / "mnt")  # the same mount point
     pipeline = [str(bp.CLI), "-c", str(config), "run", str(disk.mount)]  # as the cached one
     bare = [*bp.rsync_base_args(), "--recursive", "--delete", f"{library}/",
             f"{disk.library}/"]
     try:
         if not args.first:
-            disk = no_change_disk(args.files, config, state)
+            disk = no_change_disk(args.files, config, state, args.images)
             bp.run_once(pipeline, "warm-up", drop_caches=False)
         samples: dict[str, list[bp.Sample]] = {"bare": [], "pipeline": []}
         tree_pss: list[float] = []
