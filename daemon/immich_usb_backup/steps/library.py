@@ -41,6 +41,7 @@ RSYNC_MIN_VERSION = (3, 1, 0)
 RSYNC_VANISHED = 24  # a source file vanished while copying: Immich deleted it; fine
 
 HASH_AHEAD_BYTES = 128 * 1024 * 1024  # how far hashing may read ahead of rsync's copy
+OUTPUT_EVERY_S = 0.1  # rsync's output is read this often (execute.run's coalesce_s)
 MANIFEST_LINE_BYTES = 200  # a generous average: digest, two spaces, a long Immich path
 
 _PROGRESS = re.compile(r"^\s*([\d,.]+)\s+(\d+)%")
@@ -378,21 +379,28 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
     source = str(ctx.config.immich.upload_location).rstrip("/") + "/"
     done = {"before": 0, "batch": 0}  # bytes of finished batches, of the running one
 
-    def on_line(line: str) -> None:
-        m = _PROGRESS.match(line)
-        if m:
-            done["batch"] = _number(m.group(1))
-            ctx.status.progress(done["before"] + done["batch"])
-            if hasher is not None:
-                hasher.copied = done["before"] + done["batch"]
-            return
-        m = _STATS_FILES.match(line)
-        if m:
-            result.files += _number(m.group(1))
-            return
-        m = _STATS_BYTES.match(line)
-        if m:
-            result.bytes += _number(m.group(1))
+    def on_lines(lines: list[str]) -> None:
+        """rsync's output of one read: many progress lines (two a file copied; only the
+        last counts), then at the end the --stats lines (these start with a letter,
+        progress lines with spaces)."""
+        for line in reversed(lines):
+            m = _PROGRESS.match(line)
+            if m:
+                done["batch"] = _number(m.group(1))
+                ctx.status.progress(done["before"] + done["batch"])
+                if hasher is not None:
+                    hasher.copied = done["before"] + done["batch"]
+                break
+        for line in lines:
+            if line.startswith(" "):
+                continue
+            m = _STATS_FILES.match(line)
+            if m:
+                result.files += _number(m.group(1))
+                continue
+            m = _STATS_BYTES.match(line)
+            if m:
+                result.bytes += _number(m.group(1))
 
     if hasher is not None:
         hasher.start()
@@ -412,7 +420,8 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
             ]
             t0 = time.monotonic()
             try:
-                await execute.run(argv, on_line=on_line, ok_codes=(0, RSYNC_VANISHED))
+                await execute.run(argv, on_lines=on_lines, coalesce_s=OUTPUT_EVERY_S,
+                                  ok_codes=(0, RSYNC_VANISHED))
             except CommandError as exc:
                 raise BackupError(
                     f"library: rsync failed with status {exc.returncode}: {exc.stderr_tail}"
