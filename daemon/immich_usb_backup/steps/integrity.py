@@ -190,14 +190,14 @@ def _write_lines(ctx: RunContext, plan: Plan, cache: HashCache, out: BinaryIO,
     for chunk in chunked(read_files_list(plan.files_list)):
         ctx.check_cancel()
         known = cache.lookup_many([(r.rel, r.size, r.mtime_ns) for r in chunk])
+        hashed: list[tuple[str, int, int, str]] = []  # put into the cache a chunk at a time
         for rec, cached in zip(chunk, known, strict=True):
             digest = cached
             if digest is None:
                 h = sha256_file(os.path.join(source, rec.rel), rec.rel, stop=ctx.cancel,
                                 buf=buf)
                 if h.digest is not None:
-                    cache.put(rec.rel, h.size, h.mtime_ns, h.digest)
-                    counts["hashed"] += 1
+                    hashed.append((rec.rel, h.size, h.mtime_ns, h.digest))
                 if h.digest is None or (h.size, h.mtime_ns) != (rec.size, rec.mtime_ns):
                     counts["left_out"] += 1  # changed on the server during the run: next run
                     log.info("not in the manifest this time: %s (%s)", rec.rel,
@@ -207,6 +207,8 @@ def _write_lines(ctx: RunContext, plan: Plan, cache: HashCache, out: BinaryIO,
             out.write(manifest.line(digest, rec.rel))
             counts["entries"] += 1
             done += rec.size
+        cache.put_many(hashed)
+        counts["hashed"] += len(hashed)
         ctx.status.progress(done, f"{counts['entries']} files listed")
     cache.commit()
 
