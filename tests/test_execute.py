@@ -117,3 +117,13 @@ def test_cancelling_a_coalesced_run_ends_the_child_and_closes_its_pipes() -> Non
     assert pid_seen
     assert not os.path.exists(f"/proc/{int(pid_seen[0])}")  # ended and reaped
     assert open_fds() == before
+
+
+@pytest.mark.parametrize("coalesce_s", [0.0, 0.1])
+def test_a_character_split_across_reads_and_bytes_that_are_not_utf8(coalesce_s: float) -> None:
+    script = ("import os, time\nos.write(1, b'caf\\xc3')\ntime.sleep(0.3)\n"
+              "os.write(1, b'\\xa9 ok\\r\\n\\xff bad\\nlast')\n")
+    lines: list[str] = []
+    asyncio.run(execute.run([sys.executable, "-c", script], on_lines=lines.extend,
+                            coalesce_s=coalesce_s))
+    assert lines == ["café ok", "\ufffd bad", "last"]

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 TERMINATE_GRACE_S = 5.0
 PIPE_BYTES = 1 << 20  # the pipe of coalesced output: 0.1 s of rsync's progress at 50,000
 # small files a second; Linux's default pipe-max-size, so a user without root gets it too
-_LINE_END = re.compile(rb"[\r\n]")
+_LINE_END_TEXT = re.compile(r"[\r\n]")
 _SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@", re.I)
 
 
@@ -165,9 +165,13 @@ async def _pump(
     buffer = b""
     while chunk := await stream.read(PIPE_BYTES):
         buffer += chunk
-        *lines, buffer = _LINE_END.split(buffer)
-        if sink:
-            sink([line.decode("utf-8", "replace") for line in lines if line])
+        end = max(buffer.rfind(b"\n"), buffer.rfind(b"\r"))
+        if end >= 0:  # the complete lines, decoded at once (no UTF-8 sequence holds \r, \n)
+            lines = list(filter(None, _LINE_END_TEXT.split(buffer[:end].decode("utf-8",
+                                                                                "replace"))))
+            buffer = buffer[end + 1:]
+            if sink and lines:
+                sink(lines)
         if len(buffer) > 1 << 20:  # a line that never ends: keep memory bounded
             buffer = buffer[-65536:]
         if coalesce is not None and len(chunk) < PIPE_BYTES // 4:
