@@ -163,6 +163,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: run as root: sudo .venv/bin/python bench/bench_moves.py", file=sys.stderr)
         return 2
+    bp.compile_as_installed()
     bp.RUN_DIR = WORK / "run"  # where run_once keeps its logs
     shutil.rmtree(bp.RUN_DIR, ignore_errors=True)
     (bp.RUN_DIR / "logs").mkdir(parents=True)

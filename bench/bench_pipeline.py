@@ -158,6 +158,14 @@ def read_all(root: Path) -> None:
 
 # disks --------------------------------------------------------------------------------
 
+def compile_as_installed() -> None:
+    """Compile the package to bytecode once, as pip and the Nix package do. Where
+    PYTHONDONTWRITEBYTECODE is set (these machines set it), every run would compile
+    it again: 0.15-0.25 s a start, and again in each folder listing helper."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "daemon")],
+                   check=True)
+
+
 def sh(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
 
@@ -411,6 +419,7 @@ def main() -> int:
         print(f"bench: not found: {', '.join(missing)}; run tools/setup", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _terminate)
+    compile_as_installed()
     WORK.mkdir(parents=True, exist_ok=True)
     args.images.mkdir(parents=True, exist_ok=True)
     disks = [Disk(f"BENCH{x.upper()}", args.images / f"disk-{x}.img", WORK / f"mnt-{x}")

@@ -129,6 +129,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: run as root: sudo .venv/bin/python bench/bench_scale.py", file=sys.stderr)
         return 2
+    bp.compile_as_installed()
     WORK.mkdir(parents=True, exist_ok=True)
     args.images.mkdir(parents=True, exist_ok=True)
     library = build_library(args.files, args.seed)
