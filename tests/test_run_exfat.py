@@ -115,6 +115,25 @@ def test_second_run_without_changes_copies_no_library_file(make_exfat, server: S
     assert len(list((disk.marker / "config").iterdir())) == 2  # timestamped: both kept
 
 
+def test_names_rsync_would_read_as_comments_are_copied(make_exfat, server: Server) -> None:
+    """rsync skips a --files-from entry starting with '#' or ';' (a comment), --from0 or
+    not, and says nothing: at the top of the upload location (Synology's #recycle)."""
+    (server.upload / "#recycle").mkdir()
+    (server.upload / "#recycle" / "a.jpg").write_bytes(os.urandom(1000))
+    (server.upload / ";notes.txt").write_bytes(b"kept\n")
+    (server.upload / "upload" / "#inside.jpg").write_bytes(os.urandom(900))
+    disk = make_exfat()
+
+    r = run_cli("run", str(disk.mount_point), config=server.config_path)
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert library_tree(disk) == tree(server.upload)
+    assert (disk.marker / "library" / "#recycle" / "a.jpg").is_file()
+    assert (disk.marker / "library" / ";notes.txt").read_bytes() == b"kept\n"
+    copied = history(server)[-1]["steps"]["library"]["files"]  # type: ignore[index]
+    assert copied == sum(1 for p in server.upload.rglob("*") if p.is_file())
+
+
 def test_changed_added_and_deleted_files_are_mirrored(make_exfat, server: Server) -> None:
     disk = make_exfat()
     assert run_cli("run", str(disk.mount_point), config=server.config_path).returncode == 0

@@ -10,6 +10,7 @@ rename keep each file whole; its ``--info=progress2`` lines feed the live status
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -405,7 +406,8 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
     if hasher is not None:
         hasher.start()
     try:
-        for batch in lists:
+        for listed in lists:
+            batch = await in_thread(ctx, functools.partial(_without_comments, listed))
             done["batch"] = 0
             argv = [
                 *rsync_base_args(ctx.config.library.bwlimit_kib),
@@ -435,6 +437,21 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
     finally:
         if hasher is not None:
             await hasher.finish()
+
+
+def _without_comments(batch: Path) -> Path:
+    """The list as rsync reads it right. rsync skips an entry of ``--files-from`` that
+    starts with ``#`` or ``;`` as a comment, ``--from0`` or not, without a word: a name
+    at the top of the upload location such as Synology's ``#recycle`` would be counted
+    as copied and never be. Such entries are given as ``./NAME`` (rsync drops the
+    ``./``); a list with none is used as it is."""
+    data = batch.read_bytes()
+    if not (data[:1] in (b"#", b";") or b"\0#" in data or b"\0;" in data):
+        return batch
+    fixed = batch.with_name(batch.name + ".rsync")
+    fixed.write_bytes(b"\0".join(b"./" + p if p[:1] in (b"#", b";") else p
+                                  for p in data.split(b"\0")))
+    return fixed
 
 
 class CopyHasher:
