@@ -61,8 +61,8 @@ async def run(
     """Run ``argv``; call ``on_line`` for each stdout line, or ``on_lines`` with the
     lines of each read; return its Result.
 
-    ``coalesce_s``: read stdout at most that often (for ``on_lines``; it waits in a pipe
-    of ``PIPE_BYTES``, and reading is not delayed if the kernel refuses that size).
+    ``coalesce_s``: read stdout at most that often (it waits in a pipe of
+    ``PIPE_BYTES``; if the kernel refuses that size, stdout is read as it comes).
     ``stdout``: a file descriptor the output goes to instead (a dump: bytes, not lines).
     Raise CommandError when the exit status is not in ``ok_codes``. Cancellation
     terminates the child and waits for it before re-raising.
@@ -78,13 +78,11 @@ async def run(
     if stdout is not None or sink is None or coalesce_s <= 0:
         return await _run(argv, sink, ok_codes, env, stdout, None)
     read_fd, write_fd = os.pipe()
-    try:
-        big = _enlarge(write_fd)
-        pipe_file = os.fdopen(read_fd, "rb", 0)  # owns read_fd from here on
-    except BaseException:
+    if not _enlarge(write_fd):  # no room to wait in: read as it comes
         os.close(read_fd)
         os.close(write_fd)
-        raise
+        return await _run(argv, sink, ok_codes, env, None, None)
+    pipe_file = os.fdopen(read_fd, "rb", 0)  # owns read_fd from here on
     reader = asyncio.StreamReader(limit=PIPE_BYTES)
     try:
         pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
@@ -94,8 +92,7 @@ async def run(
         os.close(write_fd)
         raise
     try:  # _run closes write_fd once the child has it
-        return await _run(argv, sink, ok_codes, env, write_fd, reader,
-                          (pipe, coalesce_s) if big else None)
+        return await _run(argv, sink, ok_codes, env, write_fd, reader, (pipe, coalesce_s))
     finally:
         pipe.close()  # and with it pipe_file
 
