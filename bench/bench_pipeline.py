@@ -166,6 +166,13 @@ def compile_as_installed() -> None:
                    check=True)
 
 
+def add_images_option(p: argparse.ArgumentParser, default: Path) -> None:
+    """``--images DIR``: where a benchmark's disk images live."""
+    p.add_argument("--images", type=Path, default=default, metavar="DIR",
+                   help=f"where the disk images live (default {default}); a folder in "
+                   "/dev/shm keeps them in memory, out of reach of the VM's own disk")
+
+
 def sh(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
 
@@ -401,9 +408,7 @@ def main() -> int:
     p.add_argument("--warm", action="store_true",
                    help="full copies from a warm page cache (the library read just before) "
                    "instead of dropping it")
-    p.add_argument("--images", type=Path, default=WORK, metavar="DIR",
-                   help=f"where the disk images live (default {WORK}); a folder in /dev/shm "
-                   "keeps them in memory, out of reach of the VM's own disk")
+    add_images_option(p, WORK)
     args = p.parse_args()
     files = args.files or (2000 if args.small else 20_000)
     gb = args.gb or (0.25 if args.small else 2.5)

@@ -122,9 +122,7 @@ def main() -> int:
                    help="a first backup onto a freshly formatted disk, from an empty hash "
                    "cache (the manifest hashes every file), against bare rsync + sync")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--images", type=Path, default=WORK, metavar="DIR",
-                   help=f"where the disk images live (default {WORK}); a folder in /dev/shm "
-                   "keeps them in memory, out of reach of the VM's own disk")
+    bp.add_images_option(p, WORK)
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: run as root: sudo .venv/bin/python bench/bench_scale.py", file=sys.stderr)

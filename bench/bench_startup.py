@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_pipeline as bp
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = REPO / ".venv" / "bin" / "python"
 
@@ -85,10 +87,7 @@ def main() -> int:
         config = work / "config.toml"
         config.write_text(f'[immich]\nupload_location = "{library}"\n\n[database]\n'
                           f'enabled = false\n\n[state]\ndir = "{state}"\n')
-        # as installed (pip, the Nix package): the modules compiled to bytecode once, not
-        # compiled again at every start (this machine sets PYTHONDONTWRITEBYTECODE)
-        subprocess.run([str(PYTHON), "-m", "compileall", "-q", str(REPO / "daemon")],
-                       check=True)
+        bp.compile_as_installed()  # as installed (pip, Nix): not compiled at every start
         env = dict(os.environ)
         cli = [str(PYTHON), "-m", "immich_usb_backup", "-c", str(config)]
         target = str(work / "no-such-disk")
