@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,19 @@ def test_second_run_without_changes_copies_no_library_file(make_exfat, server: S
     assert last["steps"]["library"]["files"] == 0  # type: ignore[index]
     assert last["steps"]["database"]["files"] == 0  # type: ignore[index]
     assert len(list((disk.marker / "config").iterdir())) == 2  # timestamped: both kept
+
+
+def test_the_verbose_log_says_how_long_rsync_spent_on_its_list(make_exfat,
+                                                               server: Server) -> None:
+    """rsync reads a --files-from list one byte a system call before it copies anything:
+    -v says how long, from rsync's own --stats, so a slow first backup can be explained."""
+    disk = make_exfat()
+    r = run_cli("-v", "run", str(disk.mount_point), config=server.config_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"rsync batch copy-0000: (\d+\.\d) s, (\d+\.\d{3}) s of it building its "
+                  r"file list", r.stderr)
+    assert m is not None, r.stderr
+    assert float(m.group(2)) <= float(m.group(1)) + 0.05
 
 
 def test_names_rsync_would_read_as_comments_are_copied(make_exfat, server: Server) -> None:

@@ -48,6 +48,7 @@ MANIFEST_LINE_BYTES = 200  # a generous average: digest, two spaces, a long Immi
 _PROGRESS = re.compile(r"^\s*([\d,.]+)\s+(\d+)%")
 _STATS_FILES = re.compile(r"^Number of regular files transferred:\s*([\d,.]+)")
 _STATS_BYTES = re.compile(r"^Total transferred file size:\s*([\d,.]+)")
+_STATS_LIST_S = re.compile(r"^File list generation time:\s*(\d+)[.,](\d+) seconds")
 
 
 @dataclass
@@ -379,6 +380,7 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
     ctx.status.set_phase("library", total_bytes, f"{files} files to copy")
     source = str(ctx.config.immich.upload_location).rstrip("/") + "/"
     done = {"before": 0, "batch": 0}  # bytes of finished batches, of the running one
+    list_s: list[str | None] = [None]  # the batch's seconds building its list (--stats)
 
     def on_lines(lines: list[str]) -> None:
         """rsync's output of one read: many progress lines (two a file copied; only the
@@ -402,13 +404,17 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
             m = _STATS_BYTES.match(line)
             if m:
                 result.bytes += _number(m.group(1))
+                continue
+            m = _STATS_LIST_S.match(line)
+            if m:
+                list_s[0] = f"{m.group(1)}.{m.group(2)}"
 
     if hasher is not None:
         hasher.start()
     try:
         for listed in lists:
             batch = await in_thread(ctx, functools.partial(_without_comments, listed))
-            done["batch"] = 0
+            done["batch"], list_s[0] = 0, None
             argv = [
                 *rsync_base_args(ctx.config.library.bwlimit_kib),
                 "--dirs",
@@ -428,7 +434,10 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
                 raise BackupError(
                     f"library: rsync failed with status {exc.returncode}: {exc.stderr_tail}"
                 ) from exc
-            log.debug("rsync batch %s: %.1f s", batch.name, time.monotonic() - t0)
+            # rsync reads a list one byte a system call and copies nothing meanwhile
+            # (docs/design.md, "What the lists cost rsync"): about 1 s a megabyte
+            took = f", {list_s[0]} s of it building its file list" if list_s[0] else ""
+            log.debug("rsync batch %s: %.1f s%s", batch.name, time.monotonic() - t0, took)
             done["before"] += done["batch"]
     except BaseException:
         if hasher is not None:
