@@ -21,7 +21,8 @@ from immich_usb_backup import overview
 from immich_usb_backup.config import load_config
 from test_notify import Hook, notify_config
 
-NOW = datetime(2026, 12, 1, 12, 0).astimezone()
+# The CLI compares with the real clock, so the records are made relative to it.
+NOW = datetime.now().astimezone().replace(microsecond=0)
 
 
 def run_record(uuid: str, label: str, days_ago: float, status: str = "success",
