@@ -380,12 +380,13 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
     ctx.status.set_phase("library", total_bytes, f"{files} files to copy")
     source = str(ctx.config.immich.upload_location).rstrip("/") + "/"
     done = {"before": 0, "batch": 0}  # bytes of finished batches, of the running one
-    list_s: list[str | None] = [None]  # the batch's seconds building its list (--stats)
+    list_s: str | None = None  # the batch's seconds building its file list (--stats)
 
     def on_lines(lines: list[str]) -> None:
         """rsync's output of one read: many progress lines (two a file copied; only the
         last counts), then at the end the --stats lines (these start with a letter,
         progress lines with spaces)."""
+        nonlocal list_s
         for line in reversed(lines):
             m = _PROGRESS.match(line)
             if m:
@@ -407,14 +408,14 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
                 continue
             m = _STATS_LIST_S.match(line)
             if m:
-                list_s[0] = f"{m.group(1)}.{m.group(2)}"
+                list_s = f"{m.group(1)}.{m.group(2)}"
 
     if hasher is not None:
         hasher.start()
     try:
         for listed in lists:
             batch = await in_thread(ctx, functools.partial(_without_comments, listed))
-            done["batch"], list_s[0] = 0, None
+            done["batch"], list_s = 0, None
             argv = [
                 *rsync_base_args(ctx.config.library.bwlimit_kib),
                 "--dirs",
@@ -436,7 +437,7 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
                 ) from exc
             # rsync reads a list one byte a system call and copies nothing meanwhile
             # (docs/design.md, "What the lists cost rsync"): about 1 s a megabyte
-            took = f", {list_s[0]} s of it building its file list" if list_s[0] else ""
+            took = f", {list_s} s of it building its file list" if list_s else ""
             log.debug("rsync batch %s: %.1f s%s", batch.name, time.monotonic() - t0, took)
             done["before"] += done["batch"]
     except BaseException:
