@@ -273,9 +273,10 @@ def test_drill_of_a_truncated_dump_fails_and_says_it_is_cut_short(
 
 
 @pytest.mark.exfat
-def test_sigterm_during_the_drill_stops_postgresql_and_removes_its_folder(
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_drill_stopped_or_killed_leaves_no_postgresql_running(
     make_exfat: Callable[..., ExfatDisk], server: Server, postgres: Callable[[str], Cluster],
-    drill_tmp: Path,
+    drill_tmp: Path, sig: signal.Signals,
 ) -> None:
     backups = only_real_dumps(server)
     source = postgres("source")
@@ -303,12 +304,20 @@ def test_sigterm_during_the_drill_stops_postgresql_and_removes_its_folder(
             assert time.monotonic() < deadline, (status, running)
             time.sleep(0.2)
         time.sleep(0.5)  # psql is in its long statement
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
+        killed_at = time.monotonic()
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    if sig == signal.SIGKILL:  # nothing of it may outlive it (PostgreSQL, psql)
+        while drill_processes(drill_tmp):
+            assert time.monotonic() - killed_at < 1.0, drill_processes(drill_tmp)
+            time.sleep(0.02)
+        status = json.loads(run_cli("status", "--json", config=server.config_path).stdout)
+        assert status == {"state": "idle"}  # no process holds the lock any more
+        return
     note_loop_blocks("immich-usb-backup verify --restore-drill (SIGTERM)", err)
     assert proc.returncode == 1, out + err
     assert "verify interrupted" in err

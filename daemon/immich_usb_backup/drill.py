@@ -3,7 +3,8 @@
 A dump that reads to its end can still fail to load. The drill proves it loads: the
 newest Immich dump on the disk (by the time in its name) goes into a PostgreSQL cluster
 of its own, made with ``initdb`` in a temporary folder, reached only through a Unix
-socket in that folder (no TCP port), and stopped (``pg_ctl stop -m immediate``) and
+socket in that folder (no TCP port), run as our own child (so it dies with us), and
+stopped (an immediate shutdown) and
 removed afterwards, whatever happened, cancellation included. As root, PostgreSQL's
 programs run as ``nobody``: PostgreSQL refuses to run as root, and a dump is SQL run by a
 superuser, which can run programs as the server's user (``COPY ... FROM PROGRAM``).
@@ -40,7 +41,6 @@ import logging
 import os
 import pwd
 import re
-import shlex
 import shutil
 import signal
 import tempfile
@@ -66,7 +66,8 @@ from immich_usb_backup.status import StatusWriter
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TOOLS = ("initdb", "pg_ctl", "postgres", "psql")
+TOOLS = ("initdb", "postgres", "psql")
+START_TIMEOUT_S = 120.0
 DEBIAN_BINS = Path("/usr/lib/postgresql")
 RUN_AS = "nobody"
 SUPERUSER = "postgres"  # the throwaway cluster's superuser
@@ -100,7 +101,7 @@ _PSQL_ERROR = re.compile(r"^psql:.*?:\d+: error: (?P<message>.*)$")
 
 
 class DrillUnavailable(BackupError):
-    """This machine cannot run the drill: PostgreSQL's programs (or runuser) are missing."""
+    """This machine cannot run the drill: PostgreSQL's programs (or the user nobody) are missing."""
 
 
 class _Stopped(Exception):
@@ -120,15 +121,12 @@ def _version_key(folder: Path) -> list[int]:
 
 def find_postgres(configured: Path | None) -> Path:
     """Given ``database.postgres_bin_dir`` (None when not set), return the folder holding
-    PostgreSQL's ``initdb``, ``pg_ctl``, ``postgres`` and ``psql``: the configured one;
+    PostgreSQL's ``initdb``, ``postgres`` and ``psql``: the configured one;
     else the folder of the ``initdb`` on PATH (links followed); else the newest
     ``/usr/lib/postgresql/*/bin`` (Debian, Ubuntu). Raise DrillUnavailable, naming what
-    to install and the config key, when none has them; as root, also when ``runuser`` or
-    the user ``nobody`` is missing."""
+    to install and the config key, when none has them; as root, also when the user
+    ``nobody`` is missing."""
     if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            raise DrillUnavailable("the restore drill runs PostgreSQL as the user nobody "
-                                   "with runuser, which is not installed (util-linux)")
         try:
             pwd.getpwnam(RUN_AS)
         except KeyError:
@@ -139,7 +137,7 @@ def find_postgres(configured: Path | None) -> Path:
         if missing:
             raise DrillUnavailable(
                 f"database.postgres_bin_dir: {configured} has no {', '.join(missing)}. Set "
-                "it to the folder that holds PostgreSQL's initdb, pg_ctl, postgres and psql "
+                "it to the folder that holds PostgreSQL's initdb, postgres and psql "
                 "(Debian/Ubuntu: /usr/lib/postgresql/<version>/bin, after apt install "
                 "postgresql), or remove it to have them looked for")
         return configured
@@ -153,7 +151,7 @@ def find_postgres(configured: Path | None) -> Path:
         if not _has_tools(folder):
             return folder
     raise DrillUnavailable(
-        "the restore drill needs PostgreSQL's server programs (initdb, pg_ctl, postgres, "
+        "the restore drill needs PostgreSQL's server programs (initdb, postgres, "
         "psql): none found on PATH or in /usr/lib/postgresql/*/bin. Install PostgreSQL "
         "(Debian/Ubuntu: apt install postgresql; NixOS: pkgs.postgresql in "
         "environment.systemPackages), or set database.postgres_bin_dir to the folder that "
@@ -365,14 +363,14 @@ class _Cluster:
     bin_dir: Path
     folder: Path
     user: str | None
+    server: execute.Service | None = None
 
     @property
     def data(self) -> Path:
         return self.folder / "data"
 
     def argv(self, tool: str, *args: str) -> list[str]:
-        program = [str(self.bin_dir / tool), *args]
-        return ["runuser", "-u", self.user, "--", *program] if self.user else program
+        return [str(self.bin_dir / tool), *args]
 
     def psql(self, database: str, *args: str) -> list[str]:
         return self.argv("psql", "-X", "-q", "-h", str(self.folder), "-p", PORT,
@@ -382,36 +380,51 @@ class _Cluster:
         """Run one query; return its rows, unaligned. Raise CommandError when it fails."""
         lines: list[str] = []
         await execute.run(self.psql(database, "-At", "-v", "ON_ERROR_STOP=1", "-c", sql),
-                          on_line=lines.append, env=_ENV)
+                          on_line=lines.append, env=_ENV, user=self.user)
         return "\n".join(lines)
 
     async def start(self) -> None:
+        """initdb, then the server as our own child (not through ``pg_ctl start``, whose
+        server would outlive us if we were killed: safety rule 11); wait until it is
+        ready. Raise CommandError when it does not start."""
         await execute.run(self.argv("initdb", "-D", str(self.data), "--auth=trust",
                                     f"--username={SUPERUSER}", "--encoding=UTF8",
-                                    "--locale=C", "--no-sync"), env=_ENV)
-        folder = shlex.quote(str(self.folder))
-        options = " ".join([
-            f"-k {folder}", "-c listen_addresses=''", f"-p {PORT}",
-            "-c unix_socket_permissions=0700",
-            "-c fsync=off", "-c full_page_writes=off", "-c synchronous_commit=off",
-            "-c logging_collector=on", "-c log_destination=csvlog",
-            f"-c log_directory={folder}", "-c log_filename=server",
-            "-c log_min_error_statement=error", "-c lc_messages=C",
-        ])
-        await execute.run(self.argv("pg_ctl", "-D", str(self.data), "-w", "-t", "120",
-                                    "-l", str(self.folder / "startup.log"), "-o", options,
-                                    "start"), env=_ENV)
+                                    "--locale=C", "--no-sync"), env=_ENV, user=self.user)
+        folder = str(self.folder)
+        options = [
+            "-k", folder, "-c", "listen_addresses=", "-p", PORT,
+            "-c", "unix_socket_permissions=0700",
+            "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off",
+            "-c", "logging_collector=on", "-c", "log_destination=csvlog",
+            "-c", f"log_directory={folder}", "-c", "log_filename=server",
+            "-c", "log_min_error_statement=error", "-c", "lc_messages=C",
+        ]
+        self.server = await execute.Service.start(
+            self.argv("postgres", "-D", str(self.data), *options),
+            log_to=str(self.folder / "startup.log"), env=_ENV, user=self.user)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not await asyncio.to_thread(_ready, self.data):
+            if self.server.returncode is not None:
+                raise CommandError("postgres", self.server.returncode, "")
+            if time.monotonic() > deadline:
+                raise CommandError("postgres", -1, f"not ready within {START_TIMEOUT_S:g} s")
+            await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        """Stop the server if it runs (immediately: nothing in it is worth keeping); make
-        sure its postmaster is gone."""
-        if (self.data / "postmaster.pid").exists():
-            try:
-                await execute.run(self.argv("pg_ctl", "-D", str(self.data), "-m",
-                                            "immediate", "-w", "stop"), env=_ENV)
-            except (CommandError, OSError) as exc:
-                log.warning("pg_ctl stop of the drill's PostgreSQL failed: %s", exc)
+        """Stop the server if it runs (immediate shutdown: nothing in it is worth
+        keeping); make sure its postmaster is gone."""
+        if self.server is not None:
+            await self.server.stop(signal.SIGQUIT)
         await asyncio.to_thread(_kill_leftovers, self.data)
+
+
+def _ready(data: Path) -> bool:
+    """The server accepts connections: the status line of its ``postmaster.pid``."""
+    try:
+        lines = (data / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return False
+    return len(lines) >= 8 and lines[7].strip() == "ready"
 
 
 _ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, "LC_ALL": "C"}
@@ -429,7 +442,7 @@ def _tail(path: Path, size: int = 1000) -> str:
 
 def _kill_leftovers(data: Path) -> None:
     """SIGKILL any process still running with ``data`` in its arguments (a postmaster of
-    the drill that ``pg_ctl stop`` did not end), and wait for it to go."""
+    the drill that its stop did not end), and wait for it to go."""
     target = str(data)
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

@@ -1,5 +1,10 @@
 """Every subprocess goes through here: argv lists only, output streamed, cancellation.
 
+No child outlives us (safety rule 11): each is started with ``PR_SET_PDEATHSIG``, so the
+kernel kills it (SIGKILL) when we die, however we die (SIGKILL, the OOM killer, a
+crash), and during a run it inherits the backup lock's descriptor (``lock.held_fds``),
+so no next run starts while it lives. ``child_options`` gives both to any ``Popen``.
+
 Given an argv list, ``run`` starts the process in its own session (so Ctrl-C on the
 terminal reaches us, and we decide how the child ends), streams its stdout line by line
 (``\\r`` and ``\\n`` both end a line, as rsync's progress uses ``\\r``), keeps a bounded
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -25,7 +31,9 @@ import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from immich_usb_backup import lock
 from immich_usb_backup.errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,37 @@ PIPE_BYTES = 1 << 20  # the pipe of coalesced output: 0.1 s of rsync's progress 
 # small files a second; Linux's default pipe-max-size, so a user without root gets it too
 _LINE_END_TEXT = re.compile(r"[\r\n]")
 _SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@", re.I)
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved now: the child may not load
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """The function the child runs before exec: be killed when ``parent`` (this process)
+    dies; if it died already, before the setting took, end now."""
+    def die_with_parent() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+    return die_with_parent
+
+
+def child_options(user: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``subprocess.Popen`` (and asyncio's subprocess functions):
+    the child dies with us and holds the run's lock (see the module doc). ``user``: run
+    it as that user (with the user's group and no others), as PostgreSQL wants."""
+    options: dict[str, Any] = {"preexec_fn": _die_with(os.getpid()),
+                               "pass_fds": lock.held_fds()}
+    if user is not None:
+        options.update(user=user, group=_group_of(user), extra_groups=[])
+    return options
+
+
+def _group_of(user: str) -> int:
+    import pwd  # noqa: PLC0415 - only for the drill
+
+    return pwd.getpwnam(user).pw_gid
 
 
 def mask_secrets(text: str) -> str:
@@ -57,6 +96,7 @@ async def run(
     ok_codes: Sequence[int] = (0,),
     env: dict[str, str] | None = None,
     stdout: int | None = None,
+    user: str | None = None,
 ) -> Result:
     """Run ``argv``; call ``on_line`` for each stdout line, or ``on_lines`` with the
     lines of each read; return its Result.
@@ -64,8 +104,9 @@ async def run(
     ``coalesce_s``: read stdout at most that often (it waits in a pipe of
     ``PIPE_BYTES``; if the kernel refuses that size, stdout is read as it comes).
     ``stdout``: a file descriptor the output goes to instead (a dump: bytes, not lines).
-    Raise CommandError when the exit status is not in ``ok_codes``. Cancellation
-    terminates the child and waits for it before re-raising.
+    ``user``: run it as that user (``child_options``). Raise CommandError when the exit
+    status is not in ``ok_codes``. Cancellation terminates the child and waits for it
+    before re-raising.
     """
     if on_line is not None and on_lines is not None:
         raise TypeError("run() takes on_line or on_lines, not both")
@@ -76,12 +117,12 @@ async def run(
             for line in lines:
                 on_line(line)
     if stdout is not None or sink is None or coalesce_s <= 0:
-        return await _run(argv, sink, ok_codes, env, stdout, None)
+        return await _run(argv, sink, ok_codes, env, stdout, None, user=user)
     read_fd, write_fd = os.pipe()
     if not _enlarge(write_fd):  # no room to wait in: read as it comes
         os.close(read_fd)
         os.close(write_fd)
-        return await _run(argv, sink, ok_codes, env, None, None)
+        return await _run(argv, sink, ok_codes, env, None, None, user=user)
     pipe_file = os.fdopen(read_fd, "rb", 0)  # owns read_fd from here on
     reader = asyncio.StreamReader(limit=PIPE_BYTES)
     try:
@@ -92,7 +133,8 @@ async def run(
         os.close(write_fd)
         raise
     try:  # _run closes write_fd once the child has it
-        return await _run(argv, sink, ok_codes, env, write_fd, reader, (pipe, coalesce_s))
+        return await _run(argv, sink, ok_codes, env, write_fd, reader, (pipe, coalesce_s),
+                          user=user)
     finally:
         pipe.close()  # and with it pipe_file
 
@@ -115,6 +157,8 @@ async def _run(
     stdout: int | None,
     reader: asyncio.StreamReader | None,
     coalesce: tuple[asyncio.ReadTransport, float] | None = None,
+    *,
+    user: str | None = None,
 ) -> Result:
     """``run`` once its stdout is settled: ``reader`` reads the pipe given as ``stdout``
     (its write end is closed here once the child has it)."""
@@ -126,6 +170,7 @@ async def _run(
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
             env=env,
+            **child_options(user),
         )
     finally:
         if reader is not None:
@@ -182,12 +227,12 @@ async def _pump(
         sink([buffer.decode("utf-8", "replace")])
 
 
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
-    """End ``proc`` and its process group: SIGTERM, then SIGKILL after a grace period."""
+async def _terminate(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> None:
+    """End ``proc`` and its process group: ``sig``, then SIGKILL after a grace period."""
     if proc.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
     try:
         await asyncio.shield(asyncio.wait_for(proc.wait(), TERMINATE_GRACE_S))
     except (TimeoutError, asyncio.CancelledError):
@@ -195,6 +240,44 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         await asyncio.shield(proc.wait())
     log.info("stopped %s (pid %d)", "subprocess", proc.pid)
+
+
+class Service:
+    """A long-running child (the drill's PostgreSQL server): started with ``start``, its
+    output into a file, ended with ``stop``; it dies with us like every child."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc, self.name = proc, name
+
+    @classmethod
+    async def start(cls, argv: Sequence[str], *, log_to: str, env: dict[str, str] | None = None,
+                    user: str | None = None) -> Service:
+        """Start ``argv`` with its stdout and stderr appended to the file ``log_to``."""
+        log.debug("starting %s", mask_secrets(" ".join(argv)))
+        fd = os.open(log_to, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            if user is not None:
+                os.fchown(fd, _uid_of(user), _group_of(user))
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
+                start_new_session=True, env=env, **child_options(user))
+        finally:
+            os.close(fd)
+        return cls(proc, os.path.basename(argv[0]))
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` to it and its process group; SIGKILL after a grace period."""
+        await _terminate(self.proc, sig)
+
+
+def _uid_of(user: str) -> int:
+    import pwd  # noqa: PLC0415 - only for the drill
+
+    return pwd.getpwnam(user).pw_uid
 
 
 async def capture(argv: Sequence[str], ok_codes: Sequence[int] = (0,)) -> tuple[int, str]:

@@ -187,13 +187,16 @@ class Lister:
 def _start_helper() -> subprocess.Popen[bytes] | None:
     """The helper process (this module run by the same Python), or None if it cannot
     start."""
+    # the helper itself imports only this module: execute (asyncio) loaded here, not there
+    from immich_usb_backup.execute import child_options  # noqa: PLC0415
+
     package_parent = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
     try:
         return subprocess.Popen(
             [sys.executable, "-s", "-m", "immich_usb_backup.lister"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": path},
+            env={**os.environ, "PYTHONPATH": path}, **child_options(),
         )
     except OSError as exc:
         log.warning("cannot start the folder listing helper (%s); reading folders directly",

@@ -1,7 +1,11 @@
-"""Safety rule 8: one backup at a time, across the daemon and the command line.
+"""Safety rules 8 and 11: one backup at a time, and none while a writer of an earlier
+one is alive.
 
 The lock is an ``flock`` on ``<state dir>/backup.lock``; the kernel releases it when the
-holder exits, however it exits, so a crash never leaves a stale lock behind.
+last holder exits, however it exits, so a crash never leaves a stale lock behind. Every
+child a run starts (rsync, the listing helpers, PostgreSQL's programs) inherits the
+lock's file descriptor (``execute``), so the lock stays held until the last process of
+a run is gone: a next run cannot start beside a leftover writer.
 """
 
 from __future__ import annotations
@@ -13,8 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from immich_usb_backup.errors import Refused
+from immich_usb_backup.state import LOCK as LOCK_NAME
 
-LOCK_NAME = "backup.lock"
+_held: list[int] = []  # the descriptor of the lock this process holds now, if any
+
+
+def held_fds() -> tuple[int, ...]:
+    """The lock descriptors the children of a run inherit (none outside a run)."""
+    return tuple(_held)
 
 
 @contextlib.contextmanager
@@ -26,16 +36,20 @@ def backup_lock(state_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             raise Refused(
                 f"another backup is already running (process {holder}); only one backup "
-                "runs at a time"
+                "runs at a time" if holder else
+                "a process of an earlier backup is still running (it holds the backup "
+                "lock); only one backup runs at a time: try again when it has ended"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held.append(fd)
         try:
             yield
         finally:
+            _held.remove(fd)
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)

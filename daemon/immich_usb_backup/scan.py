@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ MODIFY_WINDOW_NS = 1_000_000_000
 BATCH_FILES = 50_000
 PROBLEMS_KEPT = 100
 LOOKAHEAD_FOLDERS = 16  # folders listed ahead of the walk
+# rsync's temporary name for NAME while it copies it (receiver.c: ".NAME.XXXXXX", the
+# X's from mkstemp): left in the mirror when an older version's rsync was killed
+_RSYNC_TEMP = re.compile(r"^\.(.+)\.[A-Za-z0-9]{6}$", re.DOTALL)
 
 
 class Problems:
@@ -72,6 +76,8 @@ class Plan:
     delete_alloc: int = 0
     skipped_files: int = 0
     replaced_files: int = 0
+    leftover_files: int = 0  # rsync's temporary files of a killed copy: removed, not kept
+    leftover_alloc: int = 0
     copy_lists: list[Path] = field(default_factory=list)
     delete_list: Path | None = None
     files_list: Path | None = None
@@ -166,11 +172,13 @@ def scan(
     """Walk ``source`` and ``mirror`` together and return the Plan (see the module doc).
 
     The delete list holds ``F`` (a file to remove), ``D`` (a folder to remove, after
-    everything in it) and ``R`` (a file the copy will replace with a newer version)
-    records. ``list_files`` also writes the files list: every file the mirror holds
-    after the run, with its size and time in the source and whether it is copied now
-    (see ``read_files_list``). ``on_progress`` is called with the number of source
-    files seen so far, every few thousand files.
+    everything in it), ``R`` (a file the copy will replace with a newer version) and
+    ``T`` (rsync's temporary file of a killed copy, ``.NAME.XXXXXX`` beside a NAME the
+    server has: removed, never kept as a server deletion) records. ``list_files`` also
+    writes the files list: every file the mirror holds after the run, with its size and
+    time in the source and whether it is copied now (see ``read_files_list``).
+    ``on_progress`` is called with the number of source files seen so far, every few
+    thousand files.
     """
     plan = Plan()
     copies = _ListWriter(work_dir, "copy", batch)
@@ -231,6 +239,7 @@ class _Walk:
         self.source_dir = str(source).rstrip("/") + "/"  # for joining relative paths
         self.mirror_dir = str(mirror).rstrip("/") + "/"
         self.asked: set[str] = set()  # folders to visit whose listings were asked for
+        self.names: dict[str, str] = {}  # the folder being compared: its source names
 
     def close(self) -> None:
         self.source_ahead.close()
@@ -251,7 +260,8 @@ class _Walk:
                 # listed itself. One that gets files is created by rsync as their parent
                 # (--files-from implies --relative), faster than an entry of its own.
                 self.copies.add(os.fsencode(rel) + b"\0")
-            self._delete_leftovers(rel, mirrored)
+            if mirrored:
+                self._delete_leftovers(rel, mirrored)
             to_visit.extend(reversed(subdirs))
             self._list_ahead()
 
@@ -328,6 +338,7 @@ class _Walk:
             plan.copy_alloc += alloc
             copies.add(os.fsencode(child) + b"\0")
         self.next_report = next_report
+        self.names = seen
         return subdirs
 
     def _source_folder(
@@ -348,7 +359,18 @@ class _Walk:
             child = _join(rel, old[0])
             if self.excludes.match(child):
                 continue
+            if old[1] == "file" and self._rsync_temp(old[0]):
+                self.plan.leftover_files += 1
+                self.plan.leftover_alloc += allocated(old[2], self.cluster)
+                self.deletes.write(delete_record(b"T", child, old[2], old[3]))
+                continue
             self._delete(child, old)
+
+    def _rsync_temp(self, name: str) -> bool:
+        """Is the mirror's file ``name``, which the server lacks, rsync's temporary file
+        for a file of this folder that the server has (``.NAME.XXXXXX``)?"""
+        m = _RSYNC_TEMP.match(name)
+        return m is not None and exfat_fold(m.group(1)) in self.names
 
     def _delete(self, rel: str, entry: Entry) -> None:
         """Put a mirror entry on the delete list: a file, or a folder with all in it."""
@@ -482,12 +504,15 @@ def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One file of the mirror after the run: copied now (``copied``) or already there."""
+    """One file of the mirror after the run: copied now (``copied``) or already there;
+    ``changed``: copied, but the server's file changed while it was (flag ``X``, set
+    after the copy), so the disk's copy is not the file the scan saw."""
 
     rel: str
     size: int
     mtime_ns: int
     copied: bool
+    changed: bool = False
 
 
 def files_record(flag: bytes, size: int, mtime_ns: int, rel: str) -> bytes:
@@ -497,7 +522,8 @@ def files_record(flag: bytes, size: int, mtime_ns: int, rel: str) -> bytes:
 def read_files_list(path: Path) -> Iterator[FileRecord]:
     """Yield the files list ``scan(list_files=True)`` wrote, in the walk's order."""
     for flag, size, mtime_ns, rel in read_records(path, 4):
-        yield FileRecord(os.fsdecode(rel), int(size), int(mtime_ns), flag == b"C")
+        yield FileRecord(os.fsdecode(rel), int(size), int(mtime_ns), flag != b"U",
+                         flag == b"X")
 
 
 def _readlink(path: str) -> str:

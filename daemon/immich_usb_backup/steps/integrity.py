@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 import zlib
-from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # A copy that differs is given this time, before it is copied again: if the run ends
 # before the new copy is in place, the next run's size-and-time check copies it.
-STALE_MTIME = datetime(1980, 1, 1, 12, 0).timestamp()
+STALE_MTIME = library.STALE_MTIME
 
 
 def _selected(rel: str, copied: bool, mode: str, runs: int, turn: int) -> bool:
@@ -185,6 +184,7 @@ def _write_lines(ctx: RunContext, plan: Plan, cache: HashCache, out: BinaryIO,
                  counts: dict[str, int]) -> None:
     assert plan.files_list is not None
     source = str(ctx.config.immich.upload_location)
+    mirror = str(ctx.root.path(library.FOLDER))
     done = 0
     buf = bytearray(1024 * 1024)
     for chunk in chunked(read_files_list(plan.files_list)):
@@ -192,18 +192,25 @@ def _write_lines(ctx: RunContext, plan: Plan, cache: HashCache, out: BinaryIO,
         known = cache.lookup_many([(r.rel, r.size, r.mtime_ns) for r in chunk])
         hashed: list[tuple[str, int, int, str]] = []  # put into the cache a chunk at a time
         for rec, cached in zip(chunk, known, strict=True):
-            digest = cached
-            if digest is None:
+            digest = None if rec.changed else cached
+            if digest is None and not rec.changed:
                 h = sha256_file(os.path.join(source, rec.rel), rec.rel, stop=ctx.cancel,
                                 buf=buf)
                 if h.digest is not None:
                     hashed.append((rec.rel, h.size, h.mtime_ns, h.digest))
-                if h.digest is None or (h.size, h.mtime_ns) != (rec.size, rec.mtime_ns):
-                    counts["left_out"] += 1  # changed on the server during the run: next run
-                    log.info("not in the manifest this time: %s (%s)", rec.rel,
-                             h.error or "changed during the run")
+                    if (h.size, h.mtime_ns) == (rec.size, rec.mtime_ns):
+                        digest = h.digest
+            if digest is None:
+                # the server's file changed during the run (or while it was copied): the
+                # line must describe the disk's copy, whatever version it holds
+                h = sha256_file(os.path.join(mirror, rec.rel), rec.rel, stop=ctx.cancel,
+                                buf=buf)
+                if h.digest is None:
+                    counts["left_out"] += 1
+                    log.info("not in the manifest this time: %s (%s)", rec.rel, h.error)
                     continue
                 digest = h.digest
+                counts["from_disk"] = counts.get("from_disk", 0) + 1
             out.write(manifest.line(digest, rec.rel))
             counts["entries"] += 1
             done += rec.size

@@ -22,20 +22,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import execute, keep, manifest, moves, policy
+from immich_usb_backup import execute, keep, layout, manifest, moves, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, CommandError, Refused
 from immich_usb_backup.fsutil import Inside, allocated
 from immich_usb_backup.hashcache import CHUNK, HashCache, chunked
 from immich_usb_backup.hashing import Stopped, hash_files
-from immich_usb_backup.policy import Space, human_bytes
-from immich_usb_backup.record import StepResult
-from immich_usb_backup.scan import Excludes, Plan, read_delete_list, read_files_list, scan
+from immich_usb_backup.policy import Space
+from immich_usb_backup.record import StepResult, readable
+from immich_usb_backup.scan import (
+    MODIFY_WINDOW_NS,
+    Excludes,
+    Plan,
+    files_record,
+    read_delete_records,
+    read_files_list,
+    read_paths,
+    scan,
+)
 from immich_usb_backup.steps.base import Preflight, RunContext, Step, in_thread
+from immich_usb_backup.text import human_bytes, plural, word
 
 log = logging.getLogger(__name__)
 
-FOLDER = "library"
+FOLDER = layout.LIBRARY
 IMMICH_FOLDERS = ("upload", "library", "profile", "thumbs", "encoded-video", "backups")
 IMMICH_MARKER = ".immich"
 RSYNC_MIN_VERSION = (3, 1, 0)
@@ -44,6 +54,11 @@ RSYNC_VANISHED = 24  # a source file vanished while copying: Immich deleted it; 
 HASH_AHEAD_BYTES = 128 * 1024 * 1024  # how far hashing may read ahead of rsync's copy
 OUTPUT_EVERY_S = 0.1  # rsync's output is read this often (execute.run's coalesce_s)
 MANIFEST_LINE_BYTES = 200  # a generous average: digest, two spaces, a long Immich path
+# A copy on the disk known not to be the server's file (it changed while it was copied,
+# or it differed when compared) gets this time, so that the next run copies it again:
+# 1980-01-01 12:00 UTC, on or after exFAT's first day in every time zone.
+STALE_MTIME = 315_576_000
+STALE_WINDOW_NS = 2 * MODIFY_WINDOW_NS  # exFAT keeps times in 10 ms or 2 s units
 
 _PROGRESS = re.compile(r"^\s*([\d,.]+)\s+(\d+)%")
 _STATS_FILES = re.compile(r"^Number of regular files transferred:\s*([\d,.]+)")
@@ -64,19 +79,26 @@ class LibraryResult(StepResult):
     compared: int | None = None  # files compared by content (verify and full modes)
     manifest: dict[str, int] | None = None  # entries, hashed, left_out (unchanged)
     mismatches: int | None = None
+    changed_while_copied: int | None = None  # copied again by the next run
+    leftovers: int | None = None  # temporary files of a killed copy, removed
 
     def finished_lines(self) -> list[str]:
         lines = []
         if self.moved:
-            lines.append(f"Renamed on the disk: {self.moved} files Immich moved (not copied "
-                         "again).")
+            lines.append(f"Renamed on the disk: {plural(self.moved, 'file')} Immich moved "
+                         "(not copied again).")
         if self.kept:
             where = f"deleted/{self.keep_day}/" if self.keep_day else "deleted/"
-            days = f" for {self.keep_days} days" if self.keep_days else ""
-            lines.append(f"Set aside: {self.kept} files deleted or changed on the server, "
-                         f"kept in {where} on the disk{days}.")
+            days = f" for {plural(self.keep_days, 'day')}" if self.keep_days else ""
+            lines.append(f"Set aside: {plural(self.kept, 'file')} deleted or changed on the "
+                         f"server, kept in {where} on the disk{days}.")
         if self.compared is not None:
-            lines.append(f"Compared by content with the server: {self.compared} files.")
+            lines.append(f"Compared by content with the server: "
+                         f"{plural(self.compared, 'file')}.")
+        if self.changed_while_copied:
+            n = self.changed_while_copied
+            lines.append(f"Changed on the server while {word(n, 'it')} {word(n, 'was')} "
+                         f"copied: {plural(n, 'file')}, copied again by the next run.")
         return lines
 
     def disk_info(self) -> dict[str, Any]:
@@ -96,6 +118,7 @@ class LibraryStep(Step):
     found: moves.Moves  # the files Immich moved
     kept: keep.KeepSurvey | None = None
     cache: HashCache | None = None
+    incoming: int = 0  # allocated bytes of rsync's temporary files left by a killed copy
 
     @classmethod
     def enabled(cls, config: Config) -> bool:
@@ -117,10 +140,11 @@ class LibraryStep(Step):
         if refusal:
             raise Refused(refusal)
         self.kept = await in_thread(ctx, lambda: survey_keep(ctx, cluster))
+        self.incoming = await in_thread(ctx, lambda: _incoming_size(ctx, cluster))
         log.debug("library preflight: %d files to copy, %d to delete", p.copy_files,
                   p.delete_files)
         renamed = f"{self.found.files} renamed on the disk, " if self.found.files else ""
-        line = (f"library: {p.copy_files} of {p.source_files} files to copy "
+        line = (f"library: {p.copy_files} of {plural(p.source_files, 'file')} to copy "
                 f"({human_bytes(p.copy_bytes)}), {renamed}{p.delete_files} to delete")
         return Preflight(self._space(cluster), line, p.copy_files, p.copy_bytes)
 
@@ -153,7 +177,8 @@ class LibraryStep(Step):
         to_write = p.copy_alloc
         if p.files_list is not None and self.ctx.config.library.manifest:
             to_write += allocated(p.source_files * MANIFEST_LINE_BYTES, cluster)
-        freed = kept.prune_alloc if kept else 0
+        # rsync's temporary files of a killed copy are removed before anything is copied
+        freed = (kept.prune_alloc if kept else 0) + p.leftover_alloc + self.incoming
         in_keep = (kept.alloc - kept.prune_alloc) if kept else 0
         if self.ctx.config.library.keep_deleted_days > 0:
             return Space(to_write, freed, kept=in_keep + p.delete_alloc + p.replaced_alloc)
@@ -293,36 +318,42 @@ def _rotated_prefix(ctx: RunContext) -> str | None:
 
 def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> tuple[int, int]:
     """Remove what the plan lists from the mirror, every path checked inside it: into the
-    keep area when it is on, else for good. Return (files removed because the server
-    deleted them, files moved into the keep area: removed or replaced)."""
+    keep area when it is on, else for good. rsync's temporary files of a killed copy
+    (``T``), and copies marked stale (``STALE_MTIME``: not a version of the server's
+    file), are removed, never kept. Return (files removed because the server deleted
+    them, files moved into the keep area: removed or replaced)."""
     removed = kept = 0
     if plan.delete_list is None:
         return 0, 0
     day = keep_day(ctx)
     rotated = _rotated_prefix(ctx)
     inside = Inside(mirror)
-    for kind, rel in read_delete_list(plan.delete_list):
+    for kind, rel, _size, mtime_ns in read_delete_records(plan.delete_list):
         ctx.check_cancel()
         path = mirror / rel
         if path == mirror:
             raise BackupError("refusing to delete the mirror folder itself")
         inside.entry(path)  # unlink, rmdir and rename never follow a link at the name
+        stale = kind == "R" and abs(mtime_ns - STALE_MTIME * 10**9) <= STALE_WINDOW_NS
         try:
             if kind == "D":
                 os.rmdir(path)
-            elif day is not None and not (rotated and rel.startswith(rotated)):
+            elif kind == "T":
+                os.unlink(path)
+            elif day is not None and not stale and not (rotated and rel.startswith(rotated)):
                 keep.move_into(ctx.root, mirror, rel, day, inside)
                 kept += 1
                 removed += kind == "F"
             elif kind == "F":
                 os.unlink(path)
                 removed += 1
-            # "R" without a keep area: rsync replaces the file
+            # "R" without a keep area (or stale): rsync replaces the file
         except FileNotFoundError:
             continue
         except OSError as exc:
-            what = "keep" if day is not None and kind != "D" else "delete"
-            ctx.problems.add(f"library: could not {what} {rel} in the backup: {exc.strerror}")
+            what = "keep" if day is not None and kind not in "DT" else "delete"
+            ctx.problems.add(f"library: could not {what} {readable(rel)} in the backup: "
+                             f"{exc.strerror}")
     return removed, kept
 
 
@@ -338,6 +369,7 @@ async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
     copies them."""
     result = LibraryResult()
     mirror = await in_thread(ctx, lambda: ctx.root.mkdir(FOLDER))
+    await in_thread(ctx, lambda: clean_incoming(ctx))
     if cache is not None and (plan.copy_files or plan.delete_files or plan.delete_dirs
                               or found.files):
         cache.set_manifest_state(ctx.disk_key, None)  # the manifest is stale until rewritten
@@ -354,11 +386,12 @@ async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
         result.moved = applied.renamed
         if applied.recopy is not None:
             copy_lists = [*copy_lists, applied.recopy]
-    if plan.delete_files or plan.delete_dirs or plan.replaced_files:
+    if plan.delete_files or plan.delete_dirs or plan.replaced_files or plan.leftover_files:
         ctx.status.set_phase("delete", 0, f"setting aside {plan.delete_files} deleted and "
-                             f"{plan.replaced_files} changed files")
+                             f"{plural(plan.replaced_files, 'changed file')}")
         removed, moved = await in_thread(ctx, lambda: _delete(ctx, mirror, plan))
         result.deleted, result.kept = removed, moved
+        result.leftovers = plan.leftover_files or None
         if moved:
             result.keep_day = keep_day(ctx)
             result.keep_days = ctx.config.library.keep_deleted_days
@@ -368,7 +401,66 @@ async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
         hasher = CopyHasher(str(ctx.config.immich.upload_location), plan.files_list, cache)
     await copy_paths(ctx, copy_lists, plan.copy_files, plan.copy_bytes, result, hasher)
     result.source_files, result.source_bytes = plan.source_files, plan.source_bytes
+    if plan.files_list is not None and plan.copy_files:
+        changed = await in_thread(ctx, lambda: changed_while_copied(ctx, plan))
+        if changed:
+            result.changed_while_copied = changed
+            if cache is not None:
+                cache.set_manifest_state(ctx.disk_key, None)
     return result
+
+
+def changed_while_copied(ctx: RunContext, plan: Plan) -> int:
+    """After the copy: the copied files whose server file no longer has the size and time
+    the scan saw (it was written to, or replaced, while the run copied it). The disk's
+    copy may hold any mix of its versions: each is named in the problems, marked
+    ``changed`` in the files list (the manifest then takes its digest from the disk's
+    copy, so that it describes the disk), and given ``STALE_MTIME``, so that the next run
+    copies it again. Return how many."""
+    assert plan.files_list is not None
+    source = str(ctx.config.immich.upload_location)
+    mirror = ctx.root.path(FOLDER)
+    changed = 0
+    listed = ctx.work_dir / "changed"  # in the files list's order
+    with open(listed, "wb") as out:
+        for rec in read_files_list(plan.files_list):
+            if not rec.copied:
+                continue
+            try:
+                st = os.stat(os.path.join(source, rec.rel), follow_symlinks=False)
+                now = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                continue  # gone from the server: the next run's scan sees it
+            if now == (rec.size, rec.mtime_ns):
+                continue
+            try:
+                os.utime(mirror / rec.rel, (STALE_MTIME, STALE_MTIME), follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # vanished before rsync copied it: not on the disk
+            except OSError as exc:
+                log.warning("could not mark %s to be copied again: %s", rec.rel, exc)
+            changed += 1
+            out.write(os.fsencode(rec.rel) + b"\0")
+            ctx.problems.add(f"library: {readable(rec.rel)} changed on the server while it "
+                             "was copied: copied again by the next run")
+    if changed:
+        _mark_changed(plan.files_list, listed)
+    return changed
+
+
+def _mark_changed(files_list: Path, changed: Path) -> None:
+    """Rewrite the files list with the records named in ``changed`` (a subsequence of
+    it, in its order) flagged ``X``: both are read in step, nothing is held."""
+    pending = read_paths(changed)
+    want = next(pending, None)
+    new = files_list.with_name(files_list.name + ".new")
+    with open(new, "wb") as out:
+        for rec in read_files_list(files_list):
+            flag = b"U" if not rec.copied else b"C"
+            if rec.rel == want:
+                flag, want = b"X", next(pending, None)
+            out.write(files_record(flag, rec.size, rec.mtime_ns, rec.rel))
+    os.replace(new, files_list)
 
 
 async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes: int,
@@ -410,6 +502,7 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
             if m:
                 list_s = f"{m.group(1)}.{m.group(2)}"
 
+    incoming = await in_thread(ctx, lambda: ctx.root.mkdir(layout.INCOMING))
     if hasher is not None:
         hasher.start()
     try:
@@ -419,6 +512,7 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
             argv = [
                 *rsync_base_args(ctx.config.library.bwlimit_kib),
                 "--dirs",
+                f"--temp-dir={incoming}",
                 f"--files-from={batch}",
                 "--from0",
                 "--info=progress2",
@@ -447,6 +541,43 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
     finally:
         if hasher is not None:
             await hasher.finish()
+    await in_thread(ctx, lambda: _remove_empty(incoming))
+
+
+def _remove_empty(folder: Path) -> None:
+    """rsync's temporary folder, once the copy ended well (a killed copy's files in it
+    are removed by the next run's ``clean_incoming``)."""
+    try:
+        os.rmdir(folder)
+    except OSError as exc:
+        log.debug("%s left in place: %s", folder, exc.strerror)
+
+
+def clean_incoming(ctx: RunContext) -> None:
+    """Remove what a killed copy left in rsync's temporary folder (``layout.INCOMING``):
+    partial files that belong to no backup."""
+    folder = ctx.root.path(layout.INCOMING)
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    inside = Inside(folder)
+    for entry in os.scandir(folder):
+        inside.entry(Path(entry.path))
+        if entry.is_dir(follow_symlinks=False):
+            raise BackupError(f"{folder} holds a folder ({entry.name}): rsync's temporary "
+                              "folder should hold only files; remove it by hand")
+        os.unlink(entry.path)
+        log.info("removed %s, left by a copy that was killed", readable(entry.name))
+
+
+def _incoming_size(ctx: RunContext, cluster: int) -> int:
+    """The allocated bytes of what a killed copy left in rsync's temporary folder."""
+    folder = ctx.root.root / layout.INCOMING
+    try:
+        with os.scandir(folder) as it:
+            return sum(allocated(e.stat(follow_symlinks=False).st_size, cluster)
+                       for e in it if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
 
 
 def _without_comments(batch: Path) -> Path:
