@@ -30,6 +30,37 @@ import pytest
 import stack as st
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# The local time the suite runs at ---------------------------------------------------------
+# No test may depend on the hour or the time zone it runs in: `--local-time 00:30` (or
+# 23:59) sets TZ, for this process and every command the tests start, to a zone in which
+# the local time is that now. tools/test-times runs the suite so.
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--local-time", metavar="HH:MM",
+                     help="run in a time zone where the local time is HH:MM now")
+
+
+def tz_for(local: str, now_utc: datetime) -> str:
+    """A POSIX TZ value whose local time at ``now_utc`` is ``local`` (HH:MM)."""
+    hours, minutes = (int(x) for x in local.split(":"))
+    offset = (hours * 60 + minutes - now_utc.hour * 60 - now_utc.minute) % 1440
+    if offset > 720:
+        offset -= 1440
+    sign = "-" if offset >= 0 else "+"  # POSIX counts west of Greenwich as positive
+    return f"IUB{sign}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    local = config.getoption("--local-time")
+    if local:
+        from datetime import UTC
+
+        os.environ["TZ"] = tz_for(local, datetime.now(UTC))
+        time.tzset()
+        print(f"local time {datetime.now().astimezone():%Y-%m-%d %H:%M %z} "
+              f"(TZ={os.environ['TZ']})", file=sys.stderr)
 SAMPLE_ASSETS = REPO.parent / "shared" / "sample-assets"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -339,6 +340,112 @@ def test_a_second_disk_plugged_during_a_backup_is_queued_and_backed_up_after(
     assert one["finished_at"] <= two["started_at"]
 
 
+# The disk key: a stranger's disk with an approved UUID gets nothing ----------------------
+
+def copy_serial(image: st.Image, uuid: str) -> None:
+    """Give ``image`` the volume serial ``uuid`` (XXXX-XXXX), as anyone can with
+    ``tune.exfat -I``."""
+    subprocess.run(["tune.exfat", "-I", "0x" + uuid.replace("-", ""), str(image.path)],
+                   check=True, capture_output=True)
+
+
+def test_a_disk_with_a_copied_serial_and_marker_is_refused_read_only_and_told(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    from test_notify import Hook
+
+    real = st.make_image(tmp_path / "real.img", "Backup")
+    uuid = uuid_of(real)
+    # a stranger's disks (made before the daemon runs: making one attaches it), given the
+    # approved disk's serial and the marker folder: one with a key of its own, one without
+    stranger = st.make_image(tmp_path / "stranger.img", "Backup",
+                             files={"immich-server-backups/disk-key.txt":
+                                    b"immich-usb-backup disk key\n" + b"0" * 64 + b"\n"})
+    bare = st.make_image(tmp_path / "bare.img", "Backup")
+    for image in (stranger, bare):
+        copy_serial(image, uuid)
+        assert uuid_of(image) == uuid
+    digests = {stranger.path: stranger.digest(), bare.path: bare.digest()}
+    hook = Hook()
+    try:
+        approve_in_config(server, uuid, extra=f'\n[notify]\nurls = ["{hook.url()}"]\n')
+        daemon = start_daemon()
+        plugs.append(st.plug(real))  # the first plug of a disk never backed up: its key
+        (first,) = wait_records(server, 1)
+        assert first["status"] == "success", first
+        st.wait_for(lambda: not st.is_mounted(plugs[0].device), "the unmount", 30)
+        plugs.pop().pull()
+        sent = len(hook.wait_for(2))  # started, finished
+
+        for image, why in ((stranger, "its key does not match"), (bare, "its key is missing")):
+            plugs.append(st.plug(image))
+            watcher = st.MountWatcher(plugs[0].device)
+            st.wait_for(lambda n=sent: len(hook.received) > n, "the message", 60)
+            mounts = watcher.stop()
+            rec = records(server)[-1]
+            assert rec["status"] == "refused", rec
+            assert (f"a disk claiming to be Backup (UUID {uuid}) was refused: {why}"
+                    in rec["problems"][0])
+            assert rec["files_transferred"] == 0
+            msg = hook.received[sent]
+            assert why in msg["message"] and msg["title"] == "Immich backup: refused on Backup"
+            sent += 1
+            assert mounts and all(opts.split(",")[0] == "ro" for _, opts in mounts), mounts
+            st.wait_for(lambda: not st.is_mounted(plugs[0].device), "the unmount", 30)
+            plugs.pop().pull()
+            assert image.digest() == digests[image.path]  # not a byte written
+        assert daemon.proc.poll() is None
+        assert len(records(server)) == 3
+        daemon.stop()
+    finally:
+        hook.close()
+    with opened(real) as mnt:  # the real disk has its key, the state its hash
+        key = (mnt / "immich-server-backups" / "disk-key.txt").read_text().splitlines()[1]
+    assert hashlib.sha256(key.encode()).hexdigest() in (server.state / "disks.toml").read_text()
+
+
+def test_a_damaged_approvals_file_is_kept_aside_recorded_told_and_the_daemon_stays_up(
+    start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    from test_notify import Hook
+
+    image = st.make_image(tmp_path / "disk.img", "Backup")
+    uuid = uuid_of(image)
+    cut = f'[[disk]]\nuuid = "{uuid}"\nlabel = "Backup"\napproved_at = "2026-'
+    hook = Hook()
+    try:
+        server.write_config(f'[notify]\nurls = ["{hook.url()}"]\n')
+        server.state.mkdir(parents=True, exist_ok=True)
+        (server.state / "disks.toml").write_text(cut)  # a half-written line
+        daemon = start_daemon()  # its reminder check reads the approvals at once
+
+        (rec,) = wait_records(server, 1)
+        assert rec["status"] == "failed" and rec["trigger"] == "schedule"
+        assert "disks.toml was damaged" in rec["problems"][0]
+        assert "approve each backup disk again" in rec["problems"][0]
+        (aside,) = server.state.glob("disks.toml.damaged-*")
+        assert aside.read_text() == cut
+        (msg,) = hook.wait_for(1)
+        assert "disks.toml was damaged" in msg["message"]
+
+        plugs.append(st.plug(image))  # the next plug is not silent: approve it again
+        _, again = wait_records(server, 2)
+        assert again["status"] == "refused" and "not approved" in again["problems"][0]
+        st.wait_for(lambda: not st.is_mounted(plugs[0].device), "the unmount", 30)
+        plugs.pop().pull()
+
+        (server.state / "disks.toml").write_text(cut)  # damaged while the daemon runs
+        plugs.append(st.plug(image))
+        *_, third = wait_records(server, 3)
+        assert third["status"] == "refused" and "disks.toml was damaged" in third[
+            "problems"][0]
+        assert third["disk"]["uuid"] == uuid and third["files_transferred"] == 0
+        assert len(list(server.state.glob("disks.toml.damaged-*"))) == 2
+        assert daemon.proc.poll() is None
+    finally:
+        hook.close()
+
+
 # Interruptions -------------------------------------------------------------------------
 
 def _wait_copying(server: Server) -> None:
@@ -608,17 +715,20 @@ def test_mounted_finishes_the_unmount_when_cancelled_during_it(
 def test_the_daemon_reminds_once_a_day_and_a_successful_plug_clears_it(
     start_daemon, server: Server, plugs: list[st.Plug], tmp_path: Path
 ) -> None:
-    from immich_usb_backup import overview
+    from immich_usb_backup import clock, overview
     from test_notify import Hook
     from test_reminders import run_record, write_state
 
     hook = Hook()
     try:
-        image = st.make_image(tmp_path / "disk.img", "Drawer")
+        run_id = "5e1f" * 8  # the disk holds the last run's id: it is this server's disk
+        image = st.make_image(tmp_path / "disk.img", "Drawer", files={
+            "immich-server-backups/backup-info.toml":
+                f'[backup]\nrun_id = "{run_id}"\n'.encode()})
         uuid = uuid_of(image)
-        last = run_record(uuid, "Drawer", 0)  # the last success: 9 days and an hour ago
+        last = run_record(uuid, "Drawer", 0, run_id=run_id)  # 9 days and an hour ago
         last["started_at"] = last["finished_at"] = (
-            overview.now() - timedelta(days=9, hours=1)).isoformat(timespec="seconds")
+            clock.now() - timedelta(days=9, hours=1)).isoformat(timespec="seconds")
         write_state(server.state, [last], [])
         approve_in_config(server, uuid, extra=f'\n[notify]\nurls = ["{hook.url()}"]\n')
 
@@ -636,10 +746,34 @@ def test_the_daemon_reminds_once_a_day_and_a_successful_plug_clears_it(
         plugs.append(st.plug(image))  # a successful backup
         wait_records(server, 2)
         assert records(server)[-1]["status"] == "success"
-        overview.mark_sent(server.state, overview.now() - timedelta(days=1))
+        overview.mark_sent(server.state, clock.now() - timedelta(days=1))
         start_daemon()  # a new day, but the disk was just backed up
         time.sleep(2)
         titles = [m["title"] for m in hook.received]
         assert titles.count("Immich backup: no backup for 9 days") == 1, titles
     finally:
         hook.close()
+
+
+def test_a_timers_run_refuses_a_disk_with_an_approved_uuid_and_no_key(
+    real_stack: st.Stack, server: Server, plugs: list[st.Plug], tmp_path: Path
+) -> None:
+    from immich_usb_backup import approvals
+
+    image = st.make_image(tmp_path / "disk.img", "Backup")
+    uuid = uuid_of(image)
+    approve_in_config(server, uuid)
+    approvals.set_key(server.state, uuid, "a" * 64, "2026-11-30T10:00:00+00:00")
+    digest = image.digest()
+    plugs.append(st.plug(image))
+    st.settle()
+
+    r = run_cli("run", "approved", "--trigger", "schedule", config=server.config_path)
+
+    assert r.returncode == 1, r.stdout + r.stderr
+    (rec,) = records(server)
+    assert rec["status"] == "refused" and rec["trigger"] == "schedule"
+    assert "its key is missing" in rec["problems"][0]
+    st.wait_for(lambda: not st.is_mounted(plugs[0].device), "the unmount", 30)
+    plugs.pop().pull()
+    assert image.digest() == digest

@@ -18,6 +18,7 @@ in it (the approval's words, the partition's type) with what the block really pr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -206,6 +207,7 @@ def test_the_guide_prepares_and_approves_a_used_usb_disk(
     assert f"UUID {uuid}" in out
     approved = tomllib.loads((server.state / "disks.toml").read_text())["disk"]
     assert [(d["uuid"], d["label"]) for d in approved] == [(uuid, LABEL)]
+    key_hash = approved[0]["key_sha256"]
     st.wait_for(lambda: not st.is_mounted(disk.partition), f"{disk.partition} unmounted", 30)
     st.wait_for(lambda: not st.fuse_helpers_running(disk.partition),
                 f"exfat-fuse of {disk.partition} to exit", 30)
@@ -214,7 +216,9 @@ def test_the_guide_prepares_and_approves_a_used_usb_disk(
     mount_exfat(disk.partition, mnt)
     try:
         assert sorted(p.name for p in mnt.iterdir()) == [MARKER]
-        assert (mnt / MARKER).is_dir() and not any((mnt / MARKER).iterdir())
+        assert sorted(p.name for p in (mnt / MARKER).iterdir()) == ["disk-key.txt"]
+        key = (mnt / MARKER / "disk-key.txt").read_text().splitlines()[1]  # 256 bits
+        assert len(key) == 64 and hashlib.sha256(key.encode()).hexdigest() == key_hash
     finally:
         unmount(mnt)
 

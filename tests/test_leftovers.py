@@ -196,9 +196,9 @@ def test_a_child_that_outlives_its_parent_keeps_the_next_run_out(tmp_path: Path)
                                 on_line=pids.append))
     try:
         assert is_running(tmp_path)
-        with pytest.raises(Refused, match="a process of an earlier backup is still running"):
-            with backup_lock(tmp_path):
-                pass
+        with (pytest.raises(Refused, match="a process of an earlier backup is still running"),
+              backup_lock(tmp_path)):
+            pass
     finally:
         os.kill(int(pids[0]), signal.SIGKILL)
     wait_for(lambda: not is_running(tmp_path), timeout=5)

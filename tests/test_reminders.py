@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,17 @@ from immich_usb_backup import overview
 from immich_usb_backup.config import load_config
 from test_notify import Hook, notify_config
 
-# The CLI compares with the real clock, so the records are made relative to it.
-NOW = datetime.now().astimezone().replace(microsecond=0)
+# Tests of the product's functions pass a fixed time: six minutes past midnight, where
+# "one a day" as a calendar date and as 24 hours differ, in a zone that is not UTC.
+NOW = datetime(2026, 12, 1, 0, 6, tzinfo=timezone(timedelta(hours=1)))
+# The command line reads the real clock (clock.now): its tests' records are made relative
+# to it, in whole days, so no hour of the day changes what they see.
+REAL_NOW = datetime.now().astimezone().replace(microsecond=0)
 
 
 def run_record(uuid: str, label: str, days_ago: float, status: str = "success",
-               mode: str = "quick", **extra: Any) -> dict[str, Any]:
-    at = (NOW - timedelta(days=days_ago)).isoformat(timespec="seconds")
+               mode: str = "quick", now: datetime = NOW, **extra: Any) -> dict[str, Any]:
+    at = (now - timedelta(days=days_ago)).isoformat(timespec="seconds")
     rec: dict[str, Any] = {
         "started_at": at, "finished_at": at, "status": status, "trigger": "plug",
         "mode": mode, "disk": {"uuid": uuid, "label": label}, "target": "/media/x",
@@ -41,24 +45,24 @@ def run_record(uuid: str, label: str, days_ago: float, status: str = "success",
 
 
 def write_state(state: Path, runs: list[dict[str, Any]],
-                approved: list[tuple[str, str, float]]) -> None:
+                approved: list[tuple[str, str, float]], now: datetime = NOW) -> None:
     state.mkdir(parents=True, exist_ok=True)
     (state / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     (state / "disks.toml").write_text(tomli_w.dumps({"disk": [
         {"uuid": u, "label": label,
-         "approved_at": (NOW - timedelta(days=d)).isoformat(timespec="seconds")}
+         "approved_at": (now - timedelta(days=d)).isoformat(timespec="seconds")}
         for u, label, d in approved]}))
 
 
-def two_disks(server: Server) -> None:
+def two_disks(server: Server, now: datetime = NOW) -> None:
     write_state(server.state, [
-        run_record("AAAA-0001", "Offsite", 23),
+        run_record("AAAA-0001", "Offsite", 23, now=now),
         run_record("AAAA-0002", "Backup", 12, mode="verify",
                    steps={"library": {"files": 0, "bytes": 0, "compared": 40,
-                                      "mismatches": 1}}, status="failed"),
-        run_record("AAAA-0002", "Backup", 9),
-        run_record("FFFF-0009", "Stranger", 1),  # not approved: not a backup disk of ours
-    ], [("AAAA-0001", "Offsite", 40), ("AAAA-0002", "Backup", 30)])
+                                      "mismatches": 1}}, status="failed", now=now),
+        run_record("AAAA-0002", "Backup", 9, now=now),
+        run_record("FFFF-0009", "Stranger", 1, now=now),  # not approved: not ours
+    ], [("AAAA-0001", "Offsite", 40), ("AAAA-0002", "Backup", 30)], now=now)
 
 
 # The reminder, from plain data ----------------------------------------------------------
@@ -73,14 +77,28 @@ def test_a_reminder_is_due_after_the_days_and_names_every_disk(server: Server) -
         "Offsite (23 days ago)")
 
 
-def test_at_most_one_reminder_a_day_and_none_when_off(server: Server) -> None:
+def test_at_most_one_reminder_in_24_hours_across_midnight_and_none_when_off(
+    server: Server,
+) -> None:
     two_disks(server)
     config = load_config(server.config_path)
-    overview.mark_sent(server.state, NOW - timedelta(hours=2))
-    assert overview.due(config, NOW) is None
-    assert overview.due(config, NOW + timedelta(days=1)) is not None
+    overview.mark_sent(server.state, NOW - timedelta(minutes=10))  # yesterday, 23:56
+    assert overview.due(config, NOW) is None  # a new date, but not a new day
+    assert overview.due(config, NOW + timedelta(hours=23, minutes=49)) is None
+    assert overview.due(config, NOW + timedelta(hours=23, minutes=51)) is not None
+    # the daemon's timer never wakes for nothing: every 6 hours at most, and at the end
+    # of the 24 hours
+    assert overview.next_check_in(config, NOW) == 6 * 3600
+    wait = overview.next_check_in(config, NOW + timedelta(hours=20))
+    assert wait == pytest.approx((3 * 60 + 50) * 60)
     server.write_config("[notify]\nremind_after_days = 0\n")
     assert overview.due(load_config(server.config_path), NOW + timedelta(days=1)) is None
+
+
+def test_the_last_reminders_time_is_read_back_in_any_zone(server: Server) -> None:
+    overview.mark_sent(server.state, NOW)
+    sent = overview.last_sent(server.state)
+    assert sent == NOW and sent is not None and sent.utcoffset() == timedelta(hours=1)
 
 
 def test_a_recent_backup_or_nothing_approved_means_no_reminder(server: Server) -> None:
@@ -118,7 +136,7 @@ def hook() -> Iterator[Hook]:
 def test_remind_sends_once_a_day(server: Server, hook: Hook,
                                  no_blocked_loop: LoopWatch) -> None:
     notify_config(server, hook.url())
-    two_disks(server)  # the newest backup is 9 days before NOW, and NOW is about now
+    two_disks(server, REAL_NOW)  # the newest backup 9 days before now
 
     first = run_cli("remind", config=server.config_path)
     second = run_cli("remind", config=server.config_path)
@@ -135,7 +153,7 @@ def test_remind_sends_once_a_day(server: Server, hook: Hook,
 
 
 def test_disks_all_lists_every_approved_disk_with_its_last_backup(server: Server) -> None:
-    two_disks(server)
+    two_disks(server, REAL_NOW)
     r = run_cli("disks", "--all", "--json", config=server.config_path)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
@@ -151,7 +169,7 @@ def test_disks_all_lists_every_approved_disk_with_its_last_backup(server: Server
 
 
 def test_history_disk_shows_only_that_disks_runs(server: Server) -> None:
-    two_disks(server)
+    two_disks(server, REAL_NOW)
     r = run_cli("history", "--json", "--disk", "aaaa-0002", config=server.config_path)
     assert [x["disk"]["label"] for x in json.loads(r.stdout)] == ["Backup", "Backup"]
     none = run_cli("history", "--disk", "0000-0000", config=server.config_path)
@@ -243,7 +261,7 @@ def test_the_history_page_has_a_disks_panel_with_the_overdue_one_marked(
 ) -> None:
     from html.parser import HTMLParser
 
-    two_disks(server)
+    two_disks(server, REAL_NOW)
     page = tmp_path / "page.html"
     r = run_cli("history", "--html", str(page), config=server.config_path)
     assert r.returncode == 0, r.stderr
@@ -264,7 +282,7 @@ def test_the_history_page_has_a_disks_panel_with_the_overdue_one_marked(
     by_uuid = {row["data-uuid"]: row for row in parser.rows}
     assert set(by_uuid) == {"AAAA-0001", "AAAA-0002"}  # approved ones only
     assert all("overdue" in (row["class"] or "") for row in parser.rows)  # 9 and 23 days
-    assert re.search(r"no backup for 2[23] days", markup)  # NOW is about now
+    assert re.search(r"no backup for 2[23] days", markup)
     assert "3.0 GiB free of 4.0 GiB" in markup
     assert "FAILED" in markup  # Backup's last content check found a difference
     server.write_config("[notify]\nremind_after_days = 30\n")
@@ -279,4 +297,4 @@ def test_a_disk_approved_in_the_config_without_any_backup_is_listed_last(
     server.write_config('[disks]\napproved = ["BBBB-0000"]\n')
     config = load_config(server.config_path)
     assert [d.uuid for d in overview.disks(config)] == ["AAAA-0002", "AAAA-0001", "BBBB-0000"]
-    assert overview.next_check_in(config) > 0
+    assert overview.next_check_in(config, NOW) > 0

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REPO, need, run_cli
 from immich_usb_backup import history, report
-from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.record import RunRecord
+from immich_usb_backup.text import human_bytes
 
 STATUSES = ("success", "partial", "failed", "refused", "interrupted")
 HOSTILE = "<script>alert(1)</script>"

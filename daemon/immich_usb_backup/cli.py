@@ -29,9 +29,10 @@ from immich_usb_backup.config import (
     resolve_config_path,
 )
 from immich_usb_backup.errors import BackupError, CommandError, ConfigError
-from immich_usb_backup.policy import count, human_bytes
 from immich_usb_backup.record import RunRecord
+from immich_usb_backup.state import StateDamaged, take_damages
 from immich_usb_backup.status import read_status
+from immich_usb_backup.text import human_bytes, plural
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")
@@ -157,7 +158,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "remind": cmd_remind,
         "approve": cmd_approve,
     }[args.command]
-    return handler(config, args)
+    try:
+        code = handler(config, args)
+    except StateDamaged as exc:  # the approvals: nothing done on half-read ones
+        print(f"error: {exc}", file=sys.stderr)
+        _record_damage(config, args.command, str(exc))
+        return EXIT_FAILED
+    damages = take_damages()
+    if damages:  # found on the way (the drills, the reminder): recorded, told
+        for damage in damages:
+            print(f"warning: {damage}", file=sys.stderr)
+            _record_damage(config, args.command, str(damage))
+    return code
+
+
+def _record_damage(config: Config, command: str, text: str) -> None:
+    """A damaged state file in the history and a message (``flow.record_problem``)."""
+    import asyncio  # noqa: PLC0415 - see cmd_run
+
+    from immich_usb_backup.flow import record_problem  # noqa: PLC0415
+
+    trigger = "schedule" if command == "remind" else "cli"
+    asyncio.run(record_problem(config, trigger, text))
 
 
 # run ---------------------------------------------------------------------------------
@@ -268,12 +290,12 @@ def format_verify(r: Any) -> str:
         f"verify {'OK' if r.ok else 'FAILED'}",
         f"  disk:      {disk.get('label') or '-'} (UUID {disk.get('uuid') or '-'}) at "
         f"{disk.get('mount_point')}",
-        f"  manifest:  {count(r.manifest_entries, 'file')} listed in library.sha256; "
-        f"{count(r.files_on_disk, 'file')} in library/",
-        f"  read back: {count(r.checked_files, 'file')}, {human_bytes(r.checked_bytes)}"
+        f"  manifest:  {plural(r.manifest_entries, 'file')} listed in library.sha256; "
+        f"{plural(r.files_on_disk, 'file')} in library/",
+        f"  read back: {plural(r.checked_files, 'file')}, {human_bytes(r.checked_bytes)}"
         f"{share}",
-        f"  database:  {r.dumps_checked} dump(s) read to the end; config: "
-        f"{r.archives_checked} archive(s) tested",
+        f"  database:  {plural(r.dumps_checked, 'dump')} read to the end; config: "
+        f"{plural(r.archives_checked, 'archive')} tested",
     ]
     for title, found in (("changed (contents differ from the manifest)", r.changed),
                          ("unreadable", r.unreadable),
@@ -345,10 +367,11 @@ def format_summary(r: RunRecord) -> str:
         f"backup {r.status.upper()}",
         f"  disk:     {r.disk.label or '-'} (UUID {r.disk.uuid})" if r.disk.uuid
         else f"  disk:     {r.target or '-'}",
-        f"  copied:   {count(r.files_transferred, 'file')}, "
+        f"  copied:   {plural(r.files_transferred, 'file')}, "
         f"{human_bytes(r.bytes_transferred or 0)}",
         f"  took:     {r.duration_s} s",
         *(f"  {line}" for line in r.finished_lines),
+        *(f"  {note}" for note in r.notes),
     ]
     problems = r.problems
     if problems:
@@ -454,7 +477,7 @@ def _idle_text(config: Config, just_finished: bool) -> str:
     r = last[0]
     when = (r.finished_at or r.started_at or "?")[:19].replace("T", " ")
     summary = (f"{r.status} on {r.disk.label or '-'} at {when}: "
-               f"{count(r.files_transferred, 'file')}, {human_bytes(r.bytes_transferred or 0)}")
+               f"{plural(r.files_transferred, 'file')}, {human_bytes(r.bytes_transferred or 0)}")
     if just_finished:
         return f"finished: {summary}"
     return f"idle: no backup is running; last backup {summary}"
@@ -474,7 +497,7 @@ def cmd_history(config: Config, args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"cannot write {args.html}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"wrote {args.html} ({len(records)} run{'' if len(records) == 1 else 's'})")
+        print(f"wrote {args.html} ({plural(len(records), 'run')})")
         return EXIT_OK
     if not records:
         print("no backups yet" if args.disk is None else f"no backups onto {args.disk} yet")
@@ -486,9 +509,10 @@ def cmd_history(config: Config, args: argparse.Namespace) -> int:
 def cmd_remind(config: Config, args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 - see cmd_run
 
+    from immich_usb_backup import clock  # noqa: PLC0415
     from immich_usb_backup.flow import remind  # noqa: PLC0415
 
-    sent = asyncio.run(remind(config))
+    sent = asyncio.run(remind(config, clock.now()))
     print(f"sent: {sent}" if sent else "no reminder due")
     return EXIT_OK
 
@@ -568,7 +592,7 @@ def _as_check(refusal: str) -> str:
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
     problems = environment_problems(config)
     if problems:
-        print(f"{len(problems)} problem(s) with {config.source}:")
+        print(f"{plural(len(problems), 'problem')} with {config.source}:")
         for problem in problems:
             print(f"  - {problem}")
     else:
@@ -589,7 +613,7 @@ def _send_test(config: Config) -> bool:
         print("no notification URL is configured ([notify] urls, urls_file, or "
               "$IMMICH_USB_BACKUP_NOTIFY_URLS): nothing to send")
         return False
-    print(f"test message to {count(len(answers), 'service')}:")
+    print(f"test message to {plural(len(answers), 'service')}:")
     for name, why in answers:
         print(f"  {name}: {'sent' if why is None else 'NOT sent: ' + why}")
     return all(why is None for _, why in answers)
@@ -610,10 +634,9 @@ def cmd_daemon(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_disks_all(config: Config, args: argparse.Namespace) -> int:
     """``disks --all``: every approved disk, plugged in or not (from the history)."""
-    from immich_usb_backup import overview  # noqa: PLC0415
-    from immich_usb_backup.record import now  # noqa: PLC0415
+    from immich_usb_backup import clock, overview  # noqa: PLC0415
 
-    at, days = now(), config.notify.remind_after_days
+    at, days = clock.now(), config.notify.remind_after_days
     rows = [d.as_dict(at, days) for d in overview.disks(config)]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -694,6 +717,8 @@ def cmd_approve(config: Config, args: argparse.Namespace) -> int:
         print("created the folder immich-server-backups on the disk")
     print(f"approved {approval.label or '(no label)'} (UUID {approval.uuid}): it is backed up "
           "whenever it is plugged in")
+    print("its key was written to immich-server-backups/disk-key.txt: keep that file on the "
+          "disk (see docs/first-disk.md)")
     return EXIT_OK
 
 

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import signal
 
-from immich_usb_backup import flow, overview, policy, systemd
+from immich_usb_backup import clock, flow, overview, policy, systemd
 from immich_usb_backup.config import Config
 from immich_usb_backup.devices import BlockDevice, DeviceEvent, DeviceMonitor, list_block_devices
 from immich_usb_backup.errors import BackupError
@@ -85,6 +85,10 @@ class Daemon:
                 log.exception("%s: unexpected error", dev.device)
             finally:
                 self.current = None
+                try:  # a state file found damaged outside the run: recorded, told
+                    await flow.record_state_damage(self.config, "plug")
+                except Exception:
+                    log.exception("recording a damaged state file failed")
                 systemd.notify("STATUS=idle, waiting for a backup disk")
 
     async def reminders(self) -> None:
@@ -92,9 +96,10 @@ class Daemon:
         while True:
             delay = overview.CHECK_AT_LEAST_EVERY_S
             try:  # a reminder must never stop the daemon
+                at = clock.now()
                 if self.current is None:
-                    await flow.remind(self.config)
-                delay = await asyncio.to_thread(overview.next_check_in, self.config)
+                    await flow.remind(self.config, at)
+                delay = await asyncio.to_thread(overview.next_check_in, self.config, at)
             except Exception:
                 log.exception("the reminder check failed")
             log.debug("next reminder check in %.0f s", delay)

@@ -46,7 +46,6 @@ import signal
 import tempfile
 import threading
 import time
-import tomllib
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -54,13 +53,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tomli_w
-
-from immich_usb_backup import execute, policy
+from immich_usb_backup import clock, execute, policy, state
+from immich_usb_backup.clock import iso
 from immich_usb_backup.errors import BackupError, CommandError
-from immich_usb_backup.fsutil import replace_file
 from immich_usb_backup.hashing import BLOCK
-from immich_usb_backup.record import iso, now
 from immich_usb_backup.status import StatusWriter
 
 log = logging.getLogger(__name__)
@@ -73,7 +69,7 @@ RUN_AS = "nobody"
 SUPERUSER = "postgres"  # the throwaway cluster's superuser
 PORT = "5432"  # only names the socket file: no TCP
 DATABASE = "immich"  # a database dump goes into a new database of this name
-STATE_NAME = "drills.toml"
+STATE_NAME = state.DRILLS
 LISTED = 100  # failed statements kept in full; the count is always exact
 STATEMENT_CHARS = 400
 LONG_LINE = 1 << 20  # a line longer than this is passed on in pieces
@@ -191,7 +187,7 @@ class DrillResult:
     kind: str | None = None  # "cluster dump" (pg_dumpall) or "database dump" (pg_dump)
     postgres_version: str | None = None
     postgres_bin_dir: str | None = None
-    started_at: str = field(default_factory=lambda: iso(now()))
+    started_at: str = field(default_factory=lambda: iso(clock.now()))
     duration_s: float = 0.0
     database: str | None = None  # where Immich's tables were found
     tables: dict[str, TableCount] = field(default_factory=dict)
@@ -246,19 +242,13 @@ class DrillOutcome:
 
 
 def load_outcomes(state_dir: Path) -> list[DrillOutcome]:
-    """Every disk's last drill from ``<state_dir>/drills.toml`` (none if it is missing or
-    cannot be read), newest first."""
-    try:
-        data = tomllib.loads((state_dir / STATE_NAME).read_text())
-    except FileNotFoundError:
-        return []
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        log.warning("cannot read %s: %s", state_dir / STATE_NAME, exc)
-        return []
+    """Every disk's last drill from ``<state_dir>/drills.toml`` (none if it is missing; a
+    damaged one is kept aside and reported, see ``state``), newest first."""
+    data = state.read_toml_or_empty(state_dir, STATE_NAME)
     names = {f for f in DrillOutcome.__dataclass_fields__}
     out = []
-    for d in data.get("disk", []):
-        if not isinstance(d, dict) or not isinstance(d.get("uuid"), str):
+    for d in state.tables(data, "disk"):
+        if not isinstance(d.get("uuid"), str):
             continue
         try:
             out.append(DrillOutcome(**{k: v for k, v in d.items() if k in names}))
@@ -290,9 +280,7 @@ def record(state_dir: Path, disk: dict[str, Any], result: DrillResult) -> DrillO
         problem=result.problems[0] if result.problems else "",
         last_passed_at=passed_at, last_passed_dump=passed_dump)
     kept = [o for o in load_outcomes(state_dir) if o.uuid != uuid] + [outcome]
-    state_dir.mkdir(parents=True, exist_ok=True)
-    replace_file(state_dir / STATE_NAME,
-                 tomli_w.dumps({"disk": [asdict(o) for o in kept]}).encode())
+    state.write_toml(state_dir, STATE_NAME, {"disk": [asdict(o) for o in kept]})
     return outcome
 
 

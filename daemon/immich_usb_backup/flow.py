@@ -1,10 +1,11 @@
 """The product's story, top to bottom.
 
-A plugged disk (``backup_plugged``): eligible (USB, exFAT)? -> mounted (read-only
-first unless its UUID is approved) -> marker folder? -> approved? (if not: notify how to
-approve it) -> the backup, which ends by unmounting and powering off what we mounted.
+A plugged disk (``backup_plugged``): eligible (USB, exFAT)? -> mounted read-only ->
+marker folder? -> approved? (if not: notify how to approve it) -> its key matches? (if
+not: refused, told) -> unmounted, mounted to write -> the backup, which ends by
+unmounting and powering off what we mounted.
 
-One backup (``run_backup``): target mounted exFAT? -> marker folder? -> lock -> the
+One backup (``run_backup``): target mounted exFAT? -> marker folder? -> lock -> key ->
 steps (``steps.STEPS``: database, config, library), each through its phases: prepare
 (may act on the server) -> preflight (reads only: source sane, dump found, library
 compared, deletions within limits) -> the space they need fits on the disk? -> notify
@@ -26,12 +27,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import approvals, heartbeat, history, notify, overview, page, policy
+from immich_usb_backup import (
+    approvals,
+    clock,
+    heartbeat,
+    history,
+    notify,
+    overview,
+    page,
+    policy,
+    state,
+    trust,
+)
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.fsutil import BackupRoot, atomic_write_bytes, cluster_size, free_bytes
 from immich_usb_backup.lock import backup_lock, is_running
-from immich_usb_backup.record import DiskRef, DiskState, RunRecord, iso, now
+from immich_usb_backup.record import DiskRef, DiskState, RunRecord
 from immich_usb_backup.scan import Problems
 from immich_usb_backup.status import StatusWriter
 from immich_usb_backup.steps import STEPS, RunContext, Step, disk_notes
@@ -43,7 +55,7 @@ from immich_usb_backup.target import (
     inspect_mount,
     marker_state,
 )
-from immich_usb_backup.udisks import UDisks, UDisksError, mounted
+from immich_usb_backup.udisks import BlockInfo, UDisks, UDisksError, mounted
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +67,20 @@ Detach = Callable[[], Awaitable[DiskState]]
 
 async def run_backup(
     config: Config, target: Path, *, trigger: str = "cli", mode: str | None = None,
-    detach: Detach | None = None,
+    detach: Detach | None = None, key_required: bool = False,
 ) -> RunRecord:
     """Back up onto the exFAT file system mounted at ``target``; return the run's record.
 
     ``detach`` is given for a disk the caller mounted: it is called at the end (after the
     sync) to unmount and power off the disk, before the last notification, so that the
     message can say truthfully whether the disk is safe to unplug. Without it the disk is
-    left mounted, as it was found. The record is appended to the history whatever the
-    outcome, with the outcome of each notification. Cancellation (Ctrl-C, SIGTERM) stops
-    rsync, is recorded as ``interrupted`` and then propagates.
+    left mounted, as it was found. ``key_required``: a disk with an approved UUID whose
+    key does not match is refused (the daemon, a timer); else (a disk a person named)
+    only warned about. The record is appended to the history whatever the outcome, with
+    the outcome of each notification. Cancellation (Ctrl-C, SIGTERM) stops rsync, is
+    recorded as ``interrupted`` and then propagates.
     """
-    record = RunRecord.begin(trigger, mode or config.library.mode, str(target))
+    record = RunRecord.begin(trigger, mode or config.library.mode, str(target), clock.now())
     problems = Problems()
     refusal: str | None = None
     notifier = notify.Notifier(config.notify)
@@ -82,9 +96,11 @@ async def run_backup(
                 check_no_overlap(
                     root.root, disk, config.immich.upload_location, config.state_dir
                 )
+                accept = await asyncio.to_thread(_key, config, disk, root, record,
+                                                 key_required)
                 ctx = await asyncio.to_thread(_context, config, disk, root, problems,
                                               record.started, record.mode)
-                await _backup(ctx, record, notifier)
+                await _backup(ctx, record, notifier, accept)
                 record.status = "partial" if len(problems) else "success"
             except asyncio.CancelledError:
                 record.status = "interrupted"
@@ -102,6 +118,10 @@ async def run_backup(
     except Refused as exc:  # the lock is held by another run
         record.status, refusal = "refused", str(exc)
     finally:
+        for damage in state.take_damages():  # a state file read during the run
+            problems.add(str(damage))
+        if record.status == "success" and len(problems):
+            record.status = "partial"
         record.conclude(_problems(refusal, problems))
         log.info("backup %s%s", record.status, "".join(f"; {p}" for p in record.problems[:3]))
         record.disk_free_bytes, record.disk_size_bytes = end.free_bytes, end.size_bytes
@@ -124,6 +144,30 @@ def _problems(refusal: str | None, problems: Problems) -> list[str]:
     return [refusal, *problems.as_list()] if refusal else problems.as_list()
 
 
+def _key(config: Config, disk: Disk, root: BackupRoot, record: RunRecord,
+         required: bool) -> Callable[[], None] | None:
+    """In a thread: the disk key's verdict for a disk with an approved UUID (``trust``).
+    Raise Refused when it does not match and ``required``; else, when it does not match,
+    a note of the run. Return what to do once the run writes (give the disk its key, or
+    keep the hash of the one it has), or None."""
+    if not disk.uuid or not policy.is_approved(
+            disk.uuid, config.disks.approved, approvals.approved_uuids(config.state_dir)):
+        return None
+    uuid = policy.normalise_uuid(disk.uuid)
+    facts = trust.read_facts(root.root)
+    why = trust.assess(config, uuid, facts)
+    if why not in trust.ACCEPTED:
+        hint = policy.approve_hint(uuid, disk.device)
+        if required:
+            raise Refused(trust.refusal(disk.label, uuid, why, hint))
+        record.notes.append(trust.warning(disk.label, uuid, why, hint))
+        log.warning("%s", record.notes[-1])
+        return None
+    if why == "match":
+        return None
+    return lambda: trust.accept(root, config, uuid, why, facts)
+
+
 def _context(config: Config, disk: Disk, root: BackupRoot, problems: Problems,
              started: datetime, mode: str) -> RunContext:
     """In a thread: a clean work folder in the state dir, the live status."""
@@ -137,9 +181,11 @@ def _context(config: Config, disk: Disk, root: BackupRoot, problems: Problems,
     return RunContext(config, disk, root, status, problems, work, started, mode)
 
 
-async def _backup(ctx: RunContext, record: RunRecord, notifier: notify.Notifier) -> None:
+async def _backup(ctx: RunContext, record: RunRecord, notifier: notify.Notifier,
+                  accept: Callable[[], None] | None = None) -> None:
     """The steps, one phase across all of them at a time: prepare, preflight (any
-    refusal happens before anything is written), write, verify."""
+    refusal happens before anything is written), write, verify. ``accept`` (the disk's
+    key) runs once the run may write."""
     steps: list[Step] = [cls(ctx) for cls in STEPS if cls.enabled(ctx.config)]
     try:
         for step in steps:
@@ -153,6 +199,8 @@ async def _backup(ctx: RunContext, record: RunRecord, notifier: notify.Notifier)
             raise Refused(refusal)
 
         ctx.writing = True  # from here on the disk is written to
+        if accept is not None:
+            await asyncio.to_thread(accept)
         notifier.send_soon(notify.started(
             ctx.disk.label, ctx.disk.uuid, [c.line for c in checks if c.line],
             sum(c.files for c in checks), sum(c.bytes for c in checks)))
@@ -211,6 +259,7 @@ def _write_notes(ctx: RunContext, record: RunRecord) -> None:
     if status in ("success", "partial") and len(record.steps) < _enabled_steps(ctx.config):
         status = "failed"
     info: dict[str, Any] = {
+        "run_id": record.run_id,  # proof that this server wrote here (trust.py)
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "status": status,
@@ -254,12 +303,18 @@ async def backup_plugged(config: Config, udisks: UDisks, device: str, *, uuid: s
     """A USB exFAT file system appeared at ``device``: back up to it if it is ours.
 
     Return the outcome: "backed-up" (see the history for how it went), "not-marked" (left
-    as found), "needs-approval" (marked but not approved: the person is told how).
-    A disk whose UUID is not approved is first mounted read-only to look for the marker,
-    so an unmarked disk is never written to, not even the exFAT "dirty" flag.
+    as found), "needs-approval" (marked but not approved: the person is told how),
+    "refused" (an approved UUID whose key does not match, or approvals that cannot be
+    read: recorded, told). Every disk is first looked at read-only, so an unmarked disk,
+    or a stranger's disk with an approved UUID, is never written to, not even the exFAT
+    "dirty" flag.
     """
     cfg = config.disks
-    recorded = await asyncio.to_thread(approvals.approved_uuids, config.state_dir)
+    try:
+        recorded = await asyncio.to_thread(approvals.approved_uuids, config.state_dir)
+    except state.StateDamaged as exc:  # never a run on half-read approvals
+        await _record_simple(config, "refused", device, uuid, label, trigger, str(exc))
+        return "refused"
     approved = policy.is_approved(uuid, cfg.approved, recorded)
     if not approved:
         try:
@@ -275,28 +330,67 @@ async def backup_plugged(config: Config, udisks: UDisks, device: str, *, uuid: s
             await _record_needs_approval(config, device, uuid, label, trigger, left)
             return "needs-approval"
     try:
-        await backup_device(config, udisks, device, trigger=trigger)
+        record = await backup_device(config, udisks, device, trigger=trigger,
+                                     key_required=approved)
     except UDisksError as exc:  # an approved disk that cannot be used: the person must know
         await _record_simple(config, "failed", device, uuid, label, trigger,
                              f"the disk {label or device} could not be used: {exc}")
         return "failed"
-    return "backed-up"
+    return "refused" if record.status == "refused" else "backed-up"
 
 
 async def backup_device(config: Config, udisks: UDisks, device: str, *,
-                        trigger: str, mode: str | None = None) -> RunRecord:
+                        trigger: str, mode: str | None = None,
+                        key_required: bool = False) -> RunRecord:
     """Mount ``device`` if needed and run the backup, which ends by unmounting and powering
     off what we mounted, before its last notification (a disk someone else mounted is left
-    mounted). Return the run's record."""
+    mounted). Return the run's record. ``key_required``: the disk is looked at read-only
+    first, and a disk whose key does not match its approval is refused there (recorded,
+    told), never mounted to write."""
     info = await udisks.wait_for_filesystem(device)
+    if key_required:
+        refused = await _look_at_key(config, udisks, device, info, trigger, mode)
+        if refused is not None:
+            return refused
     async with mounted(udisks, info) as mount:
         if not mount.ours:
             log.info("%s is already mounted at %s: using it, leaving it mounted",
                      device, mount.mount_point)
-            return await run_backup(config, mount.mount_point, trigger=trigger, mode=mode)
+            return await run_backup(config, mount.mount_point, trigger=trigger, mode=mode,
+                                    key_required=key_required)
         return await run_backup(
-            config, mount.mount_point, trigger=trigger, mode=mode,
+            config, mount.mount_point, trigger=trigger, mode=mode, key_required=key_required,
             detach=lambda: mount.release(power_off=config.disks.power_off))
+
+
+async def _look_at_key(config: Config, udisks: UDisks, device: str, info: BlockInfo,
+                       trigger: str, mode: str | None) -> RunRecord | None:
+    """Mount the disk read-only (if it is not mounted) and check its backup folder and its
+    key. None when it may be written to; else the refusal's record (recorded, told)."""
+    uuid = policy.normalise_uuid(info.uuid) if info.uuid else None
+    async with mounted(udisks, info, read_only=True) as mount:
+        disk = Disk(mount.mount_point, device, uuid, info.label)
+        why = await asyncio.to_thread(_key_refusal, config, disk)
+    if why is None:
+        return None
+    left = notify.DiskEnd(mount.state, None if mount.ours else str(mount.mount_point))
+    return await _record_simple(config, "refused", device, uuid, info.label, trigger, why,
+                                left=left, mode=mode)
+
+
+def _key_refusal(config: Config, disk: Disk) -> str | None:
+    """Why the disk mounted read-only at ``disk`` must not be written to (no backup
+    folder, a key that does not match), or None."""
+    try:
+        root = find_backup_root(disk)
+        facts = trust.read_facts(root)
+        why = trust.assess(config, disk.uuid or "", facts)
+    except Refused as exc:
+        return str(exc)
+    if why in trust.ACCEPTED:
+        return None
+    return trust.refusal(disk.label, disk.uuid or "?", why,
+                         policy.approve_hint(disk.uuid, disk.device))
 
 
 async def _peek_marker(udisks: UDisks, device: str) -> tuple[str | None, notify.DiskEnd]:
@@ -325,7 +419,7 @@ async def record_unusable(config: Config, target: str, trigger: str, mode: str,
                           why: str) -> RunRecord:
     """``run /dev/...`` or ``run UUID=...`` whose disk could not be found or mounted (no
     such disk, no D-Bus or UDisks2): a failed run in the history, and its message."""
-    record = RunRecord.begin(trigger, mode, target)
+    record = RunRecord.begin(trigger, mode, target, clock.now())
     record.conclude([f"the disk {target} could not be used: {why}"])
     record.duration_s = 0.0
     notifier = notify.Notifier(config.notify)
@@ -338,19 +432,47 @@ async def record_unusable(config: Config, target: str, trigger: str, mode: str,
 
 async def _record_simple(config: Config, status: str, device: str, uuid: str | None,
                          label: str | None, trigger: str, message: str,
-                         note: notify.Message | None = None) -> None:
+                         note: notify.Message | None = None, *,
+                         left: notify.DiskEnd | None = None,
+                         mode: str | None = None) -> RunRecord:
     """A history record, and a notification, for a plug that ended before a backup could
-    start. ``note`` is the message to send; by default the record's own "finished"."""
+    start. ``note`` is the message to send; by default the record's own last message,
+    saying the disk is as ``left``."""
     log.warning("%s", message)
-    record = RunRecord.begin(trigger, config.library.mode, device)
+    record = RunRecord.begin(trigger, mode or config.library.mode, device, clock.now())
     record.status, record.disk = status, DiskRef(uuid, label)
     record.conclude([message])
     record.duration_s = 0.0
     notifier = notify.Notifier(config.notify)
     try:
-        await notifier.send(note or notify.end_message(record, notify.DiskEnd("not-mounted")))
+        await notifier.send(note or notify.end_message(
+            record, left or notify.DiskEnd("not-mounted")))
     finally:
         await asyncio.shield(_append_history(config, record, notifier))
+    return record
+
+
+async def record_problem(config: Config, trigger: str, text: str) -> None:
+    """A history record (``failed``) and a message for a problem found outside a run: a
+    damaged state file."""
+    record = RunRecord.begin(trigger, config.library.mode, "", clock.now())
+    record.status = "failed"
+    record.conclude([text])
+    record.duration_s = 0.0
+    notifier = notify.Notifier(config.notify)
+    try:
+        await notifier.send(notify.state_damaged(text))
+    finally:
+        await asyncio.shield(_append_history(config, record, notifier))
+
+
+async def record_state_damage(config: Config, trigger: str) -> list[str]:
+    """Record and tell the state files found damaged outside a run (by a command, the
+    reminder, a page); return what was said. A run tells its own (``run_backup``)."""
+    told = [str(damage) for damage in state.take_damages()]
+    for text in told:
+        await record_problem(config, trigger, text)
+    return told
 
 
 async def backup_approved(config: Config, *, trigger: str,
@@ -361,7 +483,10 @@ async def backup_approved(config: Config, *, trigger: str,
     does not make a timer look inside every disk."""
     from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415 - pyudev
 
-    recorded = await asyncio.to_thread(approvals.approved_uuids, config.state_dir)
+    try:
+        recorded = await asyncio.to_thread(approvals.approved_uuids, config.state_dir)
+    except state.StateDamaged as exc:  # never a run on half-read approvals
+        return [await _record_simple(config, "refused", "", None, None, trigger, str(exc))]
     disks = [d for d in await asyncio.to_thread(list_block_devices)
              if policy.is_candidate(d.bus, d.fs_type, d.devtype, d.usb_driver)
              and policy.is_approved(d.uuid, config.disks.approved, recorded)]
@@ -373,7 +498,7 @@ async def backup_approved(config: Config, *, trigger: str,
     try:
         for d in disks:
             records.append(await backup_device(config, udisks, d.device, trigger=trigger,
-                                               mode=mode))
+                                               mode=mode, key_required=True))
     finally:
         udisks.close()
     return records
@@ -383,9 +508,11 @@ async def approve_device(config: Config, target: str,
                          create_marker: bool) -> tuple[approvals.Approval, bool]:
     """Approve the exFAT disk ``target`` (``/dev/...`` or ``UUID=...``) for backups.
 
-    Mounts it if needed (and unmounts it again), creates the marker folder only when
-    ``create_marker`` (a person asked), and records the UUID in the state dir. Return the
-    approval and whether the marker was created.
+    Looks for the marker folder read-only first: without it (and without
+    ``create_marker``, a person's request to create it) nothing is written. Then mounts
+    it to write (if needed; unmounted again), creates the marker folder if asked, writes
+    a new disk key into it and records the UUID with the key's hash in the state dir.
+    Return the approval and whether the marker was created.
     """
     udisks = await UDisks.connect()
     try:
@@ -396,45 +523,53 @@ async def approve_device(config: Config, target: str,
                           "disks are backed up to (see docs/first-disk.md)")
         if not info.uuid:
             raise Refused(f"{device} has no file system UUID to approve it by")
-        async with mounted(udisks, info, read_only=not create_marker) as mount:
-            created = await asyncio.to_thread(_marker_for_approval, mount.mount_point,
-                                              create_marker)
+        if not create_marker:
+            marker, _ = await _peek_marker(udisks, device)
+            if marker != "marked":
+                raise Refused(f"the disk has no {MARKER} folder. Create it yourself, or run "
+                              "approve again with --create-marker to have it created")
+        async with mounted(udisks, info) as mount:
+            created, key = await asyncio.to_thread(_mark_for_approval, mount.mount_point)
         approval = approvals.Approval(policy.normalise_uuid(info.uuid), info.label,
-                                      iso(now()))
+                                      clock.iso(clock.now()), key)
         await asyncio.to_thread(approvals.add, config.state_dir, approval)
         return approval, created
     finally:
         udisks.close()
 
 
-def _marker_for_approval(mount_point: Path, create: bool) -> bool:
-    """Check the marker folder; create it only when ``create`` (a person asked). Return
-    whether it was created."""
+def _mark_for_approval(mount_point: Path) -> tuple[bool, str]:
+    """Create the marker folder if it is missing (a person asked), write a new disk key
+    into it; return whether the folder was created and the key's hash."""
     marker = mount_point / MARKER
-    if marker.is_dir():
-        return False
-    if not create:
-        raise Refused(f"the disk has no {MARKER} folder. Create it yourself, or run approve "
-                      "again with --create-marker to have it created")
-    marker.mkdir()
-    return True
+    created = not marker.is_dir()
+    if created:
+        marker.mkdir()
+    root = BackupRoot(find_backup_root(Disk(mount_point, "", None, None)))
+    return created, trust.write_key(root)
 
 
 # A disk in the drawer ------------------------------------------------------------------
 
-async def remind(config: Config) -> str | None:
-    """Send the "no backup for N days" reminder if it is due (see ``overview``); none
-    while a backup runs. Return its text when it was sent."""
+async def remind(config: Config, at: datetime) -> str | None:
+    """Send the "no backup for N days" reminder if it is due at ``at`` (see
+    ``overview``); none while a backup runs. Return its text when it was sent."""
     if await asyncio.to_thread(is_running, config.state_dir):
         log.info("reminder: a backup is running; not now")
         return None
-    reminder = await asyncio.to_thread(overview.due, config)
+    try:
+        reminder = await asyncio.to_thread(overview.due, config, at)
+    except state.StateDamaged as exc:  # the approvals: recorded and told, once
+        await record_problem(config, "schedule", str(exc))
+        return None
+    finally:
+        await record_state_damage(config, "schedule")
     if reminder is None:
         return None
-    text = overview.text(reminder)
+    text = overview.text(reminder, at)
     log.info("%s", text)
-    # marked first: at most one a day, even when the daemon stops while it is sent
-    await asyncio.to_thread(overview.mark_sent, config.state_dir, now())
+    # marked first: at most one in 24 hours, even when the daemon stops while it is sent
+    await asyncio.to_thread(overview.mark_sent, config.state_dir, at)
     notifier = notify.Notifier(config.notify)
     await notifier.send(notify.reminder(text, reminder.days))
     return text

@@ -7,51 +7,25 @@ readers skip a line they cannot parse (a power cut mid-append) and say so in the
 from __future__ import annotations
 
 import collections
-import fcntl
-import json
-import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from immich_usb_backup import state
 from immich_usb_backup.record import RunRecord
+from immich_usb_backup.text import human_bytes, short_duration
 
-log = logging.getLogger(__name__)
-
-HISTORY_NAME = "history.jsonl"
+HISTORY_NAME = state.HISTORY
 
 
 def append(state_dir: Path, record: RunRecord) -> None:
     """Append ``record`` as one line and flush it to disk."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record.to_dict(), ensure_ascii=False, sort_keys=False) + "\n"
-    fd = os.open(state_dir / HISTORY_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    state.append_line(state_dir, HISTORY_NAME, record.to_dict())
 
 
 def iter_records(state_dir: Path) -> Iterator[dict[str, Any]]:
     """Every record as it is stored (a JSON object), oldest first."""
-    try:
-        f = open(state_dir / HISTORY_NAME, encoding="utf-8")  # noqa: SIM115
-    except FileNotFoundError:
-        return
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("history line %d is damaged and was skipped", n)
-                continue
-            if isinstance(rec, dict):
-                yield rec
+    return state.iter_lines(state_dir, HISTORY_NAME)
 
 
 def last_records(state_dir: Path, n: int | None,
@@ -74,7 +48,6 @@ def load_runs(state_dir: Path, n: int | None, disk: str | None = None) -> list[R
 
 def format_table(records: list[RunRecord]) -> str:
     """A table a person reads at a glance: one row a run, newest last."""
-    from immich_usb_backup.policy import human_bytes  # noqa: PLC0415 - keep import light
 
     header = ("started", "status", "trigger", "mode", "disk", "files", "copied", "took",
               "problems")
@@ -91,7 +64,7 @@ def format_table(records: list[RunRecord]) -> str:
             r.disk.name or "-",
             "?" if r.files_transferred is None else str(r.files_transferred),
             "?" if r.bytes_transferred is None else human_bytes(r.bytes_transferred),
-            "?" if r.duration_s is None else format_duration(r.duration_s),
+            "?" if r.duration_s is None else short_duration(r.duration_s),
             first,
         ))
     return columns(rows)
@@ -102,13 +75,3 @@ def columns(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in rows)
-
-
-def format_duration(seconds: float) -> str:
-    """95 -> "1m35s": short, for tables."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -32,8 +32,8 @@ from urllib.parse import quote, unquote
 
 from immich_usb_backup.config import Event, NotifyConfig
 from immich_usb_backup.execute import mask_secrets
-from immich_usb_backup.policy import count, human_bytes
 from immich_usb_backup.record import DiskState, RunRecord
+from immich_usb_backup.text import duration, human_bytes, plural
 
 if TYPE_CHECKING:
     import apprise
@@ -80,7 +80,7 @@ def started(label: str | None, uuid: str | None, what: Sequence[str], files: int
         "",
         "What will be copied:",
         *(f"- {w}" for w in what),
-        f"In all: about {count(files, 'file')}, {human_bytes(nbytes)}.",
+        f"In all: about {plural(files, 'file')}, {human_bytes(nbytes)}.",
         "",
         "Do not unplug the disk until the message that the backup finished arrives.",
     ]
@@ -116,10 +116,11 @@ def finished(record: RunRecord, end: DiskEnd) -> Message:
         lines.append(_STATUS_LINE[status])
     lines += [
         "",
-        f"Copied: {count(record.files_transferred or 0, 'file')}, "
+        f"Copied: {plural(record.files_transferred or 0, 'file')}, "
         f"{human_bytes(record.bytes_transferred or 0)}, in "
-        f"{_duration(record.duration_s or 0.0)}.",
+        f"{duration(record.duration_s or 0.0)}.",
         *record.finished_lines,
+        *record.notes,
     ]
     if end.free_bytes is not None and end.size_bytes:
         lines.append(f"Free space left on the disk: {human_bytes(end.free_bytes)} of "
@@ -182,11 +183,23 @@ def reminder(text: str, days: int) -> Message:
         f"{text}.",
         "",
         f"The Immich server {socket.gethostname()} has not been backed up to a USB disk for "
-        f"{days} days. Plug in one of the disks above: the backup starts by itself, and a "
-        "message says when it is done and the disk is safe to unplug.",
+        f"{plural(days, 'day')}. Plug in one of the disks above: the backup starts by "
+        "itself, and a message says when it is done and the disk is safe to unplug.",
     ]
-    return Message(Event.REMINDER, f"{TITLE}: no backup for {days} days", "\n".join(lines),
-                   "warning")
+    return Message(Event.REMINDER, f"{TITLE}: no backup for {plural(days, 'day')}",
+                   "\n".join(lines), "warning")
+
+
+def state_damaged(text: str) -> Message:
+    """A file of the state dir could not be read (``state.StateDamaged``): what was
+    lost and what to do. Sent as a ``finished`` event: a run may depend on it."""
+    lines = [
+        f"On the Immich server {socket.gethostname()}, immich-usb-backup found {text}.",
+        "",
+        "Backups go on; the damaged file is kept for you to look at.",
+    ]
+    return Message(Event.FINISHED, f"{TITLE}: a state file was damaged", "\n".join(lines),
+                   "failure")
 
 
 def _unplug_line(end: DiskEnd) -> str:
@@ -226,15 +239,6 @@ def _disk_name(label: Any, uuid: Any, fallback: Any = None) -> str:
 def _disk_full(label: Any, uuid: Any, fallback: Any = None) -> str:
     name = _disk_name(label, uuid, fallback)
     return f"{name} (UUID {uuid})" if uuid and label else name
-
-
-def _duration(seconds: float) -> str:
-    s = round(seconds)
-    if s < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 # Where the URLs come from -------------------------------------------------------------
@@ -474,7 +478,7 @@ class Notifier:
             log.warning("notification %s: %d sent, not sent: %s", event, sent,
                         outcome["error"])
         else:
-            log.info("notification %s sent to %d service(s)", event, sent)
+            log.info("notification %s sent to %s", event, plural(sent, "service"))
         self.outcomes.append(outcome)
 
     def _load(self) -> tuple[list[_Target], list[str]]:

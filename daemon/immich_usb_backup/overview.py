@@ -6,32 +6,30 @@ its last backup that finished (``success`` or ``partial``: everything that could
 copied was), the free space and file count then, its last content comparison
 (``verify`` or ``full`` mode) and whether it passed. ``due`` says whether a reminder is
 due: the newest backup onto any approved disk is older than
-``notify.remind_after_days`` (a disk never backed up counts from its approval), and no
-reminder was sent today (``<state dir>/reminder.toml``, so a restarted daemon does not
-send a second one). Plain data in, plain data out; ``send_if_due`` sends it.
+``notify.remind_after_days`` (a disk never backed up counts from its approval), and none
+was sent in the last 24 hours (``<state dir>/reminder.toml``, so a restarted daemon does
+not send a second one). Plain data in, plain data out; the time is always an argument.
 """
 
 from __future__ import annotations
 
 import logging
-import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import tomli_w
-
-from immich_usb_backup import approvals, history
+from immich_usb_backup import approvals, history, state
 from immich_usb_backup.config import Config
-from immich_usb_backup.fsutil import replace_file
 from immich_usb_backup.policy import normalise_uuid
-from immich_usb_backup.record import RunRecord, now
+from immich_usb_backup.record import RunRecord
+from immich_usb_backup.text import plural
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "reminder.toml"
+STATE_NAME = state.REMINDER
 BACKED_UP = ("success", "partial")
 CHECK_AT_LEAST_EVERY_S = 6 * 3600.0  # the daemon's timer, for clock changes and new runs
+REMIND_EVERY = timedelta(hours=24)  # at most one reminder in this time
 
 
 @dataclass
@@ -135,13 +133,12 @@ class Reminder:
     disks: list[DiskSummary]  # to plug in, newest backup first
 
 
-def due(config: Config, at: datetime | None = None) -> Reminder | None:
-    """The reminder to send now, or None (off, nothing approved, a recent backup, or one
-    was sent today)."""
+def due(config: Config, at: datetime) -> Reminder | None:
+    """The reminder to send at ``at``, or None (off, nothing approved, a recent backup,
+    or one was sent in the last 24 hours)."""
     days = config.notify.remind_after_days
     if not days:
         return None
-    at = at or now()
     summaries = [d for d in disks(config) if d.since() is not None]
     if not summaries:
         return None
@@ -149,55 +146,49 @@ def due(config: Config, at: datetime | None = None) -> Reminder | None:
     if newest is None or newest < days:
         return None
     sent = last_sent(config.state_dir)
-    if sent is not None and sent.astimezone().date() == at.date():
+    if sent is not None and timedelta(0) <= at - sent < REMIND_EVERY:
         return None
     return Reminder(newest, summaries)
 
 
-def next_check_in(config: Config, at: datetime | None = None) -> float:
-    """Seconds until a reminder could next become due (for the daemon's timer)."""
+def next_check_in(config: Config, at: datetime) -> float:
+    """Seconds from ``at`` until a reminder could next become due (the daemon's timer)."""
     days = config.notify.remind_after_days
     if not days:
         return CHECK_AT_LEAST_EVERY_S
-    at = at or now()
-    candidates = [CHECK_AT_LEAST_EVERY_S]
     summaries = [d for d in disks(config) if d.since() is not None]
-    if summaries:
-        since = summaries[0].since()
-        assert since is not None
-        candidates.append((since + timedelta(days=days) - at).total_seconds())
-    tomorrow = datetime.combine(at.date() + timedelta(days=1), datetime.min.time(),
-                                at.tzinfo)
-    candidates.append((tomorrow - at).total_seconds())
-    return max(1.0, min(candidates))
+    if not summaries:
+        return CHECK_AT_LEAST_EVERY_S
+    since = summaries[0].since()
+    assert since is not None
+    due_at = since + timedelta(days=days)  # the newest backup turns that old
+    sent = last_sent(config.state_dir)
+    if sent is not None:
+        due_at = max(due_at, sent + REMIND_EVERY)
+    return max(1.0, min(CHECK_AT_LEAST_EVERY_S, (due_at - at).total_seconds()))
 
 
-def text(reminder: Reminder, at: datetime | None = None) -> str:
+def text(reminder: Reminder, at: datetime) -> str:
     """``No backup for 9 days: plug in Backup (last backed up 9 days ago) or Offsite (23
     days ago)``."""
-    at = at or now()
     parts = []
     for i, d in enumerate(reminder.disks):
         age = d.age_days(at)
         name = d.label or d.uuid
         when = ("never backed up" if d.last_backup_at is None else
-                f"{age} day{'' if age == 1 else 's'} ago")
+                f"{plural(age, 'day')} ago")
         if i == 0 and d.last_backup_at is not None:
             when = f"last backed up {when}"
         parts.append(f"{name} ({when})")
-    return (f"No backup for {reminder.days} day{'' if reminder.days == 1 else 's'}: plug in "
-            + " or ".join(parts))
+    return f"No backup for {plural(reminder.days, 'day')}: plug in " + " or ".join(parts)
 
 
 def last_sent(state_dir: Path) -> datetime | None:
-    try:
-        data = tomllib.loads((state_dir / STATE_NAME).read_text())
-    except (FileNotFoundError, tomllib.TOMLDecodeError):
-        return None
-    value = data.get("last_sent")
-    return value if isinstance(value, datetime) else _parse(str(value)) if value else None
+    """When the last reminder went out (a damaged file reads as none: see state)."""
+    value = state.read_toml_or_empty(state_dir, STATE_NAME).get("last_sent")
+    when = value if isinstance(value, datetime) else _parse(str(value)) if value else None
+    return when if when is None or when.tzinfo else when.astimezone()
 
 
 def mark_sent(state_dir: Path, at: datetime) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    replace_file(state_dir / STATE_NAME, tomli_w.dumps({"last_sent": at}).encode())
+    state.write_toml(state_dir, STATE_NAME, {"last_sent": at})

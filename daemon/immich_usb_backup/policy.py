@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
 
+from immich_usb_backup.text import human_bytes
+
 EXFAT_FORBIDDEN = frozenset('"*:<>?\\|')
 EXFAT_MAX_NAME_UTF16 = 255
 # A name of at most this many characters fits in 255 UTF-16 units whatever they are.
@@ -193,22 +195,6 @@ def capacity_refusal(need: SpaceNeed) -> str | None:
            if need.kept else "")
         + "Free space on the disk or use a bigger one."
     )
-
-
-def count(n: int | None, noun: str) -> str:
-    """``count(1, "file")`` -> ``1 file``, ``count(3, "file")`` -> ``3 files``."""
-    if n is None:
-        return f"? {noun}s"
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # Immich database dumps -------------------------------------------------------------

@@ -11,6 +11,7 @@ Plain data only: importing this module costs nothing.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -18,19 +19,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from immich_usb_backup import __version__
+from immich_usb_backup import __version__, clock
+from immich_usb_backup.clock import iso
 
 Status = Literal["success", "partial", "failed", "refused", "interrupted"]
 STATUSES: tuple[Status, ...] = ("success", "partial", "failed", "refused", "interrupted")
 # How a run left the disk, which decides whether the last message says "safe to unplug".
 DiskState = Literal["powered-off", "unmounted", "not-mounted", "left-mounted", "gone", "busy"]
 
-def now() -> datetime:
-    return datetime.now().astimezone()
-
-
-def iso(when: datetime) -> str:
-    return when.isoformat(timespec="seconds")
+__all__ = ["STATUSES", "DiskRef", "DiskState", "RunRecord", "Status", "StepResult", "iso",
+           "readable"]
 
 
 def readable(text: str) -> str:
@@ -124,24 +122,32 @@ class RunRecord:
     notifications: list[dict[str, Any]] = field(default_factory=list)
     disk_free_bytes: int | None = None  # the disk at the end of the run, when known
     disk_size_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)  # warnings that are not problems
+    # A random id, also written onto the disk (backup-info.toml) and never shown: proof
+    # that a disk holds this server's backup (see trust.py)
+    run_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     _t0: float = field(default_factory=time.monotonic, repr=False, compare=False)
 
     @classmethod
-    def begin(cls, trigger: str, mode: str, target: str) -> RunRecord:
-        """The record of a run starting now: "failed" until the flow says otherwise."""
-        return cls(started_at=iso(now()), trigger=trigger, mode=mode,
-                   target=readable(target), host=socket.gethostname(), version=__version__)
+    def begin(cls, trigger: str, mode: str, target: str,
+              at: datetime | None = None) -> RunRecord:
+        """The record of a run starting now (``at``): "failed" until the flow says
+        otherwise."""
+        return cls(started_at=iso(at or clock.now()), trigger=trigger, mode=mode,
+                   target=readable(target), host=socket.gethostname(), version=__version__,
+                   run_id=secrets.token_hex(16))
 
     @property
     def started(self) -> datetime:
         """When the run started (a record begun by this version: its time parses)."""
         return datetime.fromisoformat(self.started_at)
 
-    def conclude(self, problems: Iterable[str]) -> None:
-        """Set the end time, the duration, the totals of the steps and the problems.
-        Called again later (after the disk is detached), it brings them up to date."""
-        self.finished_at = iso(now())
+    def conclude(self, problems: Iterable[str], at: datetime | None = None) -> None:
+        """Set the end time (``at``: now), the duration, the totals of the steps and the
+        problems. Called again later (after the disk is detached), it brings them up to
+        date."""
+        self.finished_at = iso(at or clock.now())
         self.duration_s = round(time.monotonic() - self._t0, 1)
         self.files_transferred = sum(r.files for r in self.steps.values())
         self.bytes_transferred = sum(r.bytes for r in self.steps.values())
@@ -179,6 +185,10 @@ class RunRecord:
         if self.disk_free_bytes is not None:
             out["disk_free_bytes"] = self.disk_free_bytes
             out["disk_size_bytes"] = self.disk_size_bytes
+        if self.notes:
+            out["notes"] = list(self.notes)
+        if self.run_id:
+            out["run_id"] = self.run_id
         return {**out, **self.extra}
 
     @classmethod
@@ -191,7 +201,8 @@ class RunRecord:
                     if isinstance(disk, Mapping) else DiskRef())
         problems = data.get("problems")
         steps = data.get("steps")
-        notes = data.get("notifications")
+        sent = data.get("notifications")
+        notes = data.get("notes")
         return cls(
             started_at=str(data.get("started_at") or ""),
             trigger=str(data.get("trigger") or ""),
@@ -209,10 +220,12 @@ class RunRecord:
             version=str(data.get("version") or ""),
             steps=({str(k): StepResult.from_dict(v) for k, v in steps.items()}
                    if isinstance(steps, Mapping) else {}),
-            notifications=([n for n in notes if isinstance(n, dict)]
-                           if isinstance(notes, list) else []),
+            notifications=([n for n in sent if isinstance(n, dict)]
+                           if isinstance(sent, list) else []),
             disk_free_bytes=_count(data.get("disk_free_bytes")),
             disk_size_bytes=_count(data.get("disk_size_bytes")),
+            notes=[str(n) for n in notes] if isinstance(notes, list) else [],
+            run_id=str(data.get("run_id") or ""),
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )
 

@@ -21,11 +21,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from immich_usb_backup import __version__
+from immich_usb_backup import __version__, clock
 from immich_usb_backup.fsutil import replace_file
-from immich_usb_backup.history import format_duration
-from immich_usb_backup.policy import human_bytes
 from immich_usb_backup.record import STATUSES, RunRecord
+from immich_usb_backup.text import human_bytes, short_duration
 
 if TYPE_CHECKING:
     from immich_usb_backup.drill import DrillOutcome
@@ -207,7 +206,7 @@ def render_html(
       and its age, free space and files then, last content check; a disk whose last
       backup is ``remind_after_days`` old or more has the class ``overdue`` and says so.
     """
-    now = (generated_at or datetime.now()).astimezone()
+    now = (generated_at or clock.now()).astimezone()
     recs = list(records)
     parts = [
         "<!DOCTYPE html>",
@@ -441,7 +440,7 @@ def _row(index: int, r: RunRecord) -> str:
         ("Files", "num files", "?" if files is None else f"{files:,}"),
         ("Copied", "num bytes", "?" if size is None else _e(human_bytes(size))),
         ("Duration", "num duration",
-         "?" if seconds is None else _e(format_duration(seconds))),
+         "?" if seconds is None else _e(short_duration(seconds))),
         ("Problems", "problems", _problem_list(_problems(r))),
     ]
     tds = "".join(f'<td class="{cls}" data-label="{label}"><div class="v">{body}</div></td>'
@@ -452,7 +451,7 @@ def _row(index: int, r: RunRecord) -> str:
 
 def _copied(r: RunRecord) -> str:
     files, size, seconds = r.files_transferred, r.bytes_transferred, r.duration_s
-    took = "" if seconds is None else f" in {format_duration(seconds)}"
+    took = "" if seconds is None else f" in {short_duration(seconds)}"
     if files == 0 and size == 0:
         return f"Nothing was copied{took}."
     what = "? files" if files is None else f"{files:,} file{'' if files == 1 else 's'}"

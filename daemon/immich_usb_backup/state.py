@@ -100,6 +100,29 @@ def _keep_aside(file: Path, at: datetime) -> Path | None:
     return None
 
 
+_damages: list[StateDamaged] = []  # found by read_toml_or_empty, not reported yet
+
+
+def read_toml_or_empty(state_dir: Path, name: str, *,
+                       at: datetime | None = None) -> dict[str, Any]:
+    """``read_toml`` for a file whose loss costs no backup (the drills, the reminder, the
+    disks' health): a damaged one is kept aside as ``read_toml`` does and read as empty,
+    and the damage waits in ``take_damages`` for the caller's boundary (a run, a command,
+    the daemon) to record it and send the message."""
+    try:
+        return read_toml(state_dir, name, at=at)
+    except StateDamaged as exc:
+        _damages.append(exc)
+        return {}
+
+
+def take_damages() -> list[StateDamaged]:
+    """The damaged state files found since the last call (each told once)."""
+    found = list(_damages)
+    del _damages[:len(found)]
+    return found
+
+
 def write_toml(state_dir: Path, name: str, data: Mapping[str, Any], mode: int = 0o644) -> None:
     """Write the TOML state file ``name`` whole (temporary file, flush, rename)."""
     state_dir.mkdir(parents=True, exist_ok=True)

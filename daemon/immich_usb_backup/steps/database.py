@@ -46,6 +46,7 @@ from immich_usb_backup.fsutil import (
 from immich_usb_backup.policy import Space
 from immich_usb_backup.record import StepResult
 from immich_usb_backup.steps.base import Preflight, RunContext, Step, in_thread
+from immich_usb_backup.text import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,9 @@ def _line(dump: DumpPlan) -> str:
     if dump.source is None:
         return "database: no dump found (see the problems when it finishes)"
     if dump.compress:
-        return f"database: a fresh dump ({policy.human_bytes(dump.size)} of SQL, compressed)"
+        return f"database: a fresh dump ({human_bytes(dump.size)} of SQL, compressed)"
     if dump.needs_copy:
-        return f"database: {dump.name} ({policy.human_bytes(dump.size)})"
+        return f"database: {dump.name} ({human_bytes(dump.size)})"
     return f"database: {dump.name} is already on the disk"
 
 
