@@ -52,6 +52,19 @@ def tz_for(local: str, now_utc: datetime) -> str:
     return f"IUB{sign}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
 
 
+@pytest.fixture(autouse=True)
+def _damage_is_told() -> Iterator[None]:
+    """A damaged state file found in this process must be told (``state.take_damages``
+    at a boundary); one left untold fails the test, and is not left for the next."""
+    from immich_usb_backup import state
+
+    state.take_damages()
+    yield
+    untold = state.take_damages()
+    if untold:
+        pytest.fail(f"a damaged state file was found and never told: {untold}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     local = config.getoption("--local-time")
     if local:

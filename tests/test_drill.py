@@ -30,7 +30,7 @@ import pytest
 
 import test_restore as restore
 from conftest import ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli
-from immich_usb_backup import drill, report
+from immich_usb_backup import drill, report, state
 from immich_usb_backup.record import RunRecord
 
 postgres = restore.postgres  # the fixture: started clusters, stopped and removed after
@@ -413,6 +413,9 @@ def test_outcomes_are_kept_per_disk_with_the_last_pass_after_a_failure(tmp_path:
 
     (tmp_path / drill.STATE_NAME).write_text("not [ toml")
     assert drill.load_outcomes(tmp_path) == []  # a damaged file: no drills, no crash
+    (damage,) = state.take_damages()  # ... kept aside, and waiting to be told
+    assert "drills.toml was damaged" in str(damage)
+    assert list(tmp_path.glob("drills.toml.damaged-*"))
 
 
 def test_history_page_shows_each_disks_last_drill_escaped() -> None:

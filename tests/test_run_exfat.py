@@ -651,7 +651,7 @@ def test_check_lists_every_environment_problem(server: Server) -> None:
         str(server.etc), str(server.root / "no-etc")))
     r = run_cli("check", config=server.config_path)
     assert r.returncode == 1
-    assert "3 problem(s)" in r.stdout
+    assert "3 problems with" in r.stdout
     assert "library/.immich" in r.stdout
     assert "no-dumps does not exist" in r.stdout
     assert "no-etc does not exist" in r.stdout

@@ -185,9 +185,10 @@ class DatabaseConfig:
             "shell) that writes a plain SQL dump of Immich's database to its standard "
             "output (for docker, no `-t`: a terminal would change its line ends). A non-zero "
             "exit, an empty or incomplete dump or a timeout is a problem named in the run. "
-            "On NixOS (PostgreSQL on the host): `[\"runuser\", "
-            "\"-u\", \"postgres\", \"--\", \"pg_dump\", \"--clean\", \"--if-exists\", "
-            "\"immich\"]`.",
+            "On NixOS (PostgreSQL on the host): `[\"setpriv\", \"--reuid=postgres\", "
+            "\"--regid=postgres\", \"--init-groups\", \"--pdeathsig=KILL\", \"--\", "
+            "\"pg_dump\", \"--clean\", \"--if-exists\", \"immich\"]` (`setpriv` runs "
+            "pg_dump in its own place, so it ends with the run; `runuser` would fork it).",
             example=("docker", "exec", "immich_postgres", "pg_dump", "-U", "postgres",
                      "immich"),
         ),

@@ -33,6 +33,8 @@ What is here
                     RESTORE.txt inside.
   backup-info.toml  details of the last backup run.
   history.html      every recent backup run: open it in a web browser.
+  disk-key.txt      tells the server that this is the disk it approved: keep
+                    it (without it the server no longer backs up to this disk).
 
 Only this folder is written by the backup; everything else on this disk is
 yours and is never touched.
