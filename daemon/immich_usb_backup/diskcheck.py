@@ -25,8 +25,7 @@ import sqlite3
 import tempfile
 import threading
 import zipfile
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 from immich_usb_backup import drill, manifest, page
 from immich_usb_backup.config import Config
 from immich_usb_backup.drill import DrillOutcome, DrillResult
+from immich_usb_backup.dumps import check as dump_check
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.hashing import BLOCK, Stopped, drop_device_cache, sha256_file
 from immich_usb_backup.lister import list_dir
@@ -46,7 +46,6 @@ from immich_usb_backup.target import Disk, find_backup_root, inspect_mount
 log = logging.getLogger(__name__)
 
 LISTED = 100  # paths shown per kind of problem; the counts are always exact
-DUMP_END = b"dump complete"
 
 
 @dataclass
@@ -118,34 +117,6 @@ def _walk_files(top: Path, excludes: Excludes) -> Iterator[tuple[str, int, bool]
             else:
                 yield child, size, kind == "file"
         stack.extend(reversed(subdirs))
-
-
-def _check_dump(path: Path, on_bytes: Callable[[int], None], stop: threading.Event) -> str | None:
-    """Read a .sql.gz to its end; say what is wrong, or None."""
-    d = zlib.decompressobj(wbits=31)
-    tail = b""
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(BLOCK):
-                if stop.is_set():
-                    raise Stopped
-                on_bytes(len(block))
-                data = d.decompress(block)
-                while d.unused_data:  # gzip allows several members one after another
-                    rest = d.unused_data
-                    d = zlib.decompressobj(wbits=31)
-                    data += d.decompress(rest)
-                if data:
-                    tail = (tail + data)[-4096:]
-    except zlib.error as exc:
-        return f"not a valid gzip stream ({exc})"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    if not d.eof:
-        return "the gzip stream is cut short (an incomplete copy)"
-    if DUMP_END not in tail:
-        return "the SQL does not end with PostgreSQL's \"dump complete\" line"
-    return None
 
 
 def _check_archive(path: Path) -> str | None:
@@ -267,8 +238,12 @@ def _read_back(root: Path, db: sqlite3.Connection, report: Report, status: Statu
             report.unreadable.add(f"library/{rel} ({h.error})")
         elif h.digest != digest:
             report.changed.add(f"library/{rel}")
+    def check_stop() -> None:
+        if stop.is_set():
+            raise Stopped
+
     for dump in dumps:
-        why = _check_dump(dump, on_bytes, stop)
+        why = dump_check(dump, on_bytes, check_stop)
         report.dumps_checked += 1
         if why:
             report.damaged.add(f"database/{dump.name}: {why}")

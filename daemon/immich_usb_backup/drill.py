@@ -46,17 +46,15 @@ import signal
 import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from immich_usb_backup import clock, execute, policy, state
+from immich_usb_backup import clock, dumps, execute, state
 from immich_usb_backup.clock import iso
 from immich_usb_backup.errors import BackupError, CommandError
-from immich_usb_backup.hashing import BLOCK
 from immich_usb_backup.status import StatusWriter
 
 log = logging.getLogger(__name__)
@@ -73,9 +71,6 @@ STATE_NAME = state.DRILLS
 LISTED = 100  # failed statements kept in full; the count is always exact
 STATEMENT_CHARS = 400
 LONG_LINE = 1 << 20  # a line longer than this is passed on in pieces
-CLUSTER_HEADER = b"-- PostgreSQL database cluster dump"
-DATABASE_HEADER = b"-- PostgreSQL database dump"
-DUMP_END = b"dump complete"
 # Immich's restore guide: sed "s/OLD/NEW/g" between gunzip and psql
 SEARCH_PATH_OLD = b"SELECT pg_catalog.set_config('search_path', '', false);"
 SEARCH_PATH_NEW = b"SELECT pg_catalog.set_config('search_path', 'public, pg_catalog', true);"
@@ -302,7 +297,7 @@ async def restore_drill(bin_dir: Path, database_dir: Path, status: StatusWriter)
         dump, size = newest
         result.dump = dump.name
         status.set_phase("drill", size, f"loading {dump.name} into a throwaway PostgreSQL")
-        kind, why = await asyncio.to_thread(dump_kind, dump)
+        kind, why = await asyncio.to_thread(dumps.kind, dump)
         result.kind = kind
         if why:
             result.problems.append(f"{dump.name}: {why}")
@@ -316,32 +311,11 @@ async def restore_drill(bin_dir: Path, database_dir: Path, status: StatusWriter)
 def _newest_dump(database_dir: Path) -> tuple[Path, int] | None:
     """The newest nightly dump in ``database_dir`` by the time in its name, and its size."""
     names = [p.name for p in database_dir.iterdir()] if database_dir.is_dir() else []
-    newest = policy.newest_dump(names)
+    newest = dumps.newest_dump(names)
     if newest is None:
         return None
     dump = database_dir / newest[0]
     return dump, dump.stat().st_size
-
-
-def dump_kind(dump: Path) -> tuple[str | None, str | None]:
-    """("cluster dump" | "database dump" | None, what is wrong or None) from the first
-    lines of the gzip'd dump."""
-    d = zlib.decompressobj(wbits=31)
-    head = b""
-    try:
-        with open(dump, "rb") as f:
-            while len(head) < 8192 and (block := f.read(65536)):
-                head += d.decompress(block, 65536)
-    except zlib.error as exc:
-        return None, f"not a valid gzip stream ({exc})"
-    except OSError as exc:
-        return None, f"cannot be read ({exc.strerror})"
-    for line in head.splitlines()[:10]:
-        if line.startswith(CLUSTER_HEADER):
-            return "cluster dump", None
-        if line.startswith(DATABASE_HEADER):
-            return "database dump", None
-    return None, "not a PostgreSQL dump (no \"-- PostgreSQL database dump\" line at the top)"
 
 
 @dataclass
@@ -688,49 +662,38 @@ class _Feeder:
             time.sleep(0.01)
 
     def _feed(self) -> None:
-        d = zlib.decompressobj(wbits=31)
+        read = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal read
+            read += n
+            self.on_bytes(read)
+
+        stream = dumps.Stream(self.dump, on_bytes)
         pending = b""
         line_start = True  # whether ``pending`` starts a line
-        tail = b""
-        with open(self.dump, "rb") as f:
-            try:
-                while block := f.read(BLOCK):
-                    if self.stop.is_set():
-                        raise _Stopped
-                    self.on_bytes(f.tell())
-                    data = d.decompress(block)
-                    while d.unused_data:  # gzip allows several members one after another
-                        rest = d.unused_data
-                        d = zlib.decompressobj(wbits=31)
-                        data += d.decompress(rest)
-                    if not data:
-                        continue
-                    tail = (tail + data)[-4096:]
-                    pending += data
-                    start = 0
-                    while (end := pending.find(b"\n", start)) >= 0:
-                        self._line(pending[start:end + 1], line_start)
-                        line_start = True
-                        start = end + 1
-                    pending = pending[start:]
-                    if len(pending) > LONG_LINE:
-                        self._line(pending, line_start, whole=False)
-                        pending, line_start = b"", False
-            except zlib.error as exc:
-                self.problem = f"not a valid gzip stream ({exc}); the load stopped there"
-                return
-            except OSError as exc:
-                if isinstance(exc, BrokenPipeError):
-                    raise
-                self.problem = f"cannot be read ({exc.strerror}); the load stopped there"
-                return
+        for data in stream:
+            if self.stop.is_set():
+                raise _Stopped
+            pending += data
+            start = 0
+            while (end := pending.find(b"\n", start)) >= 0:
+                self._line(pending[start:end + 1], line_start)
+                line_start = True
+                start = end + 1
+            pending = pending[start:]
+            if len(pending) > LONG_LINE:
+                self._line(pending, line_start, whole=False)
+                pending, line_start = b"", False
+        if stream.stopped_early:
+            self.problem = f"{stream.problem}; the load stopped there"
+            return
         if pending:
             self._line(pending, line_start)
-        if not d.eof:
-            self.problem = ("the gzip stream is cut short (an incomplete copy): only its "
-                            "beginning could be loaded")
-        elif DUMP_END not in tail:
-            self.problem = "the SQL does not end with PostgreSQL's \"dump complete\" line"
+        if stream.problem and "cut short" in stream.problem:
+            self.problem = f"{stream.problem}: only its beginning could be loaded"
+        else:
+            self.problem = stream.problem
 
     def _line(self, line: bytes, line_start: bool, whole: bool = True) -> None:
         if self._copy != -1:  # in the rows of a COPY block

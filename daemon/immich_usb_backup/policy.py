@@ -1,7 +1,7 @@
 """Pure decisions on plain data: no I/O here.
 
-What exFAT can hold, whether a run may delete what it would delete, whether the files
-fit, which Immich database dump is the newest.
+What exFAT can hold, which disks are candidates and approved, whether a run may delete
+what it would delete, whether the files fit, which config archives to prune.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from fractions import Fraction
 
 from immich_usb_backup.text import human_bytes
@@ -195,53 +194,6 @@ def capacity_refusal(need: SpaceNeed) -> str | None:
            if need.kept else "")
         + "Free space on the disk or use a bigger one."
     )
-
-
-# Immich database dumps -------------------------------------------------------------
-
-_DUMP_NEW = re.compile(r"^immich-db-backup-(\d{8}T\d{6})-v[^/]*-pg[^/]*\.sql\.gz$")
-_DUMP_NEW_BARE = re.compile(r"^immich-db-backup-(\d{8}T\d{6})(?:-[^/]*)?\.sql\.gz$")
-_DUMP_OLD = re.compile(r"^immich-db-backup-(\d{10,14})\.sql\.gz$")
-
-
-def dump_time(name: str) -> datetime | None:
-    """The time in an Immich dump's name, or None when the name is not a nightly dump.
-
-    ``immich-db-backup-20250102T020000-v1.130.0-pg14.17.sql.gz`` carries the server's local
-    time (read as this machine's local time); ``immich-db-backup-1735783200000.sql.gz``
-    carries milliseconds since the epoch. ``*.tmp``, ``restore-point-*`` and ``uploaded-*``
-    are not nightly dumps.
-    """
-    if not name.startswith("immich-db-backup-") or not name.endswith(".sql.gz"):
-        return None
-    m = _DUMP_NEW.match(name) or _DUMP_NEW_BARE.match(name)
-    if m:
-        try:
-            return datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").astimezone()
-        except ValueError:
-            return None
-    m = _DUMP_OLD.match(name)
-    if m:
-        try:
-            return datetime.fromtimestamp(int(m.group(1)) / 1000, tz=UTC)
-        except (OverflowError, OSError, ValueError):
-            return None
-    return None
-
-
-def newest_dump(names: list[str]) -> tuple[str, datetime] | None:
-    """Pick the newest nightly dump by the time in its name; None when there is none."""
-    dated = [(t, n) for n in names if (t := dump_time(n)) is not None]
-    if not dated:
-        return None
-    t, n = max(dated)
-    return n, t
-
-
-def dumps_to_prune(names: list[str], keep: int) -> list[str]:
-    """Of the dump names on the disk, those beyond the ``keep`` newest."""
-    dated = sorted(((t, n) for n in names if (t := dump_time(n)) is not None), reverse=True)
-    return [n for _, n in dated[keep:]]
 
 
 _CONFIG_ZIP = re.compile(r"^config-(\d{4}-\d{2}-\d{2}T\d{6})(?:-(\d+))?\.zip$")

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from immich_usb_backup import execute, immich, policy
+from immich_usb_backup import dumps, execute, immich, layout
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError, CommandError
 from immich_usb_backup.fsutil import (
@@ -50,8 +50,7 @@ from immich_usb_backup.text import human_bytes
 
 log = logging.getLogger(__name__)
 
-FOLDER = "database"
-DUMP_END = b"dump complete"  # the end of PostgreSQL's plain dumps ("... dump complete")
+FOLDER = layout.DATABASE
 POLL_S = 1.0  # how often the dumps folder is looked at while Immich writes a dump
 
 
@@ -157,7 +156,7 @@ def _newest_nightly(ctx: RunContext) -> tuple[Path, datetime, str] | None:
     except OSError as exc:
         ctx.problems.add(f"database: cannot read the dumps folder {dumps_dir}: {exc.strerror}")
         return None
-    newest = policy.newest_dump(names)
+    newest = dumps.newest_dump(names)
     if newest is None:
         ctx.problems.add(
             f"database: no Immich database dump found in {dumps_dir}; check that Immich's "
@@ -176,23 +175,14 @@ def _newest_by_glob(ctx: RunContext, pattern: str) -> tuple[Path, datetime, str]
         path = Path(match)
         if not path.is_file() or not path.name.endswith(".sql.gz"):
             continue
-        taken = policy.dump_time(path.name) or datetime.fromtimestamp(
+        taken = dumps.dump_time(path.name) or datetime.fromtimestamp(
             path.stat().st_mtime).astimezone()
         found.append((taken, path))
     if not found:
         ctx.problems.add(f"database: no dump (*.sql.gz) matches database.dump_glob {pattern}")
         return None
     taken, path = max(found)
-    return path, taken, disk_name(path.name, taken)
-
-
-def disk_name(name: str, taken: datetime) -> str:
-    """The dump's name on the disk: its own when it is an Immich name (it carries its
-    time), else ``immich-db-backup-<time>-<name>.sql.gz``."""
-    if policy.dump_time(name) is not None:
-        return name
-    stem = name.removesuffix(".sql.gz").removesuffix(".sql")
-    return f"immich-db-backup-{taken:%Y%m%dT%H%M%S}-{stem}.sql.gz"
+    return path, taken, dumps.disk_name(path.name, taken)
 
 
 # A fresh dump ---------------------------------------------------------------------------
@@ -215,7 +205,7 @@ async def fresh_from_immich(ctx: RunContext) -> DumpPlan:
         for name in sorted(set(names) - before):
             size = names[name]
             if size and sizes.get(name) == size:  # complete: renamed, and not growing
-                taken = policy.dump_time(name) or ctx.started
+                taken = dumps.dump_time(name) or ctx.started
                 log.info("Immich wrote %s in %.0f s", name, waited)
                 return DumpPlan(dumps_dir / name, taken, True, 0, size, name)
             sizes[name] = size
@@ -228,7 +218,7 @@ def _dump_names(folder: Path) -> dict[str, int]:
     """Nightly-dump names in ``folder`` (``.tmp`` and others left out), with sizes."""
     out = {}
     for e in os.scandir(folder):
-        if e.is_file(follow_symlinks=False) and policy.dump_time(e.name) is not None:
+        if e.is_file(follow_symlinks=False) and dumps.dump_time(e.name) is not None:
             out[e.name] = e.stat(follow_symlinks=False).st_size
     return out
 
@@ -272,9 +262,9 @@ def _incomplete(raw: Path) -> str | None:
     if not size:
         return "nothing (an empty dump)"
     with open(raw, "rb") as f:
-        f.seek(max(0, size - 4096))
+        f.seek(max(0, size - dumps.TAIL))
         tail = f.read()
-    if DUMP_END not in tail:
+    if not dumps.sql_complete(tail):
         return "an incomplete dump (it does not end with PostgreSQL's \"dump complete\")"
     return None
 
@@ -331,7 +321,7 @@ def _compress(ctx: RunContext, source: Path, final: Path,
 
 def _prune(ctx: RunContext, folder: Path) -> None:
     names = [e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
-    for old in policy.dumps_to_prune(names, ctx.config.database.keep):
+    for old in dumps.dumps_to_prune(names, ctx.config.database.keep):
         ctx.root.path(FOLDER, old).unlink()
         log.info("pruned old dump %s", old)
     fsync_dir(folder)
