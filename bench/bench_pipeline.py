@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup.steps.library import rsync_base_args
+from immich_usb_backup.rsync import base_args as rsync_base_args
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / ".venv" / "bin" / "immich-usb-backup"

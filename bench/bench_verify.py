@@ -41,7 +41,7 @@ import bench_pipeline as bp  # the folder of this script is first on sys.path
 from bench_pipeline import Disk
 from immich_usb_backup import manifest
 from immich_usb_backup.hashing import BLOCK, hash_both, hash_files
-from immich_usb_backup.steps.library import rsync_base_args
+from immich_usb_backup.rsync import base_args as rsync_base_args
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"

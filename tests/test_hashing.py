@@ -1,5 +1,5 @@
 """The hashing underneath the manifest: ``sha256_file``, the hash cache's batch calls,
-and the library step's ``CopyHasher`` (hashing while rsync copies), on plain folders."""
+and rsync's ``CopyHasher`` (hashing while rsync copies), on plain folders."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from immich_usb_backup import rsync
 from immich_usb_backup.hashcache import CHUNK, HashCache, chunked
 from immich_usb_backup.hashing import BLOCK, Stopped, sha256_file
+from immich_usb_backup.rsync import CopyHasher
 from immich_usb_backup.scan import Excludes, Problems, read_files_list, scan
-from immich_usb_backup.steps import library
-from immich_usb_backup.steps.library import CopyHasher
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 7])
@@ -101,7 +101,7 @@ def test_copy_hasher_puts_every_copied_file_into_the_cache(tmp_path: Path) -> No
 
 def test_copy_hasher_keeps_within_reach_of_the_copy(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(library, "HASH_AHEAD_BYTES", 1000)
+    monkeypatch.setattr(rsync, "HASH_AHEAD_BYTES", 1000)
     source, files_list, total = _planned(tmp_path, 200)
     cache = HashCache(tmp_path)
     hasher = CopyHasher(str(source), files_list, cache)
@@ -135,7 +135,7 @@ def test_copy_hasher_stops_when_asked_while_it_waits(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=run)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(library, "HASH_AHEAD_BYTES", 0)
+        mp.setattr(rsync, "HASH_AHEAD_BYTES", 0)
         thread.start()
         time.sleep(0.3)
         hasher.stop.set()

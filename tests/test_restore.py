@@ -381,10 +381,11 @@ def test_the_restrict_filter_of_the_notes_drops_only_those_lines() -> None:
 
 
 def test_readme_on_the_disk_is_short_and_gives_the_same_sed() -> None:
-    from immich_usb_backup.steps.disk_notes import README
+    from immich_usb_backup import notes
+    from immich_usb_backup.steps import STEPS
 
-    text = README.format(version="1.0", host="server", finished="2025-03-01T02:00:00+01:00",
-                         status="success")
+    text = notes.readme(STEPS, {"finished_at": "2025-03-01T02:00:00+01:00",
+                                "status": "success"})
     lines = text.splitlines()
     assert len(lines) <= 70 and max(map(len, lines)) <= 80
     for needed in ("library.sha256", "sha256sum -c", "shasum -a 256 -c", "verify",

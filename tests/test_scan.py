@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from immich_usb_backup.fsutil import allocated
+from immich_usb_backup.rsync import base_args as rsync_base_args
 from immich_usb_backup.scan import (
     PROBLEMS_KEPT,
     Excludes,
@@ -24,7 +25,6 @@ from immich_usb_backup.scan import (
     read_records,
     scan,
 )
-from immich_usb_backup.steps.library import rsync_base_args
 
 CLUSTER = 4096
 SECOND_NS = 1_000_000_000

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from immich_usb_backup import cli, notify, overview, report, text
+from immich_usb_backup import cliformat, notify, overview, report, text
 from immich_usb_backup.drill import DrillOutcome
 from immich_usb_backup.history import format_table
 from immich_usb_backup.record import RunRecord
@@ -71,7 +71,7 @@ def test_every_message_and_summary_says_counts_in_the_right_number(n: int) -> No
         notify.state_damaged("the state file x was damaged"),
     ]
     lines = [f"{m.title}\n{m.body}" for m in shown]
-    lines.append(cli.format_summary(r))
+    lines.append(cliformat.format_summary(r))
     lines.append(format_table([r] * n))
     reminder = overview.Reminder(n, [overview.DiskSummary(
         "6F5F-FDC3", "Backup", None, (NOW - timedelta(days=n)).isoformat())])

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -21,6 +20,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from immich_usb_backup import __version__, history
+from immich_usb_backup.cliformat import (
+    format_disks,
+    format_disks_all,
+    format_status_line,
+    format_summary,
+    format_verify,
+)
 from immich_usb_backup.config import (
     MODES,
     Config,
@@ -28,7 +34,7 @@ from immich_usb_backup.config import (
     parse_config,
     resolve_config_path,
 )
-from immich_usb_backup.errors import BackupError, CommandError, ConfigError
+from immich_usb_backup.errors import BackupError, ConfigError
 from immich_usb_backup.record import RunRecord
 from immich_usb_backup.state import StateDamaged, take_damages
 from immich_usb_backup.status import read_status
@@ -243,8 +249,9 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 - see cmd_run
 
     from immich_usb_backup import diskcheck  # noqa: PLC0415
+    from immich_usb_backup.diskreport import Report  # noqa: PLC0415
 
-    async def work() -> diskcheck.Report:
+    async def work() -> Report:
         if is_device_target(args.target):
             return await diskcheck.verify_device(config, args.target, args.sample,
                                                  args.restore_drill)
@@ -280,64 +287,6 @@ def _verify_without_config(args: argparse.Namespace) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def format_verify(r: Any) -> str:
-    from immich_usb_backup import drill  # noqa: PLC0415 - only verify needs it
-
-    disk = r.disk
-    share = (f" (a random {r.sample_percent:g}% sample)" if r.sample_percent is not None
-             and r.sample_percent < 100 else "")
-    lines = [
-        f"verify {'OK' if r.ok else 'FAILED'}",
-        f"  disk:      {disk.get('label') or '-'} (UUID {disk.get('uuid') or '-'}) at "
-        f"{disk.get('mount_point')}",
-        f"  manifest:  {plural(r.manifest_entries, 'file')} listed in library.sha256; "
-        f"{plural(r.files_on_disk, 'file')} in library/",
-        f"  read back: {plural(r.checked_files, 'file')}, {human_bytes(r.checked_bytes)}"
-        f"{share}",
-        f"  database:  {plural(r.dumps_checked, 'dump')} read to the end; config: "
-        f"{plural(r.archives_checked, 'archive')} tested",
-    ]
-    for title, found in (("changed (contents differ from the manifest)", r.changed),
-                         ("unreadable", r.unreadable),
-                         ("missing (listed, not on the disk)", r.missing),
-                         ("unexpected (on the disk, not listed)", r.unexpected),
-                         ("damaged dumps or archives", r.damaged),
-                         ("manifest lines that cannot be read", r.bad_lines)):
-        if found.count:
-            lines.append(f"  {title}: {found.count}")
-            lines += [f"    - {p}" for p in found.paths]
-            if found.count > len(found.paths):
-                lines.append(f"    ... and {found.count - len(found.paths)} more")
-    if r.drill is not None:
-        lines += format_drill(r.drill)
-    lines.append(f"  last restore drill: {drill.describe(r.last_drill, drill.plain_time)}")
-    return "\n".join(lines)
-
-
-def format_drill(d: Any) -> list[str]:
-    """The lines of ``verify``'s output for a restore drill (a ``drill.DrillResult``)."""
-    version = f", PostgreSQL {d.postgres_version}" if d.postgres_version else ""
-    lines = [f"  restore drill: {'PASSED' if d.passed else 'FAILED'} in "
-             f"{d.duration_s:g} s{version}",
-             f"    dump:      {d.dump or '-'}" + (f" ({d.kind})" if d.kind else "")]
-    counts = [f"{c.table} {'?' if c.rows is None else c.rows}"
-              for c in d.tables.values() if c.table]
-    if d.tables:
-        where = f" (database {d.database})" if d.database else ""
-        lines.append(f"    rows:      {', '.join(counts) or 'no Immich table found'}{where}")
-    lines += [f"    problem:   {p}" for p in d.problems]
-    if d.failed_count:
-        lines.append(f"    failed statements ({d.failed_count}; the load went on):")
-        for f in d.failed:
-            where = f" [database {f.database}]" if f.database else ""
-            lines.append(f"      - {f.error}{where}")
-            if f.statement:
-                lines.append(f"        {' '.join(f.statement.split())}")
-        if d.failed_count > len(d.failed):
-            lines.append(f"      ... and {d.failed_count - len(d.failed)} more")
-    return lines
-
-
 def is_device_target(target: str) -> bool:
     return target.startswith("/dev/") or target.upper().startswith("UUID=")
 
@@ -360,24 +309,6 @@ async def _run_on_approved(config: Config, trigger: str,
     from immich_usb_backup.flow import backup_approved  # noqa: PLC0415
 
     return await backup_approved(config, trigger=trigger, mode=mode)
-
-
-def format_summary(r: RunRecord) -> str:
-    lines = [
-        f"backup {r.status.upper()}",
-        f"  disk:     {r.disk.label or '-'} (UUID {r.disk.uuid})" if r.disk.uuid
-        else f"  disk:     {r.target or '-'}",
-        f"  copied:   {plural(r.files_transferred, 'file')}, "
-        f"{human_bytes(r.bytes_transferred or 0)}",
-        f"  took:     {r.duration_s} s",
-        *(f"  {line}" for line in r.finished_lines),
-        *(f"  {note}" for note in r.notes),
-    ]
-    problems = r.problems
-    if problems:
-        lines.append(f"  problems ({len(problems)}):")
-        lines += [f"    - {p}" for p in problems]
-    return "\n".join(lines)
 
 
 class _ProgressPrinter:
@@ -409,29 +340,6 @@ class _ProgressPrinter:
     def end(self) -> None:
         if self.shown:
             sys.stderr.write("\n")
-
-
-def format_status_line(st: dict[str, Any]) -> str:
-    done, total = int(st.get("bytes_done") or 0), int(st.get("bytes_total") or 0)
-    parts = [f"[{st.get('phase', '?')}]"]
-    if total:
-        pct = float(st.get("percent") or 0.0)
-        filled = int(pct / 5)
-        parts.append(f"{'#' * filled}{'.' * (20 - filled)} {pct:5.1f}%")
-        parts.append(f"{human_bytes(done)} / {human_bytes(total)}")
-        if st.get("rate_bps"):
-            parts.append(f"{human_bytes(int(st['rate_bps']))}/s")
-        if st.get("eta_s") is not None:
-            parts.append(f"ETA {_clock(int(st['eta_s']))}")
-    if st.get("detail"):
-        parts.append(str(st["detail"]))
-    return "  ".join(parts)
-
-
-def _clock(seconds: int) -> str:
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}"
 
 
 # status, history ---------------------------------------------------------------------
@@ -519,74 +427,28 @@ def cmd_remind(config: Config, args: argparse.Namespace) -> int:
 
 # check -------------------------------------------------------------------------------
 
-_RSYNC_VERSION = re.compile(r"rsync\s+version\s+v?(\d+)\.(\d+)\.(\d+)")
-
-
 def environment_problems(config: Config) -> list[str]:
-    """Every problem of the environment that would stop or weaken a backup."""
+    """Every problem of the environment that would stop or weaken a backup: each enabled
+    step's (``Step.check``), the notification URLs', the state dir's."""
     import asyncio  # noqa: PLC0415 - see cmd_run
 
-    from immich_usb_backup import execute  # noqa: PLC0415 - it imports asyncio
-    from immich_usb_backup.steps.library import (  # noqa: PLC0415 - not for status
-        RSYNC_MIN_VERSION,
-        check_source,
-    )
-
-    problems: list[str] = []
-    rsync = shutil.which("rsync")
-    if rsync is None:
-        problems.append("rsync is not installed (Debian/Ubuntu: apt install rsync)")
-    else:
-        try:
-            _, out = asyncio.run(execute.capture([rsync, "--version"]))
-        except (CommandError, OSError) as exc:
-            out = ""
-            problems.append(f"rsync --version failed: {exc}")
-        m = _RSYNC_VERSION.search(out)
-        if m and tuple(map(int, m.groups())) < RSYNC_MIN_VERSION:
-            need = ".".join(map(str, RSYNC_MIN_VERSION))
-            problems.append(f"rsync {'.'.join(m.groups())} is too old; {need} or newer needed")
-        elif out and not m:
-            problems.append("could not read rsync's version")
-    if config.library.enabled:
-        try:
-            check_source(config.immich.upload_location, config.immich.require_markers)
-        except Exception as exc:
-            problems.append(f"immich.upload_location: {_as_check(str(exc))}")
-        else:
-            if not os.access(config.immich.upload_location, os.R_OK | os.X_OK):
-                problems.append(f"immich.upload_location: {config.immich.upload_location} "
-                                "is not readable by this user")
-    db = config.database
-    if db.enabled and not db.dump_glob and not config.dumps_dir.is_dir():
-        problems.append(f"database.dumps_dir: {config.dumps_dir} does not exist")
-    if db.enabled and db.source == "immich-api" and config.immich.api_key_file:
-        from immich_usb_backup.immich import key_file_problems  # noqa: PLC0415
-
-        problems += key_file_problems(config.immich.api_key_file)
-    if db.enabled and db.source == "command" and shutil.which(db.command[0]) is None:
-        problems.append(f"database.command: {db.command[0]} is not installed or not on PATH")
-    if config.config_backup.enabled:
-        for p in config.config_backup.paths:
-            if not p.exists():
-                problems.append(f"config_backup.paths: {p} does not exist")
-            elif not os.access(p, os.R_OK):
-                problems.append(f"config_backup.paths: {p} is not readable by this user")
     from immich_usb_backup.notify import url_problems  # noqa: PLC0415 - apprise is heavy
+    from immich_usb_backup.steps import STEPS  # noqa: PLC0415 - not for status
 
+    async def steps() -> list[str]:
+        found: list[str] = []
+        for step in STEPS:
+            if step.enabled(config):
+                found += await step.check(config)
+        return found
+
+    problems = asyncio.run(steps())
     problems += url_problems(config.notify)
     state = config.state_dir
     probe = state if state.exists() else next((p for p in state.parents if p.exists()), None)
     if probe is None or not os.access(probe, os.W_OK):
         problems.append(f"state.dir: {state} cannot be created or written by this user")
     return problems
-
-
-def _as_check(refusal: str) -> str:
-    """A backup's refusal, said for ``check`` (nothing was about to be copied)."""
-    refusal = re.sub(r",? so nothing was copied or deleted\.", ": a backup would be refused.",
-                     refusal)
-    return refusal.replace(" Nothing was copied or deleted.", " A backup would be refused.")
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
@@ -648,23 +510,6 @@ def cmd_disks_all(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def format_disks_all(rows: list[dict[str, Any]]) -> str:
-    table = [("label", "uuid", "last backup", "age", "free", "files", "last check")]
-    for r in rows:
-        age = r["age_days"]
-        when = str(r["last_backup_at"] or "never")[:16].replace("T", " ")
-        check = ("-" if r["last_verify_at"] is None else
-                 f"{str(r['last_verify_at'])[:10]} "
-                 f"{'passed' if r['last_verify_passed'] else 'FAILED'}")
-        free = (f"{human_bytes(r['free_bytes'])} of {human_bytes(r['size_bytes'])}"
-                if r["free_bytes"] is not None and r["size_bytes"] else "-")
-        table.append((
-            str(r["label"] or "-"), str(r["uuid"]), when,
-            "-" if age is None else f"{age} d{' OVERDUE' if r['overdue'] else ''}",
-            free, "-" if r["files"] is None else str(r["files"]), check))
-    return history.columns(table)
-
-
 def cmd_disks(config: Config, args: argparse.Namespace) -> int:
     if args.all:
         return cmd_disks_all(config, args)
@@ -691,15 +536,7 @@ def cmd_disks(config: Config, args: argparse.Namespace) -> int:
     if not rows:
         print("no USB exFAT disk is connected")
         return EXIT_OK
-    table = [("device", "label", "size", "model", "uuid", "marker", "approved")]
-    for r in rows:
-        marker = {"marked": "yes", "legacy": "old name", None: "no"}[r["marker"]]
-        if r["mount_point"] is None:
-            marker = "? (not mounted)"
-        table.append((r["device"], r["label"] or "-", human_bytes(r["size"]),
-                      r["model"] or "-", r["uuid"] or "-", marker,
-                      "yes" if r["approved"] else "no"))
-    print(history.columns(table))
+    print(format_disks(rows))
     return EXIT_OK
 
 

@@ -6,14 +6,15 @@ not: refused, told) -> unmounted, mounted to write -> the backup, which ends by
 unmounting and powering off what we mounted.
 
 One backup (``run_backup``): target mounted exFAT? -> marker folder? -> lock -> key ->
-steps (``steps.STEPS``: database, config, library), each through its phases: prepare
-(may act on the server) -> preflight (reads only: source sane, dump found, library
-compared, deletions within limits) -> the space they need fits on the disk? -> notify
-"started" -> write -> verify -> README.txt + backup-info.toml + history page on the disk
--> sync -> unmount and power off (a disk we mounted) -> notify "finished" or "refused"
--> history record. It is the boundary of a run: whatever happens inside ends as exactly
-one notification and one history record (success, partial, failed, refused,
-interrupted), which also records how the notifications went.
+the steps (``steps.STEPS``: database, config, library), one phase across all of them at
+a time: prepare (may act on the server) -> preflight (reads only: source sane, dump
+found, library compared, deletions within limits) -> the space they need fits on the
+disk? -> notify "started" -> write -> finish (compare, manifest) -> README.txt,
+backup-info.toml and the history page on the disk -> sync -> unmount and power off (a
+disk we mounted) -> notify "finished" or "refused" -> history record. It is the boundary
+of a run: whatever happens inside ends as exactly one notification and one history
+record (success, partial, failed, refused, interrupted), which also records how the
+notifications went.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from immich_usb_backup import (
     clock,
     heartbeat,
     history,
+    layout,
+    notes,
     notify,
     overview,
     page,
@@ -46,7 +49,7 @@ from immich_usb_backup.lock import backup_lock, is_running
 from immich_usb_backup.record import DiskRef, DiskState, RunRecord
 from immich_usb_backup.scan import Problems
 from immich_usb_backup.status import StatusWriter
-from immich_usb_backup.steps import STEPS, RunContext, Step, disk_notes
+from immich_usb_backup.steps import STEPS, RunContext, Step
 from immich_usb_backup.target import (
     MARKER,
     Disk,
@@ -184,7 +187,7 @@ def _context(config: Config, disk: Disk, root: BackupRoot, problems: Problems,
 async def _backup(ctx: RunContext, record: RunRecord, notifier: notify.Notifier,
                   accept: Callable[[], None] | None = None) -> None:
     """The steps, one phase across all of them at a time: prepare, preflight (any
-    refusal happens before anything is written), write, verify. ``accept`` (the disk's
+    refusal happens before anything is written), write, finish. ``accept`` (the disk's
     key) runs once the run may write."""
     steps: list[Step] = [cls(ctx) for cls in STEPS if cls.enabled(ctx.config)]
     try:
@@ -210,7 +213,7 @@ async def _backup(ctx: RunContext, record: RunRecord, notifier: notify.Notifier,
             record.steps[step.name] = result
             written.append((step, result))
         for step, result in written:
-            await step.verify(result)
+            await step.finish(result)
     finally:
         for step in steps:
             step.close()
@@ -271,8 +274,8 @@ def _write_notes(ctx: RunContext, record: RunRecord) -> None:
     }
     for result in record.steps.values():
         info.update(result.disk_info())
-    disk_notes.write(ctx.root, info)
-    atomic_write_bytes(ctx.root, ctx.root.path(page.NAME),
+    notes.write(ctx.root, [cls for cls in STEPS if cls.enabled(ctx.config)], info)
+    atomic_write_bytes(ctx.root, ctx.root.path(layout.PAGE),
                        page.render(ctx.config, current=record).encode("utf-8"))
     log.debug("notes written; syncing")
     os.sync()

@@ -20,15 +20,22 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
+from immich_usb_backup import layout
 from immich_usb_backup.fsutil import BackupRoot, Inside, allocated, ensure_inside
 
-FOLDER = "deleted"
+FOLDER = layout.DELETED
 _DAY = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 MAX_VERSIONS = 1000
 
 
 def day_name(day: date) -> str:
     return day.isoformat()
+
+
+def run_day(keep_days: int, started: date) -> str | None:
+    """The keep area's folder for a run started on ``started``, or None when deletions
+    are not kept (``keep_days`` 0)."""
+    return day_name(started) if keep_days else None
 
 
 def _folder_day(name: str) -> date | None:

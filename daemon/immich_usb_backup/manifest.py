@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-NAME = "library.sha256"
-PREFIX = "library/"
+from immich_usb_backup import layout
+
+NAME = layout.MANIFEST
+PREFIX = layout.LIBRARY + "/"
 _HEX = frozenset("0123456789abcdef")
 
 

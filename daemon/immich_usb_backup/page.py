@@ -11,13 +11,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import drill, history, overview, report
+from immich_usb_backup import drill, history, layout, overview, report
 from immich_usb_backup.config import Config
 from immich_usb_backup.record import RunRecord
 
 log = logging.getLogger(__name__)
 
-NAME = "history.html"  # in the state dir and in the backup folder on the disk
+NAME = layout.PAGE  # in the state dir and in the backup folder on the disk
 RUNS = 100  # runs on the page (the strip shows the last 30)
 
 

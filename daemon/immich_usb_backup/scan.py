@@ -28,6 +28,11 @@ from immich_usb_backup.lister import Entry, Lister
 from immich_usb_backup.policy import exfat_fold, exfat_name_problem
 
 MODIFY_WINDOW_NS = 1_000_000_000
+# A copy on the disk known not to be the server's file (it changed while it was copied,
+# or it differed when compared) gets this time, so that the next run copies it again:
+# 1980-01-01 12:00 UTC, on or after exFAT's first day in every time zone.
+STALE_MTIME = 315_576_000
+STALE_WINDOW_NS = 2 * MODIFY_WINDOW_NS  # exFAT keeps times in 10 ms or 2 s units
 BATCH_FILES = 50_000
 PROBLEMS_KEPT = 100
 LOOKAHEAD_FOLDERS = 16  # folders listed ahead of the walk

@@ -14,13 +14,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from immich_usb_backup import execute
+from immich_usb_backup import execute, layout
 from immich_usb_backup.errors import CommandError, Refused
 
 log = logging.getLogger(__name__)
 
-MARKER = "immich-server-backups"
-LEGACY_MARKER = "immich-server-backup"
+MARKER = layout.MARKER
+LEGACY_MARKER = layout.LEGACY_MARKER
 MOUNTINFO = Path("/proc/self/mountinfo")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from immich_usb_backup.steps.base import (
     Cancelled,
+    DiskCheck,
     Preflight,
     RunContext,
     Step,
@@ -19,4 +20,4 @@ from immich_usb_backup.steps.library import LibraryStep
 
 STEPS: tuple[type[Step], ...] = (DatabaseStep, ConfigStep, LibraryStep)
 
-__all__ = ["STEPS", "Cancelled", "Preflight", "RunContext", "Step", "in_thread"]
+__all__ = ["STEPS", "Cancelled", "DiskCheck", "Preflight", "RunContext", "Step", "in_thread"]

@@ -1,19 +1,10 @@
-"""The shape every pipeline step has, and what a run gives its steps.
+"""The shape every pipeline step has, and what a run (and ``verify TARGET``) gives it.
 
-A step is a class with four phases, which the flow runs for every enabled step in the
-order of ``steps.STEPS`` (one phase across all steps before the next phase starts):
-
-``prepare``    may act on the server (ask Immich for a fresh dump); writes nothing to
-               the disk. Optional.
-``preflight``  reads only: refuses (``Refused``) when a safety rule says so, and returns
-               the space it needs on the disk and its line for the "started" message.
-``write``      writes to the disk; returns the step's ``StepResult``.
-``verify``     checks what ``write`` wrote (optional); raises ``BackupError`` on a
-               difference, after naming each in ``ctx.problems``.
-
-Every phase reports progress through ``ctx.status``, adds problems to ``ctx.problems``
-and does its blocking file work in a thread (``in_thread``). ``close`` runs at the end
-of every run that created the step, however it ended.
+A step owns its folder on the disk (``folder``, its lines of README.txt), its
+prerequisites (``check``, for the ``check`` command), what ``verify TARGET`` checks of
+its folder (``check_disk``), and its phases in a run, which the flow runs for every
+enabled step in the order of ``steps.STEPS``, one phase across all steps before the next
+(docs/design.md, "The shape of a step", has the contract).
 """
 
 from __future__ import annotations
@@ -28,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from immich_usb_backup.config import Config
+from immich_usb_backup.diskreport import Report
 from immich_usb_backup.errors import BackupError
 from immich_usb_backup.fsutil import BackupRoot
 from immich_usb_backup.policy import Space
@@ -67,6 +59,25 @@ class RunContext:
             raise Cancelled("interrupted")
 
 
+@dataclass
+class DiskCheck:
+    """What ``verify TARGET`` gives a step's ``check_disk``: the backup folder (mounted,
+    read only), the report to fill, the live status, the stop event, the share of
+    files to read back (None: all) and the disk's device (to drop its cache)."""
+
+    config: Config
+    root: Path
+    report: Report
+    status: StatusWriter
+    stop: threading.Event
+    sample: float | None = None
+    device: str = ""
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Cancelled("interrupted")
+
+
 @dataclass(frozen=True)
 class Preflight:
     """What a step's preflight found: the space it needs (allocated bytes), its line
@@ -81,9 +92,12 @@ class Preflight:
 
 class Step(abc.ABC):
     """One step of a run; see the module doc. A subclass sets ``name`` (its key in the
-    history's ``steps``), ``enabled`` and at least ``preflight`` and ``write``."""
+    history's ``steps``), ``folder`` and ``readme``, ``enabled`` and at least
+    ``preflight`` and ``write``."""
 
     name: ClassVar[str]
+    folder: ClassVar[str]  # its folder in the backup folder (a name of layout)
+    readme: ClassVar[str]  # its lines of README.txt's "What is here" (aligned as there)
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -92,6 +106,19 @@ class Step(abc.ABC):
     @abc.abstractmethod
     def enabled(cls, config: Config) -> bool:
         """Whether the configuration turns this step on."""
+
+    @classmethod
+    async def check(cls, config: Config) -> list[str]:
+        """What on this machine would stop or weaken the step (for the ``check``
+        command): each problem a sentence naming the key or the program. None by
+        default."""
+        return []
+
+    @classmethod
+    def check_disk(cls, check: DiskCheck) -> None:
+        """``verify TARGET``: check the step's folder in ``check.root`` from the disk
+        alone, reading only, into ``check.report``. In a thread. Nothing by default."""
+        return
 
     async def prepare(self) -> None:
         """Act on the server before the preflight; never write to the disk. Most steps
@@ -106,8 +133,10 @@ class Step(abc.ABC):
     async def write(self) -> StepResult:
         """Write to the disk."""
 
-    async def verify(self, result: StepResult) -> None:
-        """Check what ``write`` wrote (optional: nothing by default)."""
+    async def finish(self, result: StepResult) -> None:
+        """After every step wrote: check what ``write`` wrote and write what describes
+        it (the library: compare contents, write the manifest); raise ``BackupError``
+        after naming each difference in ``ctx.problems``. Nothing by default."""
         return
 
     def close(self) -> None:

@@ -18,17 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from immich_usb_backup import __version__, policy
+from immich_usb_backup import __version__, layout, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.errors import BackupError
 from immich_usb_backup.fsutil import atomic_write, fsync_dir, remove_stale_temps
 from immich_usb_backup.policy import Space
 from immich_usb_backup.record import StepResult
-from immich_usb_backup.steps.base import Preflight, RunContext, Step, in_thread
+from immich_usb_backup.steps.base import DiskCheck, Preflight, RunContext, Step, in_thread
+from immich_usb_backup.text import plural
 
 log = logging.getLogger(__name__)
 
-FOLDER = "config"
+FOLDER = layout.CONFIG
 NOTE_NAME = "RESTORE.txt"
 
 
@@ -45,19 +46,53 @@ class ConfigStep(Step):
     """Zip the configured paths into ``config/``, keep the last N archives."""
 
     name = "config"
+    folder = FOLDER
+    readme = """\
+  config/           the server's configuration files, zipped, with a
+                    RESTORE.txt inside."""
 
     @classmethod
     def enabled(cls, config: Config) -> bool:
         return config.config_backup.enabled
 
+    @classmethod
+    async def check(cls, config: Config) -> list[str]:
+        problems = []
+        for p in config.config_backup.paths:
+            if not p.exists():
+                problems.append(f"config_backup.paths: {p} does not exist")
+            elif not os.access(p, os.R_OK):
+                problems.append(f"config_backup.paths: {p} is not readable by this user")
+        return problems
+
+    @classmethod
+    def check_disk(cls, check: DiskCheck) -> None:
+        """Every archive's checksums tested."""
+        folder = check.root / FOLDER
+        for archive in sorted(folder.glob("*.zip")) if folder.is_dir() else []:
+            check.check_stop()
+            why = _check_archive(archive)
+            check.report.archives_checked += 1
+            if why:
+                check.report.damaged.add(f"{FOLDER}/{archive.name}: {why}")
+
     async def preflight(self, cluster: int) -> Preflight:
         size = await in_thread(self.ctx, lambda: estimate(self.ctx))
         paths = len(self.ctx.config.config_backup.paths)
-        return Preflight(Space(to_write=size), f"config: an archive of {paths} configured "
-                         "path(s)", 1, size)
+        return Preflight(Space(to_write=size), "config: an archive of "
+                         f"{plural(paths, 'configured path')}", 1, size)
 
     async def write(self) -> StepResult:
         return await run(self.ctx)
+
+
+def _check_archive(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f"not a readable zip ({exc})"
+    return f"{bad} inside is damaged" if bad else None
 
 
 def _walk(path: Path, skipped: list[str]) -> Iterator[Path]:

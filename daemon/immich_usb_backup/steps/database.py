@@ -25,6 +25,7 @@ import gzip
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,8 +46,8 @@ from immich_usb_backup.fsutil import (
 )
 from immich_usb_backup.policy import Space
 from immich_usb_backup.record import StepResult
-from immich_usb_backup.steps.base import Preflight, RunContext, Step, in_thread
-from immich_usb_backup.text import human_bytes
+from immich_usb_backup.steps.base import DiskCheck, Preflight, RunContext, Step, in_thread
+from immich_usb_backup.text import human_bytes, plural
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,49 @@ class DatabaseStep(Step):
     """The newest (or a fresh) dump into ``database/``, keep the last N."""
 
     name = "database"
+    folder = FOLDER
+    readme = """\
+  database/         Immich's database dumps (immich-db-backup-*.sql.gz):
+                    albums, people, descriptions, who owns what."""
     dump: DumpPlan
     fresh: DumpPlan | None = None  # made by prepare (immich-api, command)
 
     @classmethod
     def enabled(cls, config: Config) -> bool:
         return config.database.enabled
+
+    @classmethod
+    async def check(cls, config: Config) -> list[str]:
+        db = config.database
+        problems = []
+        if not db.dump_glob and not config.dumps_dir.is_dir():
+            problems.append(f"database.dumps_dir: {config.dumps_dir} does not exist")
+        if db.source == "immich-api" and config.immich.api_key_file:
+            problems += immich.key_file_problems(config.immich.api_key_file)
+        if db.source == "command" and shutil.which(db.command[0]) is None:
+            problems.append(f"database.command: {db.command[0]} is not installed or not on "
+                            "PATH")
+        return problems
+
+    @classmethod
+    def check_disk(cls, check: DiskCheck) -> None:
+        """Every dump read to its end: a whole gzip stream ending with "dump complete"."""
+        folder = check.root / FOLDER
+        found = sorted(folder.glob("*.sql.gz")) if folder.is_dir() else []
+        check.status.set_phase("verify", sum(p.stat().st_size for p in found),
+                               f"reading {plural(len(found), 'database dump')} to the end")
+        done = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            check.status.progress(done)
+
+        for dump in found:
+            why = dumps.check(dump, on_bytes, check.check_stop)
+            check.report.dumps_checked += 1
+            if why:
+                check.report.damaged.add(f"{FOLDER}/{dump.name}: {why}")
 
     async def prepare(self) -> None:
         """A fresh dump, when the source makes one; on failure a problem, and the

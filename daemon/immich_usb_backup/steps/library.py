@@ -10,28 +10,31 @@ rename keep each file whole; its ``--info=progress2`` lines feed the live status
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
-import re
-import sys
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import execute, keep, layout, manifest, moves, policy
+from immich_usb_backup import (
+    integrity,
+    keep,
+    layout,
+    manifest,
+    manifestcheck,
+    moves,
+    policy,
+    rsync,
+)
 from immich_usb_backup.config import Config
-from immich_usb_backup.errors import BackupError, CommandError, Refused
+from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.fsutil import Inside, allocated
-from immich_usb_backup.hashcache import CHUNK, HashCache, chunked
-from immich_usb_backup.hashing import Stopped, hash_files
+from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.policy import Space
 from immich_usb_backup.record import StepResult, readable
 from immich_usb_backup.scan import (
-    MODIFY_WINDOW_NS,
+    STALE_MTIME,
+    STALE_WINDOW_NS,
     Excludes,
     Plan,
     files_record,
@@ -40,7 +43,7 @@ from immich_usb_backup.scan import (
     read_paths,
     scan,
 )
-from immich_usb_backup.steps.base import Preflight, RunContext, Step, in_thread
+from immich_usb_backup.steps.base import DiskCheck, Preflight, RunContext, Step, in_thread
 from immich_usb_backup.text import human_bytes, plural, word
 
 log = logging.getLogger(__name__)
@@ -48,22 +51,7 @@ log = logging.getLogger(__name__)
 FOLDER = layout.LIBRARY
 IMMICH_FOLDERS = ("upload", "library", "profile", "thumbs", "encoded-video", "backups")
 IMMICH_MARKER = ".immich"
-RSYNC_MIN_VERSION = (3, 1, 0)
-RSYNC_VANISHED = 24  # a source file vanished while copying: Immich deleted it; fine
-
-HASH_AHEAD_BYTES = 128 * 1024 * 1024  # how far hashing may read ahead of rsync's copy
-OUTPUT_EVERY_S = 0.1  # rsync's output is read this often (execute.run's coalesce_s)
 MANIFEST_LINE_BYTES = 200  # a generous average: digest, two spaces, a long Immich path
-# A copy on the disk known not to be the server's file (it changed while it was copied,
-# or it differed when compared) gets this time, so that the next run copies it again:
-# 1980-01-01 12:00 UTC, on or after exFAT's first day in every time zone.
-STALE_MTIME = 315_576_000
-STALE_WINDOW_NS = 2 * MODIFY_WINDOW_NS  # exFAT keeps times in 10 ms or 2 s units
-
-_PROGRESS = re.compile(r"^\s*([\d,.]+)\s+(\d+)%")
-_STATS_FILES = re.compile(r"^Number of regular files transferred:\s*([\d,.]+)")
-_STATS_BYTES = re.compile(r"^Total transferred file size:\s*([\d,.]+)")
-_STATS_LIST_S = re.compile(r"^File list generation time:\s*(\d+)[.,](\d+) seconds")
 
 
 @dataclass
@@ -114,6 +102,14 @@ class LibraryStep(Step):
     """Mirror the upload location into ``library/``; compare and list checksums."""
 
     name = "library"
+    folder = FOLDER
+    readme = """\
+  library/          a copy of Immich's upload location: your original photos
+                    and videos (upload/, library/), profile pictures, and all
+                    else Immich keeps there. Plain files: open them anywhere.
+  library.sha256    the checksum of every file in library/, to check them.
+  deleted/          files deleted or replaced on the server, kept a while:
+                    deleted/YYYY-MM-DD/<their path in library/>."""
     plan: Plan
     found: moves.Moves  # the files Immich moved
     kept: keep.KeepSurvey | None = None
@@ -123,6 +119,25 @@ class LibraryStep(Step):
     @classmethod
     def enabled(cls, config: Config) -> bool:
         return config.library.enabled
+
+    @classmethod
+    async def check(cls, config: Config) -> list[str]:
+        problems = await rsync.problems()
+        upload = config.immich.upload_location
+        try:
+            await asyncio.to_thread(check_source, upload, config.immich.require_markers)
+        except Refused as exc:
+            problems.append(f"immich.upload_location: {_as_check(str(exc))}")
+        else:
+            if not os.access(upload, os.R_OK | os.X_OK):
+                problems.append(f"immich.upload_location: {upload} is not readable by this "
+                                "user")
+        return problems
+
+    @classmethod
+    def check_disk(cls, check: DiskCheck) -> None:
+        """``library/`` against its manifest (``manifestcheck``)."""
+        manifestcheck.check(check)
 
     async def preflight(self, cluster: int) -> Preflight:
         """Refuse a source that is not Immich's (rule 4), compare the library with the
@@ -140,7 +155,7 @@ class LibraryStep(Step):
         if refusal:
             raise Refused(refusal)
         self.kept = await in_thread(ctx, lambda: survey_keep(ctx, cluster))
-        self.incoming = await in_thread(ctx, lambda: _incoming_size(ctx, cluster))
+        self.incoming = await in_thread(ctx, lambda: rsync.incoming_size(ctx, cluster))
         log.debug("library preflight: %d files to copy, %d to delete", p.copy_files,
                   p.delete_files)
         renamed = f"{self.found.files} renamed on the disk, " if self.found.files else ""
@@ -188,12 +203,9 @@ class LibraryStep(Step):
     async def write(self) -> StepResult:
         return await run(self.ctx, self.plan, self.kept, self.cache, self.found)
 
-    async def verify(self, result: StepResult) -> None:
+    async def finish(self, result: StepResult) -> None:
         """Compare contents (verify and full modes) and write the manifest; a difference
         fails the run, after each is named in the problems."""
-        # integrity uses this module's copying: imported here, not at the top
-        from immich_usb_backup.steps import integrity  # noqa: PLC0415
-
         assert isinstance(result, LibraryResult)
         ctx, cache = self.ctx, self.cache
         mismatches: list[str] = []
@@ -218,19 +230,10 @@ class LibraryStep(Step):
             self.cache = None
 
 
-def rsync_base_args(bwlimit_kib: int = 0) -> list[str]:
-    """The rsync flags for a mirror onto exFAT (also used by the benchmark's bare rsync)."""
-    args = [
-        "rsync",
-        "--times",
-        "--modify-window=1",
-        "--no-perms",
-        "--no-owner",
-        "--no-group",
-    ]
-    if bwlimit_kib:
-        args.append(f"--bwlimit={bwlimit_kib}")
-    return args
+def _as_check(refusal: str) -> str:
+    """A backup's refusal, said for ``check`` (nothing was about to be copied)."""
+    return (refusal.replace(", so nothing was copied or deleted.", ": a backup would be refused.")
+            .replace(" Nothing was copied or deleted.", " A backup would be refused."))
 
 
 def check_source(upload: Path, require_markers: bool) -> None:
@@ -299,9 +302,7 @@ def survey_keep(ctx: RunContext, cluster: int) -> keep.KeepSurvey | None:
 
 def keep_day(ctx: RunContext) -> str | None:
     """The keep area's folder for this run, or None when deletions are not kept."""
-    if not ctx.config.library.keep_deleted_days:
-        return None
-    return keep.day_name(ctx.started.date())
+    return keep.run_day(ctx.config.library.keep_deleted_days, ctx.started.date())
 
 
 def _rotated_prefix(ctx: RunContext) -> str | None:
@@ -357,10 +358,6 @@ def _delete(ctx: RunContext, mirror: Path, plan: Plan) -> tuple[int, int]:
     return removed, kept
 
 
-def _number(text: str) -> int:
-    return int(re.sub(r"[,.]", "", text))
-
-
 async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
               cache: HashCache | None, found: moves.Moves) -> LibraryResult:
     """Apply the plan: prune the keep area, rename what Immich moved, set aside what the
@@ -369,7 +366,7 @@ async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
     copies them."""
     result = LibraryResult()
     mirror = await in_thread(ctx, lambda: ctx.root.mkdir(FOLDER))
-    await in_thread(ctx, lambda: clean_incoming(ctx))
+    await in_thread(ctx, lambda: rsync.clean_incoming(ctx))
     if cache is not None and (plan.copy_files or plan.delete_files or plan.delete_dirs
                               or found.files):
         cache.set_manifest_state(ctx.disk_key, None)  # the manifest is stale until rewritten
@@ -395,11 +392,12 @@ async def run(ctx: RunContext, plan: Plan, kept: keep.KeepSurvey | None,
         if moved:
             result.keep_day = keep_day(ctx)
             result.keep_days = ctx.config.library.keep_deleted_days
-    hasher = None  # in quick mode, the manifest's new digests come from hashing meanwhile
+    # in quick mode, the manifest's new digests come from hashing while rsync copies
+    hasher: rsync.CopyHasher | None = None
     if (copy_lists and cache is not None and plan.files_list is not None
             and ctx.mode == "quick"):  # not a no-change run: its files list is long
-        hasher = CopyHasher(str(ctx.config.immich.upload_location), plan.files_list, cache)
-    await copy_paths(ctx, copy_lists, plan.copy_files, plan.copy_bytes, result, hasher)
+        hasher = rsync.CopyHasher(str(ctx.config.immich.upload_location), plan.files_list, cache)
+    await rsync.copy_paths(ctx, copy_lists, plan.copy_files, plan.copy_bytes, result, hasher)
     result.source_files, result.source_bytes = plan.source_files, plan.source_bytes
     if plan.files_list is not None and plan.copy_files:
         changed = await in_thread(ctx, lambda: changed_while_copied(ctx, plan))
@@ -463,193 +461,3 @@ def _mark_changed(files_list: Path, changed: Path) -> None:
     os.replace(new, files_list)
 
 
-async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes: int,
-                     result: StepResult, hasher: CopyHasher | None = None) -> None:
-    """Copy the paths in ``lists`` (NUL-separated, relative to the upload location) with
-    rsync, one list at a time, counting into ``result``. A ``hasher`` runs in a thread
-    meanwhile, kept within ``HASH_AHEAD_BYTES`` of rsync's progress."""
-    mirror = ctx.root.path(FOLDER)
-    ctx.status.set_phase("library", total_bytes, f"{files} files to copy")
-    source = str(ctx.config.immich.upload_location).rstrip("/") + "/"
-    done = {"before": 0, "batch": 0}  # bytes of finished batches, of the running one
-    list_s: str | None = None  # the batch's seconds building its file list (--stats)
-
-    def on_lines(lines: list[str]) -> None:
-        """rsync's output of one read: many progress lines (two a file copied; only the
-        last counts), then at the end the --stats lines (these start with a letter,
-        progress lines with spaces)."""
-        nonlocal list_s
-        for line in reversed(lines):
-            m = _PROGRESS.match(line)
-            if m:
-                done["batch"] = _number(m.group(1))
-                ctx.status.progress(done["before"] + done["batch"])
-                if hasher is not None:
-                    hasher.copied = done["before"] + done["batch"]
-                break
-        for line in lines:
-            if line.startswith(" "):
-                continue
-            m = _STATS_FILES.match(line)
-            if m:
-                result.files += _number(m.group(1))
-                continue
-            m = _STATS_BYTES.match(line)
-            if m:
-                result.bytes += _number(m.group(1))
-                continue
-            m = _STATS_LIST_S.match(line)
-            if m:
-                list_s = f"{m.group(1)}.{m.group(2)}"
-
-    incoming = await in_thread(ctx, lambda: ctx.root.mkdir(layout.INCOMING))
-    if hasher is not None:
-        hasher.start()
-    try:
-        for listed in lists:
-            batch = await in_thread(ctx, functools.partial(_without_comments, listed))
-            done["batch"], list_s = 0, None
-            argv = [
-                *rsync_base_args(ctx.config.library.bwlimit_kib),
-                "--dirs",
-                f"--temp-dir={incoming}",
-                f"--files-from={batch}",
-                "--from0",
-                "--info=progress2",
-                "--stats",
-                "--no-human-readable",
-                source,
-                str(mirror) + "/",
-            ]
-            t0 = time.monotonic()
-            try:
-                await execute.run(argv, on_lines=on_lines, coalesce_s=OUTPUT_EVERY_S,
-                                  ok_codes=(0, RSYNC_VANISHED))
-            except CommandError as exc:
-                raise BackupError(
-                    f"library: rsync failed with status {exc.returncode}: {exc.stderr_tail}"
-                ) from exc
-            # rsync reads a list one byte a system call and copies nothing meanwhile
-            # (docs/design.md, "What the lists cost rsync"): about 1 s a megabyte
-            took = f", {list_s} s of it building its file list" if list_s else ""
-            log.debug("rsync batch %s: %.1f s%s", batch.name, time.monotonic() - t0, took)
-            done["before"] += done["batch"]
-    except BaseException:
-        if hasher is not None:
-            hasher.stop.set()
-        raise
-    finally:
-        if hasher is not None:
-            await hasher.finish()
-    await in_thread(ctx, lambda: _remove_empty(incoming))
-
-
-def _remove_empty(folder: Path) -> None:
-    """rsync's temporary folder, once the copy ended well (a killed copy's files in it
-    are removed by the next run's ``clean_incoming``)."""
-    try:
-        os.rmdir(folder)
-    except OSError as exc:
-        log.debug("%s left in place: %s", folder, exc.strerror)
-
-
-def clean_incoming(ctx: RunContext) -> None:
-    """Remove what a killed copy left in rsync's temporary folder (``layout.INCOMING``):
-    partial files that belong to no backup."""
-    folder = ctx.root.path(layout.INCOMING)
-    if not folder.is_dir() or folder.is_symlink():
-        return
-    inside = Inside(folder)
-    for entry in os.scandir(folder):
-        inside.entry(Path(entry.path))
-        if entry.is_dir(follow_symlinks=False):
-            raise BackupError(f"{folder} holds a folder ({entry.name}): rsync's temporary "
-                              "folder should hold only files; remove it by hand")
-        os.unlink(entry.path)
-        log.info("removed %s, left by a copy that was killed", readable(entry.name))
-
-
-def _incoming_size(ctx: RunContext, cluster: int) -> int:
-    """The allocated bytes of what a killed copy left in rsync's temporary folder."""
-    folder = ctx.root.root / layout.INCOMING
-    try:
-        with os.scandir(folder) as it:
-            return sum(allocated(e.stat(follow_symlinks=False).st_size, cluster)
-                       for e in it if e.is_file(follow_symlinks=False))
-    except OSError:
-        return 0
-
-
-def _without_comments(batch: Path) -> Path:
-    """The list as rsync reads it right. rsync skips an entry of ``--files-from`` that
-    starts with ``#`` or ``;`` as a comment, ``--from0`` or not, without a word: a name
-    at the top of the upload location such as Synology's ``#recycle`` would be counted
-    as copied and never be. Such entries are given as ``./NAME`` (rsync drops the
-    ``./``); a list with none is used as it is."""
-    data = batch.read_bytes()
-    if not (data[:1] in (b"#", b";") or b"\0#" in data or b"\0;" in data):
-        return batch
-    fixed = batch.with_name(batch.name + ".rsync")
-    fixed.write_bytes(b"\0".join(b"./" + p if p[:1] in (b"#", b";") else p
-                                  for p in data.split(b"\0")))
-    return fixed
-
-
-class CopyHasher:
-    """Hashes the files a run copies into the hash cache, in a thread, while rsync copies
-    them: the files list's records marked copied, in its order, those the cache does not
-    know at the size and time the scan saw (a second disk's first backup hashes nothing
-    again). It reads at most ``HASH_AHEAD_BYTES`` ahead of what rsync reports copied, so
-    a cold library is read from the server's storage once: by whichever comes first,
-    the other finds it in the page cache."""
-
-    def __init__(self, source: str, files_list: Path, cache: HashCache) -> None:
-        self.source, self.files_list, self.cache = source, files_list, cache
-        self.copied = 0  # bytes rsync has copied so far; sys.maxsize when it is done
-        self.stop = threading.Event()
-        self.hashed = 0
-        self._running: asyncio.Future[None] | None = None
-
-    def _unknown(self) -> Iterator[str]:
-        position = 0  # bytes of the copied files before this one, in the list's order
-        copied = (r for r in read_files_list(self.files_list) if r.copied)
-        for chunk in chunked(copied):
-            known = self.cache.lookup_many([(r.rel, r.size, r.mtime_ns) for r in chunk])
-            for rec, digest in zip(chunk, known, strict=True):
-                before, position = position, position + rec.size
-                if digest is not None:
-                    continue
-                while before - self.copied > HASH_AHEAD_BYTES:
-                    if self.stop.wait(0.05):
-                        raise Stopped
-                yield rec.rel
-
-    def start(self) -> None:
-        """Hash in a thread from now on, until ``finish``."""
-        self._running = asyncio.ensure_future(asyncio.to_thread(self.run))
-
-    async def finish(self) -> None:
-        """Let the thread hash the rest (rsync is done, or ``stop`` was set) and wait for
-        it. A hashing error costs only cache entries (the manifest hashes those): logged."""
-        assert self._running is not None, "finish() before start()"
-        self.copied = sys.maxsize  # nothing more to wait for
-        t0 = time.monotonic()
-        for outcome in await asyncio.shield(asyncio.gather(self._running,
-                                                           return_exceptions=True)):
-            if isinstance(outcome, Exception) and not isinstance(outcome, Stopped):
-                log.warning("hashing while copying failed: %s", outcome)
-        log.debug("hashing while copying: %d files, %.1f s after the copy", self.hashed,
-                  time.monotonic() - t0)
-
-    def run(self) -> None:
-        rows: list[tuple[str, int, int, str]] = []
-        for h in hash_files(self.source, self._unknown(), stop=self.stop):
-            if h.digest is not None:
-                rows.append((h.rel, h.size, h.mtime_ns, h.digest))
-                if len(rows) >= CHUNK:
-                    self.cache.put_many(rows)
-                    self.hashed += len(rows)
-                    rows.clear()
-        self.cache.put_many(rows)
-        self.hashed += len(rows)
-        self.cache.commit()

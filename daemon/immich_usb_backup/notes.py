@@ -1,17 +1,21 @@
-"""Last step: ``README.txt`` and ``backup-info.toml`` in the backup folder."""
+"""``README.txt`` and ``backup-info.toml`` in the backup folder, written at the end of
+every run that wrote: what the folder is and how to restore, in plain words (each
+step says what its folder holds), and the last run's numbers."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import tomli_w
 
-from immich_usb_backup import __version__
+from immich_usb_backup import __version__, layout
 from immich_usb_backup.fsutil import BackupRoot, atomic_write_bytes
+from immich_usb_backup.steps.base import Step
 
-README_NAME = "README.txt"
-INFO_NAME = "backup-info.toml"
+README_NAME = layout.README
+INFO_NAME = layout.INFO
 
 README = """\
 IMMICH SERVER BACKUP
@@ -21,16 +25,7 @@ This folder is a backup of an Immich photo server, made by immich-usb-backup
 (version {version}) on {host}. Last backup: {finished} ({status}).
 
 What is here
-  library/          a copy of Immich's upload location: your original photos
-                    and videos (upload/, library/), profile pictures, and all
-                    else Immich keeps there. Plain files: open them anywhere.
-  library.sha256    the checksum of every file in library/, to check them.
-  deleted/          files deleted or replaced on the server, kept a while:
-                    deleted/YYYY-MM-DD/<their path in library/>.
-  database/         Immich's database dumps (immich-db-backup-*.sql.gz):
-                    albums, people, descriptions, who owns what.
-  config/           the server's configuration files, zipped, with a
-                    RESTORE.txt inside.
+{steps}
   backup-info.toml  details of the last backup run.
   history.html      every recent backup run: open it in a web browser.
   disk-key.txt      tells the server that this is the disk it approved: keep
@@ -81,14 +76,19 @@ The whole server (as root, in this folder):
 """
 
 
-def write(root: BackupRoot, info: dict[str, Any]) -> None:
+def readme(steps: Sequence[type[Step]], info: dict[str, Any]) -> str:
+    """README.txt for a run whose summary is ``info``; ``steps`` say what their folders
+    hold."""
+    return README.format(
+        version=__version__, host=socket.gethostname(),
+        finished=str(info.get("finished_at", "")), status=info.get("status", "?"),
+        steps="\n".join(step.readme for step in steps))
+
+
+def write(root: BackupRoot, steps: Sequence[type[Step]], info: dict[str, Any]) -> None:
     """Write README.txt and backup-info.toml atomically. ``info`` is the run summary."""
-    finished = str(info.get("finished_at", ""))
-    readme = README.format(
-        version=__version__, host=socket.gethostname(), finished=finished,
-        status=info.get("status", "?"),
-    )
-    atomic_write_bytes(root, root.path(README_NAME), readme.encode())
+    text = readme(steps, info)
+    atomic_write_bytes(root, root.path(README_NAME), text.encode())
     doc = {
         "backup": {
             "tool": "immich-usb-backup",

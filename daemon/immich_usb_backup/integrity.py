@@ -20,7 +20,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from immich_usb_backup import keep, manifest
+from immich_usb_backup import keep, layout, manifest, rsync
 from immich_usb_backup.errors import BackupError
 from immich_usb_backup.fsutil import atomic_write
 from immich_usb_backup.hashcache import HashCache, chunked
@@ -32,15 +32,13 @@ from immich_usb_backup.hashing import (
     sha256_file,
 )
 from immich_usb_backup.record import StepResult
-from immich_usb_backup.scan import MODIFY_WINDOW_NS, Plan, read_files_list, read_paths
-from immich_usb_backup.steps import library
+from immich_usb_backup.scan import MODIFY_WINDOW_NS, STALE_MTIME, Plan, read_files_list, read_paths
 from immich_usb_backup.steps.base import RunContext, in_thread
 
 log = logging.getLogger(__name__)
 
 # A copy that differs is given this time, before it is copied again: if the run ends
 # before the new copy is in place, the next run's size-and-time check copies it.
-STALE_MTIME = library.STALE_MTIME
 
 
 def _selected(rel: str, copied: bool, mode: str, runs: int, turn: int) -> bool:
@@ -81,7 +79,7 @@ def _compare_all(ctx: RunContext, selection: Path, cache: HashCache,
                  mismatched: list[tuple[str, str, str]]) -> int:
     """Hash both sides of every selected path; return how many files were compared."""
     source = str(ctx.config.immich.upload_location)
-    mirror = str(ctx.root.path(library.FOLDER))
+    mirror = str(ctx.root.path(layout.LIBRARY))
     read = [0]
     lock = threading.Lock()
 
@@ -113,8 +111,8 @@ def _compare_all(ctx: RunContext, selection: Path, cache: HashCache,
 def _set_aside(ctx: RunContext, rels: list[str]) -> Path:
     """Mark the differing copies stale, move them into the keep area (or leave them for
     rsync to replace), and write the list to copy again."""
-    mirror = ctx.root.path(library.FOLDER)
-    day = library.keep_day(ctx)
+    mirror = ctx.root.path(layout.LIBRARY)
+    day = keep.run_day(ctx.config.library.keep_deleted_days, ctx.started.date())
     path = ctx.work_dir / "recopy"
     with open(path, "wb") as out:
         for rel in rels:
@@ -155,16 +153,16 @@ async def compare(ctx: RunContext, plan: Plan, cache: HashCache) -> tuple[int, l
     cache.set_manifest_state(ctx.disk_key, None)  # what is copied again may differ
     rels = [rel for rel, _, _ in mismatched]
     recopy = await in_thread(ctx, lambda: _set_aside(ctx, rels))
-    day = library.keep_day(ctx)
+    day = keep.run_day(ctx.config.library.keep_deleted_days, ctx.started.date())
     kept = f"; the differing copy is kept in deleted/{day}/" if day else ""
     try:
-        await library.copy_paths(ctx, [recopy], len(rels), 0, StepResult())
+        await rsync.copy_paths(ctx, [recopy], len(rels), 0, StepResult())
     except BackupError as exc:
         return compared, [
             f"verify: library/{rel} differed from the server ({why}){kept}; copying it "
             f"again failed ({exc}): the next run copies it" for rel, why, _ in mismatched]
     await in_thread(ctx, lambda: _settle(ctx))
-    mirror = str(ctx.root.path(library.FOLDER))
+    mirror = str(ctx.root.path(layout.LIBRARY))
     again = await in_thread(ctx, lambda: list(hash_files(mirror, rels, drop_cache=True,
                                                          stop=ctx.cancel)))
     problems = []
@@ -184,7 +182,7 @@ def _write_lines(ctx: RunContext, plan: Plan, cache: HashCache, out: BinaryIO,
                  counts: dict[str, int]) -> None:
     assert plan.files_list is not None
     source = str(ctx.config.immich.upload_location)
-    mirror = str(ctx.root.path(library.FOLDER))
+    mirror = str(ctx.root.path(layout.LIBRARY))
     done = 0
     buf = bytearray(1024 * 1024)
     for chunk in chunked(read_files_list(plan.files_list)):

@@ -1,0 +1,140 @@
+"""What the command line prints, as text: the run summary, verify's report, the live
+status line, the disk tables. Plain functions of plain data; ``cli`` prints them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from immich_usb_backup import history
+from immich_usb_backup.record import RunRecord
+from immich_usb_backup.text import human_bytes, plural
+
+
+def format_summary(r: RunRecord) -> str:
+    lines = [
+        f"backup {r.status.upper()}",
+        f"  disk:     {r.disk.label or '-'} (UUID {r.disk.uuid})" if r.disk.uuid
+        else f"  disk:     {r.target or '-'}",
+        f"  copied:   {plural(r.files_transferred, 'file')}, "
+        f"{human_bytes(r.bytes_transferred or 0)}",
+        f"  took:     {r.duration_s} s",
+        *(f"  {line}" for line in r.finished_lines),
+        *(f"  {note}" for note in r.notes),
+    ]
+    problems = r.problems
+    if problems:
+        lines.append(f"  problems ({len(problems)}):")
+        lines += [f"    - {p}" for p in problems]
+    return "\n".join(lines)
+
+
+def format_verify(r: Any) -> str:
+    from immich_usb_backup import drill  # noqa: PLC0415 - only verify needs it
+
+    disk = r.disk
+    share = (f" (a random {r.sample_percent:g}% sample)" if r.sample_percent is not None
+             and r.sample_percent < 100 else "")
+    lines = [
+        f"verify {'OK' if r.ok else 'FAILED'}",
+        f"  disk:      {disk.get('label') or '-'} (UUID {disk.get('uuid') or '-'}) at "
+        f"{disk.get('mount_point')}",
+        f"  manifest:  {plural(r.manifest_entries, 'file')} listed in library.sha256; "
+        f"{plural(r.files_on_disk, 'file')} in library/",
+        f"  read back: {plural(r.checked_files, 'file')}, {human_bytes(r.checked_bytes)}"
+        f"{share}",
+        f"  database:  {plural(r.dumps_checked, 'dump')} read to the end; config: "
+        f"{plural(r.archives_checked, 'archive')} tested",
+    ]
+    for title, found in (("changed (contents differ from the manifest)", r.changed),
+                         ("unreadable", r.unreadable),
+                         ("missing (listed, not on the disk)", r.missing),
+                         ("unexpected (on the disk, not listed)", r.unexpected),
+                         ("damaged dumps or archives", r.damaged),
+                         ("manifest lines that cannot be read", r.bad_lines)):
+        if found.count:
+            lines.append(f"  {title}: {found.count}")
+            lines += [f"    - {p}" for p in found.paths]
+            if found.count > len(found.paths):
+                lines.append(f"    ... and {found.count - len(found.paths)} more")
+    if r.drill is not None:
+        lines += format_drill(r.drill)
+    lines.append(f"  last restore drill: {drill.describe(r.last_drill, drill.plain_time)}")
+    return "\n".join(lines)
+
+
+def format_drill(d: Any) -> list[str]:
+    """The lines of ``verify``'s output for a restore drill (a ``drill.DrillResult``)."""
+    version = f", PostgreSQL {d.postgres_version}" if d.postgres_version else ""
+    lines = [f"  restore drill: {'PASSED' if d.passed else 'FAILED'} in "
+             f"{d.duration_s:g} s{version}",
+             f"    dump:      {d.dump or '-'}" + (f" ({d.kind})" if d.kind else "")]
+    counts = [f"{c.table} {'?' if c.rows is None else c.rows}"
+              for c in d.tables.values() if c.table]
+    if d.tables:
+        where = f" (database {d.database})" if d.database else ""
+        lines.append(f"    rows:      {', '.join(counts) or 'no Immich table found'}{where}")
+    lines += [f"    problem:   {p}" for p in d.problems]
+    if d.failed_count:
+        lines.append(f"    failed statements ({d.failed_count}; the load went on):")
+        for f in d.failed:
+            where = f" [database {f.database}]" if f.database else ""
+            lines.append(f"      - {f.error}{where}")
+            if f.statement:
+                lines.append(f"        {' '.join(f.statement.split())}")
+        if d.failed_count > len(d.failed):
+            lines.append(f"      ... and {d.failed_count - len(d.failed)} more")
+    return lines
+
+
+def format_status_line(st: dict[str, Any]) -> str:
+    done, total = int(st.get("bytes_done") or 0), int(st.get("bytes_total") or 0)
+    parts = [f"[{st.get('phase', '?')}]"]
+    if total:
+        pct = float(st.get("percent") or 0.0)
+        filled = int(pct / 5)
+        parts.append(f"{'#' * filled}{'.' * (20 - filled)} {pct:5.1f}%")
+        parts.append(f"{human_bytes(done)} / {human_bytes(total)}")
+        if st.get("rate_bps"):
+            parts.append(f"{human_bytes(int(st['rate_bps']))}/s")
+        if st.get("eta_s") is not None:
+            parts.append(f"ETA {_clock(int(st['eta_s']))}")
+    if st.get("detail"):
+        parts.append(str(st["detail"]))
+    return "  ".join(parts)
+
+
+def _clock(seconds: int) -> str:
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def format_disks_all(rows: list[dict[str, Any]]) -> str:
+    table = [("label", "uuid", "last backup", "age", "free", "files", "last check")]
+    for r in rows:
+        age = r["age_days"]
+        when = str(r["last_backup_at"] or "never")[:16].replace("T", " ")
+        check = ("-" if r["last_verify_at"] is None else
+                 f"{str(r['last_verify_at'])[:10]} "
+                 f"{'passed' if r['last_verify_passed'] else 'FAILED'}")
+        free = (f"{human_bytes(r['free_bytes'])} of {human_bytes(r['size_bytes'])}"
+                if r["free_bytes"] is not None and r["size_bytes"] else "-")
+        table.append((
+            str(r["label"] or "-"), str(r["uuid"]), when,
+            "-" if age is None else f"{age} d{' OVERDUE' if r['overdue'] else ''}",
+            free, "-" if r["files"] is None else str(r["files"]), check))
+    return history.columns(table)
+
+
+def format_disks(rows: list[dict[str, Any]]) -> str:
+    """``disks``: the USB exFAT disks connected now, one row each."""
+    table: list[tuple[str, ...]] = [
+        ("device", "label", "size", "model", "uuid", "marker", "approved")]
+    for r in rows:
+        marker = {"marked": "yes", "legacy": "old name", None: "no"}[r["marker"]]
+        if r["mount_point"] is None:
+            marker = "? (not mounted)"
+        table.append((r["device"], r["label"] or "-", human_bytes(r["size"]),
+                      r["model"] or "-", r["uuid"] or "-", marker,
+                      "yes" if r["approved"] else "no"))
+    return history.columns(table)
