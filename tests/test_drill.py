@@ -338,7 +338,7 @@ def test_drill_without_postgresql_names_the_package_and_the_config_key(
     assert "database.postgres_bin_dir" in r.stderr and "apt install postgresql" in r.stderr
 
     # nothing configured, nothing on PATH or in /usr/lib/postgresql
-    monkeypatch.setattr(drill, "DEBIAN_BINS", tmp_path / "usr-lib-postgresql")
+    monkeypatch.setattr(drill.postgres, "DEBIAN_BINS", tmp_path / "usr-lib-postgresql")
     monkeypatch.setenv("PATH", str(fake_bin(tmp_path / "path", tools=("runuser",))))
     with pytest.raises(drill.DrillUnavailable) as caught:
         drill.find_postgres(None)
@@ -364,7 +364,7 @@ def test_postgres_is_the_configured_folder_then_path_then_the_newest_debian_one(
     fake_bin(lib / "13" / "bin")
     newest = fake_bin(lib / "16" / "bin")
     fake_bin(lib / "17" / "bin", tools=("initdb", "pg_ctl", "postgres"))  # no psql
-    monkeypatch.setattr(drill, "DEBIAN_BINS", lib)
+    monkeypatch.setattr(drill.postgres, "DEBIAN_BINS", lib)
     tools = fake_bin(tmp_path / "tools", tools=("runuser",))  # util-linux, for root
     monkeypatch.setenv("PATH", str(tools))
     assert drill.find_postgres(None) == newest
@@ -442,3 +442,17 @@ def test_history_page_shows_each_disks_last_drill_escaped() -> None:
     assert "cut &lt;short&gt;" in both and "No drill of this disk has passed yet" in both
     assert "<Zweit>" not in both and "http://" not in both and "https://" not in both
 
+
+
+def test_the_drill_runs_no_psql_command_a_dump_brings_but_those_pg_dump_writes(
+    tmp_path: Path,
+) -> None:
+    from immich_usb_backup.drill.feeder import Feeder
+
+    feeder = Feeder(tmp_path / "d.sql.gz", tmp_path, cluster_dump=True, user=None,
+                    on_bytes=lambda n: None)
+    assert feeder._adjust(b"\\connect immich\n") == b"\\connect immich\n"
+    assert feeder._adjust(b"\\restrict abc\n") == b"\\restrict abc\n"
+    for hostile in (b"\\! touch /tmp/owned\n", b"\\o /etc/passwd\n", b"\\copy t to 'x'\n"):
+        assert feeder._adjust(hostile).startswith(b"-- ")
+    assert feeder.skipped_commands == 3

@@ -36,7 +36,7 @@ HISTORY = "history.jsonl"  # one record per run, appended
 STATUS = "status.json"  # the running backup's live progress
 HASHES = "hashes.sqlite"  # the hash cache (a cache: rebuilt when damaged)
 LOCK = "backup.lock"  # safety rule 8
-PAGE = "history.html"  # the history page, refreshed after every run
+PAGE = "history.html"  # the history page, refreshed after every run (layout.PAGE on the disk)
 WORK = "run"  # the running backup's work folder, emptied at every start
 
 # What is lost with a damaged file, and what to do about it.
