@@ -103,6 +103,24 @@ def drill_processes(folder: Path) -> list[str]:
     return out
 
 
+def drill_users(folder: Path) -> set[str]:
+    """The users the live processes naming something under ``folder`` run as."""
+    import pwd
+
+    users = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+            status = cmdline.with_name("status").read_text()
+        except OSError:
+            continue
+        if any(a.startswith(f"{folder}/") for a in argv):
+            uid = next(int(line.split()[1]) for line in status.splitlines()
+                       if line.startswith("Uid:"))
+            users.add(pwd.getpwuid(uid).pw_name)
+    return users
+
+
 def assert_cleaned_up(folder: Path) -> None:
     assert drill_processes(folder) == []
     assert list(folder.iterdir()) == []  # the cluster's folder (and verify's scratch) gone
@@ -300,6 +318,8 @@ def test_a_drill_stopped_or_killed_leaves_no_postgresql_running(
             server_up = any(p.split()[0].endswith("/postgres") for p in running)
             loading = any("/dump.sql" in p for p in running)  # psql reads the dump
             if status.get("phase") == "drill" and server_up and loading:
+                # as root, every program of the drill runs as nobody, the loading psql too
+                assert drill_users(drill_tmp) == {"nobody"}, drill_users(drill_tmp)
                 break
             assert time.monotonic() < deadline, (status, running)
             time.sleep(0.2)
