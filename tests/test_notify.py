@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from conftest import ExfatDisk, Server, run_cli
-from immich_usb_backup import notify
+from immich_usb_backup import masking, messages, notify
 from immich_usb_backup.config import Event, NotifyConfig, parse_config
 from immich_usb_backup.errors import ConfigError
 from immich_usb_backup.record import RunRecord
@@ -183,7 +183,7 @@ def test_a_successful_run_sends_started_then_finished_by_webhook_and_mail(
     assert f"to the disk Backup (UUID {last_record(server)['disk']['uuid']})" in body
     assert "What will be copied:" in body
     assert "- database: immich-db-backup-" in body
-    assert "- config: an archive of 1 configured path(s)" in body
+    assert "- config: an archive of 1 configured path" in body
     n_files = sum(len(files) for _, _, files in os.walk(server.upload))
     assert f"- library: {n_files} of {n_files} files to copy" in body
     assert "Do not unplug the disk until" in body
@@ -443,7 +443,7 @@ def test_a_disk_detached_by_the_run_is_unmounted_before_the_finished_message(
     notify_config(server, hook.url())
     config = load_config(server.config_path)
 
-    async def detach() -> notify.DiskState:
+    async def detach() -> messages.DiskState:
         await asyncio.to_thread(unmount, disk.mount_point)
         return "powered-off"
 
@@ -471,7 +471,7 @@ def test_a_marked_disk_that_is_not_approved_gets_the_approve_command(
     config = load_config(server.config_path)
 
     asyncio.run(flow._record_needs_approval(
-        config, "/dev/sdz1", "1A2B-3C4D", "Holiday", "plug", notify.DiskEnd("unmounted")))
+        config, "/dev/sdz1", "1A2B-3C4D", "Holiday", "plug", messages.DiskEnd("unmounted")))
 
     (msg,) = hook.wait_for(1)
     assert msg["title"] == "Immich backup: disk Holiday needs approval"
@@ -514,11 +514,11 @@ def test_disabled_events_and_no_urls_send_and_record_nothing(
     notify_config(server, hook.url(), extra='events = ["finished"]\n')
     asyncio.run(flow._record_needs_approval(
         load_config(server.config_path), "/dev/sdz1", None, None, "plug",
-        notify.DiskEnd("unmounted")))
+        messages.DiskEnd("unmounted")))
     server.write_config()
     asyncio.run(flow._record_needs_approval(
         load_config(server.config_path), "/dev/sdz1", None, None, "plug",
-        notify.DiskEnd("unmounted")))
+        messages.DiskEnd("unmounted")))
 
     time.sleep(0.3)
     assert hook.received == []
@@ -551,9 +551,9 @@ def record(**overrides: Any) -> RunRecord:
     ("busy", "The disk could not be unmounted (see the server's log): do not unplug it yet."),
 ])
 def test_the_finished_message_says_safe_to_unplug_only_when_it_is(
-    state: notify.DiskState, sentence: str
+    state: messages.DiskState, sentence: str
 ) -> None:
-    msg = notify.finished(record(), notify.DiskEnd(state, wrote=True, free_bytes=2 << 30,
+    msg = messages.finished(record(), messages.DiskEnd(state, wrote=True, free_bytes=2 << 30,
                                                    size_bytes=4 << 30))
     assert msg.body.endswith("\n" + sentence)
     assert msg.body.count("safe to unplug") == (1 if "safe to unplug" in sentence else 0)
@@ -565,23 +565,23 @@ def test_the_finished_message_says_safe_to_unplug_only_when_it_is(
 def test_the_finished_message_says_what_was_set_aside_and_compared() -> None:
     steps = {"library": {"kept": 3, "keep_day": "2026-11-27", "keep_days": 30,
                          "compared": 120}}
-    msg = notify.finished(record(steps=steps), notify.DiskEnd("unmounted"))
+    msg = messages.finished(record(steps=steps), messages.DiskEnd("unmounted"))
     assert ("Set aside: 3 files deleted or changed on the server, kept in "
             "deleted/2026-11-27/ on the disk for 30 days.") in msg.body
     assert "Compared by content with the server: 120 files." in msg.body
     assert "did not complete" not in msg.body
-    failed = notify.finished(record(status="failed", steps={"library": {"mismatches": 1}}),
-                             notify.DiskEnd("unmounted"))
+    failed = messages.finished(record(status="failed", steps={"library": {"mismatches": 1}}),
+                             messages.DiskEnd("unmounted"))
     assert "Everything was copied, but the check found copies" in failed.body
     assert "did not complete" not in failed.body
-    plain = notify.finished(record(steps={"library": {"kept": 0}}), notify.DiskEnd("unmounted"))
+    plain = messages.finished(record(steps={"library": {"kept": 0}}), messages.DiskEnd("unmounted"))
     assert "Set aside" not in plain.body and "Compared" not in plain.body
 
 
 def test_the_finished_message_shows_the_first_problems_and_counts_the_rest() -> None:
     problems = [f"problem {i}" for i in range(1, 9)]
-    msg = notify.finished(record(status="failed", problems=problems),
-                          notify.DiskEnd("unmounted"))
+    msg = messages.finished(record(status="failed", problems=problems),
+                          messages.DiskEnd("unmounted"))
     assert msg.kind == "failure"
     assert "Problems (8):\n- problem 1\n" in msg.body and "- problem 5\n" in msg.body
     assert "problem 6" not in msg.body
@@ -589,8 +589,8 @@ def test_the_finished_message_shows_the_first_problems_and_counts_the_rest() -> 
 
 
 def test_a_disk_someone_else_mounted_is_to_be_ejected_there_first() -> None:
-    msg = notify.needs_approval("Holiday", None, "/dev/sdz1", "sudo immich-usb-backup "
-                                "approve /dev/sdz1", notify.DiskEnd("left-mounted", "/media/h"))
+    msg = messages.needs_approval("Holiday", None, "/dev/sdz1", "sudo immich-usb-backup "
+                                "approve /dev/sdz1", messages.DiskEnd("left-mounted", "/media/h"))
     assert msg.title == "Immich backup: disk Holiday needs approval"
     assert "\n    sudo immich-usb-backup approve /dev/sdz1\n" in msg.body
     assert msg.body.endswith("The disk is still mounted at /media/h, as it was found: eject "
@@ -598,9 +598,9 @@ def test_a_disk_someone_else_mounted_is_to_be_ejected_there_first() -> None:
 
 
 def test_a_run_on_an_unknown_target_is_named_by_its_path() -> None:
-    msg = notify.end_message(record(status="refused", disk={"uuid": None, "label": None},
+    msg = messages.end_message(record(status="refused", disk={"uuid": None, "label": None},
                                     problems=["/mnt/x is not the mount point of a disk"]),
-                             notify.DiskEnd("left-mounted", "/mnt/x"))
+                             messages.DiskEnd("left-mounted", "/mnt/x"))
     assert msg.event == "refused"
     assert msg.title == "Immich backup: refused on /media/backup"
     assert "Why: /mnt/x is not the mount point of a disk" in msg.body
@@ -654,7 +654,7 @@ def test_a_bad_url_in_the_config_is_an_error_that_does_not_show_it(tmp_path: Pat
 
 def test_an_url_apprise_does_not_know_is_recorded_without_showing_it(hook: Hook) -> None:
     notifier = notify.Notifier(NotifyConfig(urls=(f"nosuch://user:{SECRET}@x", hook.url())))
-    asyncio.run(notifier.send(notify.Message(Event.FINISHED, "t", "b")))
+    asyncio.run(notifier.send(messages.Message(Event.FINISHED, "t", "b")))
     assert hook.wait_for(1)[0]["title"] == "t"
     assert notifier.outcomes == [{"event": "finished", "ok": False, "error":
                                   "notify.urls #1: not a URL Apprise understands "
@@ -671,7 +671,7 @@ def test_a_notifier_that_breaks_records_it_and_never_raises(
 
     monkeypatch.setattr(apprise.Apprise, "instantiate", explode)
     notifier = notify.Notifier(NotifyConfig(urls=("json://127.0.0.1:1/",)))
-    asyncio.run(notifier.send(notify.Message(Event.FINISHED, "t", "b")))
+    asyncio.run(notifier.send(messages.Message(Event.FINISHED, "t", "b")))
     assert notifier.outcomes == [{"event": "finished", "ok": False, "error":
                                   "cannot prepare the notifications: "
                                   "RuntimeError('plugin bug')"}]
@@ -684,7 +684,7 @@ def _secrets_of(url: str) -> set[str]:
 
     plugin = apprise.Apprise.instantiate(url)
     assert plugin is not None, url
-    return notify.secrets_in(url, plugin.url(privacy=True), plugin.url(privacy=False))
+    return masking.secrets_in(url, plugin.url(privacy=True), plugin.url(privacy=False))
 
 
 @pytest.mark.parametrize(("url", "secret"), [
@@ -702,9 +702,9 @@ def _secrets_of(url: str) -> set[str]:
 def test_the_secret_parts_of_a_url_are_found_and_masked(url: str, secret: str) -> None:
     found = _secrets_of(url)
     assert secret in found
-    notify.register_secrets(found)
+    masking.register_secrets(found)
     for text in (url, f"POST https://api.example/bot{secret}/send failed", secret):
-        masked = notify.mask(text)
+        masked = masking.mask(text)
         assert secret not in masked, masked
         assert "***" in masked
 
@@ -717,8 +717,8 @@ def test_hosts_and_plain_words_are_not_taken_for_secrets() -> None:
 
 
 def test_a_password_is_masked_even_before_apprise_parsed_the_url() -> None:
-    assert notify.secrets_in("json://user:pa%2Fss@h/") >= {"pa%2Fss", "pa/ss"}
-    assert notify.mask("json://user:whatever@h/") == "json://user:***@h/"
+    assert masking.secrets_in("json://user:pa%2Fss@h/") >= {"pa%2Fss", "pa/ss"}
+    assert masking.mask("json://user:whatever@h/") == "json://user:***@h/"
 
 
 def test_apprise_and_urllib3_log_lines_are_masked() -> None:
@@ -732,7 +732,7 @@ def test_apprise_and_urllib3_log_lines_are_masked() -> None:
         def emit(self, record: logging.LogRecord) -> None:
             self.records.append(record)
 
-    notify.register_secrets({"tok3n-in-path"})
+    masking.register_secrets({"tok3n-in-path"})
     notify.guard_library_logs()
     root, keep = logging.getLogger(), Keep()
     level = root.level
@@ -752,9 +752,9 @@ def test_apprise_and_urllib3_log_lines_are_masked() -> None:
 def test_apprise_is_imported_only_when_a_message_is_sent_somewhere() -> None:
     code = textwrap.dedent("""
         import asyncio, sys
-        from immich_usb_backup import cli, daemon, flow, notify
+        from immich_usb_backup import cli, daemon, flow, messages, notify
         from immich_usb_backup.config import Event, NotifyConfig
-        message = notify.Message(Event.FINISHED, "t", "b")
+        message = messages.Message(Event.FINISHED, "t", "b")
         asyncio.run(notify.Notifier(NotifyConfig(), environ={}).send(message))
         print("apprise" in sys.modules)
         asyncio.run(notify.Notifier(NotifyConfig(urls=("json://127.0.0.1:9/x",),

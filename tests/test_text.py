@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from immich_usb_backup import cliformat, notify, overview, report, text
+from immich_usb_backup import cliformat, messages, overview, report, text
 from immich_usb_backup.drill import DrillOutcome
 from immich_usb_backup.history import format_table
 from immich_usb_backup.record import RunRecord
@@ -61,14 +61,14 @@ def record(n: int) -> RunRecord:
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_every_message_and_summary_says_counts_in_the_right_number(n: int) -> None:
     r = record(n)
-    end = notify.DiskEnd("powered-off", free_bytes=n, size_bytes=10)
+    end = messages.DiskEnd("powered-off", free_bytes=n, size_bytes=10)
     shown: list[Any] = [
-        notify.started("Backup", "6F5F-FDC3", [f"library: {text.plural(n, 'file')}"], n, n),
-        notify.finished(r, end),
-        notify.refused(r, end),
-        notify.needs_approval("Backup", "6F5F-FDC3", "/dev/sdb1", "approve", end),
-        notify.reminder(f"No backup for {text.plural(n, 'day')}", n),
-        notify.state_damaged("the state file x was damaged"),
+        messages.started("Backup", "6F5F-FDC3", [f"library: {text.plural(n, 'file')}"], n, n),
+        messages.finished(r, end),
+        messages.refused(r, end),
+        messages.needs_approval("Backup", "6F5F-FDC3", "/dev/sdb1", "approve", end),
+        messages.reminder(f"No backup for {text.plural(n, 'day')}", n),
+        messages.state_damaged("the state file x was damaged"),
     ]
     lines = [f"{m.title}\n{m.body}" for m in shown]
     lines.append(cliformat.format_summary(r))

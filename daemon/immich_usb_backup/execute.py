@@ -35,6 +35,7 @@ from typing import Any
 
 from immich_usb_backup import lock
 from immich_usb_backup.errors import CommandError
+from immich_usb_backup.masking import mask
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ TERMINATE_GRACE_S = 5.0
 PIPE_BYTES = 1 << 20  # the pipe of coalesced output: 0.1 s of rsync's progress at 50,000
 # small files a second; Linux's default pipe-max-size, so a user without root gets it too
 _LINE_END_TEXT = re.compile(r"[\r\n]")
-_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@", re.I)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -76,11 +76,6 @@ def _group_of(user: str) -> int:
     return pwd.getpwnam(user).pw_gid
 
 
-def mask_secrets(text: str) -> str:
-    """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``)."""
-    return _SECRET_IN_URL.sub(r"\g<scheme>\g<user>:***@", text)
-
-
 @dataclass(frozen=True)
 class Result:
     returncode: int
@@ -110,7 +105,7 @@ async def run(
     """
     if on_line is not None and on_lines is not None:
         raise TypeError("run() takes on_line or on_lines, not both")
-    log.debug("running %s", mask_secrets(" ".join(argv)))
+    log.debug("running %s", mask(" ".join(argv)))
     sink = on_lines
     if on_line is not None:
         def sink(lines: list[str]) -> None:
@@ -189,7 +184,7 @@ async def _run(
     except asyncio.CancelledError:
         await _terminate(proc)
         raise
-    tail = mask_secrets("\n".join(stderr_lines))
+    tail = mask("\n".join(stderr_lines))
     if returncode not in ok_codes:
         raise CommandError(os.path.basename(argv[0]), returncode, tail)
     return Result(returncode, tail)
@@ -253,7 +248,7 @@ class Service:
     async def start(cls, argv: Sequence[str], *, log_to: str, env: dict[str, str] | None = None,
                     user: str | None = None) -> Service:
         """Start ``argv`` with its stdout and stderr appended to the file ``log_to``."""
-        log.debug("starting %s", mask_secrets(" ".join(argv)))
+        log.debug("starting %s", mask(" ".join(argv)))
         fd = os.open(log_to, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             if user is not None:

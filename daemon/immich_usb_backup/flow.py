@@ -34,6 +34,7 @@ from immich_usb_backup import (
     heartbeat,
     history,
     layout,
+    messages,
     notes,
     notify,
     overview,
@@ -87,7 +88,7 @@ async def run_backup(
     problems = Problems()
     refusal: str | None = None
     notifier = notify.Notifier(config.notify)
-    end = notify.DiskEnd("left-mounted", str(target))
+    end = messages.DiskEnd("left-mounted", str(target))
     cancelled = False
     try:
         with backup_lock(config.state_dir):
@@ -130,9 +131,9 @@ async def run_backup(
         record.disk_free_bytes, record.disk_size_bytes = end.free_bytes, end.size_bytes
         try:
             if detach is not None:
-                end = notify.DiskEnd(await detach(), None, end.wrote, end.free_bytes,
+                end = messages.DiskEnd(await detach(), None, end.wrote, end.free_bytes,
                                      end.size_bytes)
-            await notifier.send(notify.end_message(record, end))
+            await notifier.send(messages.end_message(record, end))
             if record.status == "success":
                 record.notifications += await heartbeat.ping_all(config.notify)
         finally:
@@ -204,7 +205,7 @@ async def _backup(ctx: RunContext, record: RunRecord, notifier: notify.Notifier,
         ctx.writing = True  # from here on the disk is written to
         if accept is not None:
             await asyncio.to_thread(accept)
-        notifier.send_soon(notify.started(
+        notifier.send_soon(messages.started(
             ctx.disk.label, ctx.disk.uuid, [c.line for c in checks if c.line],
             sum(c.files for c in checks), sum(c.bytes for c in checks)))
         written = []
@@ -233,7 +234,7 @@ def _failure(exc: Exception) -> tuple[str, str]:
 # The end of a run: notes on the disk, sync, history -------------------------------------
 
 def _leave_disk(ctx: RunContext, record: RunRecord, problems: list[str],
-                target: Path) -> notify.DiskEnd:
+                target: Path) -> messages.DiskEnd:
     """In a thread, at every end of a run that got past ``inspect_mount``: once anything
     was written, README.txt, backup-info.toml and the history page on the disk, then a
     sync; the live status cleared, the work folder removed. Return the disk as it is
@@ -251,7 +252,7 @@ def _leave_disk(ctx: RunContext, record: RunRecord, problems: list[str],
     finally:
         ctx.status.clear()
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return notify.DiskEnd("left-mounted", str(target), ctx.writing, free, size)
+    return messages.DiskEnd("left-mounted", str(target), ctx.writing, free, size)
 
 
 def _write_notes(ctx: RunContext, record: RunRecord) -> None:
@@ -376,7 +377,7 @@ async def _look_at_key(config: Config, udisks: UDisks, device: str, info: BlockI
         why = await asyncio.to_thread(_key_refusal, config, disk)
     if why is None:
         return None
-    left = notify.DiskEnd(mount.state, None if mount.ours else str(mount.mount_point))
+    left = messages.DiskEnd(mount.state, None if mount.ours else str(mount.mount_point))
     return await _record_simple(config, "refused", device, uuid, info.label, trigger, why,
                                 left=left, mode=mode)
 
@@ -396,7 +397,7 @@ def _key_refusal(config: Config, disk: Disk) -> str | None:
                          policy.approve_hint(disk.uuid, disk.device))
 
 
-async def _peek_marker(udisks: UDisks, device: str) -> tuple[str | None, notify.DiskEnd]:
+async def _peek_marker(udisks: UDisks, device: str) -> tuple[str | None, messages.DiskEnd]:
     """Look for the marker folder; mount read-only (and unmount again) if needed.
 
     Return the marker state and how the disk is left.
@@ -404,18 +405,18 @@ async def _peek_marker(udisks: UDisks, device: str) -> tuple[str | None, notify.
     info = await udisks.wait_for_filesystem(device)
     async with mounted(udisks, info, read_only=True) as mount:
         marker = await asyncio.to_thread(marker_state, mount.mount_point)
-    return marker, notify.DiskEnd(mount.state, None if mount.ours else str(mount.mount_point))
+    return marker, messages.DiskEnd(mount.state, None if mount.ours else str(mount.mount_point))
 
 
 async def _record_needs_approval(config: Config, device: str, uuid: str | None,
                                  label: str | None, trigger: str,
-                                 left: notify.DiskEnd) -> None:
+                                 left: messages.DiskEnd) -> None:
     hint = policy.approve_hint(uuid, device)
     message = (f"the disk {label or device} (UUID {uuid or '?'}) has the "
                f"immich-server-backups folder but is not approved; to back up to it, run: "
                f"{hint}")
     await _record_simple(config, "refused", device, uuid, label, trigger, message,
-                         notify.needs_approval(label, uuid, device, hint, left))
+                         messages.needs_approval(label, uuid, device, hint, left))
 
 
 async def record_unusable(config: Config, target: str, trigger: str, mode: str,
@@ -427,7 +428,7 @@ async def record_unusable(config: Config, target: str, trigger: str, mode: str,
     record.duration_s = 0.0
     notifier = notify.Notifier(config.notify)
     try:
-        await notifier.send(notify.end_message(record, notify.DiskEnd("not-mounted")))
+        await notifier.send(messages.end_message(record, messages.DiskEnd("not-mounted")))
     finally:
         await asyncio.shield(_append_history(config, record, notifier))
     return record
@@ -435,8 +436,8 @@ async def record_unusable(config: Config, target: str, trigger: str, mode: str,
 
 async def _record_simple(config: Config, status: str, device: str, uuid: str | None,
                          label: str | None, trigger: str, message: str,
-                         note: notify.Message | None = None, *,
-                         left: notify.DiskEnd | None = None,
+                         note: messages.Message | None = None, *,
+                         left: messages.DiskEnd | None = None,
                          mode: str | None = None) -> RunRecord:
     """A history record, and a notification, for a plug that ended before a backup could
     start. ``note`` is the message to send; by default the record's own last message,
@@ -448,8 +449,8 @@ async def _record_simple(config: Config, status: str, device: str, uuid: str | N
     record.duration_s = 0.0
     notifier = notify.Notifier(config.notify)
     try:
-        await notifier.send(note or notify.end_message(
-            record, left or notify.DiskEnd("not-mounted")))
+        await notifier.send(note or messages.end_message(
+            record, left or messages.DiskEnd("not-mounted")))
     finally:
         await asyncio.shield(_append_history(config, record, notifier))
     return record
@@ -464,7 +465,7 @@ async def record_problem(config: Config, trigger: str, text: str) -> None:
     record.duration_s = 0.0
     notifier = notify.Notifier(config.notify)
     try:
-        await notifier.send(notify.state_damaged(text))
+        await notifier.send(messages.state_damaged(text))
     finally:
         await asyncio.shield(_append_history(config, record, notifier))
 
@@ -574,5 +575,5 @@ async def remind(config: Config, at: datetime) -> str | None:
     # marked first: at most one in 24 hours, even when the daemon stops while it is sent
     await asyncio.to_thread(overview.mark_sent, config.state_dir, at)
     notifier = notify.Notifier(config.notify)
-    await notifier.send(notify.reminder(text, reminder.days))
+    await notifier.send(messages.reminder(text, reminder.days))
     return text

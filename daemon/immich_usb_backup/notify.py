@@ -1,39 +1,28 @@
-"""Notifications through Apprise: the only module that imports ``apprise``.
+"""Sending the messages through Apprise: the only module that imports ``apprise``.
 
-Four events, each a plain-text title and body (``started``, ``finished``, ``refused``,
-``needs_approval``; see docs/notifications.md for what they look like). The messages are
-built by plain functions of plain data; ``Notifier`` sends them to every configured URL
-and keeps each outcome for the run's history record.
-
-URLs come from ``[notify] urls``, the file ``[notify] urls_file`` (one a line, so that
-passwords need not sit in a world-readable config) and the environment variable
-``IMMICH_USB_BACKUP_NOTIFY_URLS``. A notification that cannot be sent never fails a
-backup: it is logged and recorded, with secrets masked. Sending runs on the event loop
-(``Apprise.async_notify``; Apprise does its blocking work in its own threads), bounded by
-``[notify] timeout_s``. Secrets never reach a log, the history or the disk: what Apprise
-considers private in each URL (passwords, tokens) is masked in everything we log or
-record, including Apprise's and urllib3's own log lines.
+``Notifier`` sends a ``messages.Message`` to every configured URL (``[notify] urls``,
+``urls_file``, ``$IMMICH_USB_BACKUP_NOTIFY_URLS``), bounded by ``[notify] timeout_s``,
+and keeps each outcome for the run's history record; a message that cannot be sent
+never fails a backup. What Apprise treats as private in each URL is registered with
+``masking``, also for Apprise's and urllib3's own log lines. docs/design.md says why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import re
 import socket
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, unquote
+from typing import TYPE_CHECKING, Any
 
 from immich_usb_backup.config import Event, NotifyConfig
-from immich_usb_backup.execute import mask_secrets
-from immich_usb_backup.record import DiskState, RunRecord
-from immich_usb_backup.text import duration, human_bytes, plural
+from immich_usb_backup.masking import mask, register_secrets, secrets_in
+from immich_usb_backup.messages import TITLE, Kind, Message
+from immich_usb_backup.text import plural
 
 if TYPE_CHECKING:
     import apprise
@@ -41,207 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_URLS = "IMMICH_USB_BACKUP_NOTIFY_URLS"
-TITLE = "Immich backup"
-PROBLEMS_SHOWN = 5
 GUARD_S = 5.0  # past the timeout Apprise is given, we stop waiting for it ourselves
 SOCKET_GRACE_S = 1.0  # sockets give up this long after Apprise reported the timeout
 
-Kind = Literal["info", "success", "warning", "failure"]
-
-
-# The messages: plain data in, title and body out -----------------------------------------
-
-@dataclass(frozen=True)
-class Message:
-    event: Event
-    title: str
-    body: str
-    kind: Kind = "info"
-
-
-@dataclass(frozen=True)
-class DiskEnd:
-    """How a run left the disk, for its last message."""
-
-    state: DiskState
-    mount_point: str | None = None  # where it is still mounted ("left-mounted")
-    wrote: bool = False  # the run wrote to the disk (its notes are written and synced)
-    free_bytes: int | None = None
-    size_bytes: int | None = None
-
-
-def started(label: str | None, uuid: str | None, what: Sequence[str], files: int,
-            nbytes: int) -> Message:
-    """The backup passed its checks and starts writing: what it is about to copy."""
-    disk = _disk_name(label, uuid)
-    lines = [
-        f"Backing up the Immich server {socket.gethostname()} to the disk "
-        f"{_disk_full(label, uuid)}.",
-        "",
-        "What will be copied:",
-        *(f"- {w}" for w in what),
-        f"In all: about {plural(files, 'file')}, {human_bytes(nbytes)}.",
-        "",
-        "Do not unplug the disk until the message that the backup finished arrives.",
-    ]
-    return Message(Event.STARTED, f"{TITLE}: started on {disk}", "\n".join(lines), "info")
-
-
-_STATUS_LINE = {
-    "success": "",
-    "partial": "Not everything could be copied: see the problems below. Everything else "
-               "is backed up.",
-    "failed": "The backup did not complete: see the problems below. What the disk held "
-              "before is still readable.",
-    "interrupted": "The backup was stopped before it finished (the disk was removed, or "
-                   "the backup was stopped on the server).",
-}
-_KIND: dict[str, Kind] = {"success": "success", "partial": "warning", "failed": "failure",
-                          "interrupted": "warning", "refused": "warning"}
-
-
-def finished(record: RunRecord, end: DiskEnd) -> Message:
-    """The run ended (success, partial, failed, interrupted): counts, space, problems,
-    and whether the disk is safe to unplug."""
-    status = record.status
-    disk = _disk_full(record.disk.label, record.disk.uuid, record.target)
-    lines = [
-        f"The backup of {record.host or socket.gethostname()} to the disk {disk} ended: "
-        f"{status}.",
-    ]
-    if record.verify_failed:
-        lines.append("Everything was copied, but the check found copies on the disk that "
-                     "differed from the server's files: see the problems below.")
-    elif _STATUS_LINE.get(status):
-        lines.append(_STATUS_LINE[status])
-    lines += [
-        "",
-        f"Copied: {plural(record.files_transferred or 0, 'file')}, "
-        f"{human_bytes(record.bytes_transferred or 0)}, in "
-        f"{duration(record.duration_s or 0.0)}.",
-        *record.finished_lines,
-        *record.notes,
-    ]
-    if end.free_bytes is not None and end.size_bytes:
-        lines.append(f"Free space left on the disk: {human_bytes(end.free_bytes)} of "
-                     f"{human_bytes(end.size_bytes)}.")
-    lines += _problem_lines(record.problems)
-    lines += ["", _unplug_line(end)]
-    name = _disk_name(record.disk.label, record.disk.uuid, record.target)
-    return Message(Event.FINISHED, f"{TITLE}: {status} on {name}", "\n".join(lines),
-                   _KIND.get(status, "failure"))
-
-
-def refused(record: RunRecord, end: DiskEnd) -> Message:
-    """A safety rule stopped the run: why, and what to do."""
-    label, uuid, problems = record.disk.label, record.disk.uuid, record.problems
-    lines = [
-        f"The backup of {record.host or socket.gethostname()} to the disk "
-        f"{_disk_full(label, uuid, record.target)} was refused"
-        + ("." if end.wrote else ": nothing was copied or deleted."),
-        "",
-        f"Why: {problems[0] if problems else 'a safety rule stopped it'}",
-        *(f"Also: {p}" for p in problems[1:PROBLEMS_SHOWN]),
-        "",
-        "What to do: follow the advice above, then plug the disk in again (or run "
-        "`immich-usb-backup run` on the server).",
-        "",
-        _unplug_line(end),
-    ]
-    name = _disk_name(label, uuid, record.target)
-    return Message(Event.REFUSED, f"{TITLE}: refused on {name}", "\n".join(lines), "warning")
-
-
-def end_message(record: RunRecord, end: DiskEnd) -> Message:
-    """The last message of a run: ``refused`` or ``finished``, by the record's status."""
-    return refused(record, end) if record.status == "refused" else finished(record, end)
-
-
-def needs_approval(label: str | None, uuid: str | None, device: str, command: str,
-                   end: DiskEnd) -> Message:
-    """A marked disk was plugged in that is not approved: the exact command to approve it."""
-    lines = [
-        f"The disk {_disk_full(label, uuid)} was plugged into {socket.gethostname()} "
-        f"({device}). It has the immich-server-backups folder but is not approved, so "
-        "nothing was written to it.",
-        "",
-        "To back up to this disk from now on, run on the server:",
-        "",
-        f"    {command}",
-        "",
-        "then unplug the disk and plug it in again.",
-        "",
-        _unplug_line(end),
-    ]
-    return Message(Event.NEEDS_APPROVAL, f"{TITLE}: disk {_disk_name(label, uuid, device)} "
-                   "needs approval", "\n".join(lines), "warning")
-
-
-def reminder(text: str, days: int) -> Message:
-    """No backup for a while: which disk to plug in (``text`` from ``overview.text``)."""
-    lines = [
-        f"{text}.",
-        "",
-        f"The Immich server {socket.gethostname()} has not been backed up to a USB disk for "
-        f"{plural(days, 'day')}. Plug in one of the disks above: the backup starts by "
-        "itself, and a message says when it is done and the disk is safe to unplug.",
-    ]
-    return Message(Event.REMINDER, f"{TITLE}: no backup for {plural(days, 'day')}",
-                   "\n".join(lines), "warning")
-
-
-def state_damaged(text: str) -> Message:
-    """A file of the state dir could not be read (``state.StateDamaged``): what was
-    lost and what to do. Sent as a ``finished`` event: a run may depend on it."""
-    lines = [
-        f"On the Immich server {socket.gethostname()}, immich-usb-backup found {text}.",
-        "",
-        "Backups go on; the damaged file is kept for you to look at.",
-    ]
-    return Message(Event.FINISHED, f"{TITLE}: a state file was damaged", "\n".join(lines),
-                   "failure")
-
-
-def _unplug_line(end: DiskEnd) -> str:
-    """Say "safe to unplug" only when it is true: the disk is unmounted (or was never
-    mounted), or, on a disk someone else mounted, once they have ejected it."""
-    if end.state == "powered-off":
-        return "The disk was unmounted and powered off: it is safe to unplug."
-    if end.state == "unmounted":
-        return "The disk was unmounted: it is safe to unplug."
-    if end.state == "not-mounted":
-        return "The disk is not mounted: it is safe to unplug."
-    if end.state == "gone":
-        return "The disk was removed before the backup ended."
-    if end.state == "busy":
-        return ("The disk could not be unmounted (see the server's log): do not unplug "
-                "it yet.")
-    synced = "synced, and is " if end.wrote else ""
-    return (f"The disk is {synced}still mounted at {end.mount_point}, as it was found: "
-            "eject it there, then it is safe to unplug.")
-
-
-def _problem_lines(problems: Sequence[Any]) -> list[str]:
-    if not problems:
-        return []
-    lines = ["", f"Problems ({len(problems)}):"]
-    lines += [f"- {p}" for p in problems[:PROBLEMS_SHOWN]]
-    if len(problems) > PROBLEMS_SHOWN:
-        lines.append(f"- ... and {len(problems) - PROBLEMS_SHOWN} more: run "
-                     "`immich-usb-backup history` on the server")
-    return lines
-
-
-def _disk_name(label: Any, uuid: Any, fallback: Any = None) -> str:
-    return str(label or uuid or fallback or "the disk")
-
-
-def _disk_full(label: Any, uuid: Any, fallback: Any = None) -> str:
-    name = _disk_name(label, uuid, fallback)
-    return f"{name} (UUID {uuid})" if uuid and label else name
-
-
-# Where the URLs come from -------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Source:
@@ -291,73 +82,7 @@ def collect_urls(config: NotifyConfig,
     return sources, problems
 
 
-# Masking ------------------------------------------------------------------------------
-
-_TOKEN_SPLIT = re.compile(r"[/:@?&=#,;\s]+")
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#\s]*)@")
-
-
-def secrets_in(url: str, private_form: str = "", full_form: str = "") -> set[str]:
-    """The secret parts of ``url``: its password, and every part that Apprise shows
-    differently in its private form (``private_form``, from ``url(privacy=True)``) than in
-    its full form (``full_form``, ``url(privacy=False)``): tokens, keys, passwords."""
-    found: set[str] = set()
-    m = _USERINFO.match(url)
-    if m and ":" in m.group(1):
-        user, password = m.group(1).split(":", 1)
-        if password:
-            found |= {password, unquote(password)}
-            found.add(base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode())
-                      .decode())
-    if private_form and full_form:
-        full = _TOKEN_SPLIT.split(full_form.split("://", 1)[-1])
-        private = _TOKEN_SPLIT.split(private_form.split("://", 1)[-1])
-        if len(full) == len(private):
-            differing = {f for f, p in zip(full, private, strict=True) if f != p}
-        else:
-            differing = set(full) - set(private)
-        for token in differing:
-            plain = unquote(token)
-            found |= {token, plain, quote(plain, safe="")}
-            found |= {part for part in _TOKEN_SPLIT.split(plain) if len(part) >= 6}
-    return {s for s in found if s}
-
-
-class _Secrets:
-    """The secrets of every URL loaded in this process, and one pattern matching them."""
-
-    def __init__(self) -> None:
-        self.known: set[str] = set()
-        self.pattern: re.Pattern[str] | None = None
-        self.lock = threading.Lock()
-
-    def add(self, secrets: set[str]) -> None:
-        with self.lock:
-            if secrets <= self.known:
-                return
-            self.known |= secrets
-            long = sorted((s for s in self.known if len(s) >= 4), key=len, reverse=True)
-            short = sorted(s for s in self.known if len(s) < 4)  # only as whole words
-            alternatives = [re.escape(s) for s in long]
-            alternatives += [rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])"
-                             for s in short]
-            self.pattern = re.compile("|".join(alternatives))
-
-
-_secrets = _Secrets()
-
-
-def register_secrets(secrets: set[str]) -> None:
-    """Mask these strings from now on, in our log lines, Apprise's and what we record."""
-    _secrets.add(secrets)
-
-
-def mask(text: str) -> str:
-    """``text`` with passwords in URLs and every registered secret replaced by ``***``."""
-    text = mask_secrets(text)
-    pattern = _secrets.pattern
-    return pattern.sub("***", text) if pattern is not None else text
-
+# Apprise's log lines, masked ---------------------------------------------------------
 
 class _MaskingHandler(logging.Handler):
     """Takes over the log records of Apprise and urllib3 (which can show URLs, tokens in
