@@ -40,6 +40,7 @@ class Event(enum.StrEnum):
     REFUSED = "refused"
     NEEDS_APPROVAL = "needs_approval"
     REMINDER = "reminder"
+    DISK_HEALTH = "disk_health"
 
 
 NOTIFY_EVENTS = tuple(e.value for e in Event)
@@ -436,6 +437,10 @@ class NotifyConfig:
                 "approved; the message has the exact `approve` command.",
                 "reminder": "no backup for `remind_after_days` days: which disks to plug in, "
                 "and when each was last backed up.",
+                "disk_health": "a backup disk's SMART readings got worse since the last "
+                "reading (sectors reallocated, unreadable, transfer errors, wear), or the "
+                "drive says it is failing: what changed, and what to do. See "
+                "[health](health.md).",
             },
             choices=NOTIFY_EVENTS,
         ),
