@@ -187,7 +187,15 @@ def test_nvme_wear_crossing_a_step_and_a_critical_warning_are_worse() -> None:
     nvme = {"protocol": "NVMe", "device_type": "sntjmicron"}
     worn = result(reading(percentage_used=78, **nvme), reading(at=AT, percentage_used=81,
                                                                **nvme))
-    assert worn.verdict.worse == ("81 % of its rated life used (was 78 % on 2026-11-30)",)
+    assert worn.warning_text() == (
+        "Backup: 81 % of its rated life used (was 78 % on 2026-11-30): plan to copy this "
+        "backup to a new disk: this one is wearing out")
+    hot_and_worse = result(reading(media_errors=0, **nvme), reading(
+        at=AT, media_errors=2, critical_warning=0x02, **nvme))
+    assert hot_and_worse.verdict.advice == "copy this backup to a new disk soon"
+    hot = result(None, reading(at=AT, critical_warning=0x02, **nvme))
+    assert hot.warning_text() == ("Backup: the drive warns: temperature beyond its limits: "
+                                  "let it cool: keep it away from heat")
     same_step = result(reading(percentage_used=81, **nvme), reading(at=AT, percentage_used=85,
                                                                     **nvme))
     assert not same_step.warning

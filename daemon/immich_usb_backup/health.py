@@ -63,19 +63,23 @@ class Verdict:
     advice: str = ""  # what to do, for the warning
 
 
-# (field, noun for plural(), what it is, how bad: 2 the medium, 1 the connection)
-_COUNTERS = (
-    ("reallocated", "sector", "reallocated", 2),
-    ("pending", "unreadable sector", "waiting to be reallocated", 2),
-    ("uncorrectable", "uncorrectable sector", "", 2),
-    ("media_errors", "media error", "", 2),
-    ("crc_errors", "transfer error", "on the cable (UDMA CRC)", 1),
-)
+# How bad a finding is; the worst one's advice ends the warning.
+FAILING, MEDIUM, WEAR, HEAT, CABLE = 5, 4, 3, 2, 1
 _ADVICE = {
-    3: "copy this backup to a new disk soon",
-    2: "copy this backup to a new disk soon",
-    1: "try another USB cable, port or enclosure",
+    FAILING: "copy this backup to a new disk soon",
+    MEDIUM: "copy this backup to a new disk soon",
+    WEAR: "plan to copy this backup to a new disk: this one is wearing out",
+    HEAT: "let it cool: keep it away from heat",
+    CABLE: "try another USB cable, port or enclosure",
 }
+# (field, noun for plural(), what it is, how bad)
+_COUNTERS = (
+    ("reallocated", "sector", "reallocated", MEDIUM),
+    ("pending", "unreadable sector", "waiting to be reallocated", MEDIUM),
+    ("uncorrectable", "uncorrectable sector", "", MEDIUM),
+    ("media_errors", "media error", "", MEDIUM),
+    ("crc_errors", "transfer error", "on the cable (UDMA CRC)", CABLE),
+)
 
 
 def compare(previous: HealthReading | None, current: HealthReading) -> Verdict:
@@ -101,20 +105,17 @@ def compare(previous: HealthReading | None, current: HealthReading) -> Verdict:
         if before is not None and now is not None and any(
                 before < step <= now for step in WEAR_STEPS):
             worse.append(f"{now} % of its rated life used (was {before} % on {since})")
-            severity = max(severity, 2 if now >= WEAR_STEPS[-1] else 1)
+            severity = max(severity, MEDIUM if now >= WEAR_STEPS[-1] else WEAR)
     failing: list[str] = []
     if current.passed is False or current.failing_attributes:
         names = ", ".join(current.failing_attributes)
         failing.append("the drive says it is failing"
                        + (f" ({names} at its threshold)" if names else ""))
-        severity = 3
-    if current.critical_warning:
-        bits = [text for bit, text in _CRITICAL_BITS.items() if current.critical_warning & bit]
-        failing.append("the drive warns: " + (", ".join(bits) or
-                                              f"critical warning {current.critical_warning}"))
-        severity = max(severity, 3 if current.critical_warning & ~0x02 else 1)
-        if current.critical_warning == 0x02:
-            return Verdict(tuple(worse), tuple(failing), "let it cool: keep it away from heat")
+        severity = FAILING
+    if warning := current.critical_warning:
+        bits = [text for bit, text in _CRITICAL_BITS.items() if warning & bit]
+        failing.append("the drive warns: " + (", ".join(bits) or f"critical warning {warning}"))
+        severity = max(severity, FAILING if warning & ~0x02 else HEAT)
     return Verdict(tuple(worse), tuple(failing), _ADVICE.get(severity, ""))
 
 
