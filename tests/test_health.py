@@ -114,6 +114,10 @@ def test_a_known_unsupported_bridge_and_a_drive_without_smart_stop_the_search() 
     doc = {"smartctl": {"exit_status": 4}, "smart_support": {"available": False}}
     b = smartctl.interpret("sat", 4, json.dumps(doc), AT)
     assert isinstance(b, Attempt) and b.answer is Answer.NO_SMART
+    doc = {"smartctl": {"exit_status": 4}, "smart_support": {"available": True,
+                                                             "enabled": False}}
+    c = smartctl.interpret("sat", 4, json.dumps(doc), AT)
+    assert isinstance(c, Attempt) and c.answer is Answer.SMART_OFF
 
 
 def test_the_arguments_only_read_and_never_wake_the_disk() -> None:

@@ -267,10 +267,8 @@ def read_stored(state_dir: Path, at: datetime) -> tuple[dict[str, Stored],
                                                         state.StateDamaged | None]:
     """Every disk's last health reading, for ``disks --all`` and the history page (file
     work: call it in a thread). A damaged file is kept aside and reported, never raised."""
-    try:
-        return stored(state.read_toml(state_dir, state.HEALTH, at=at)), None
-    except state.StateDamaged as damaged:
-        return {}, damaged
+    data, damaged = _load(state_dir, at)
+    return stored(data), damaged
 
 
 async def check(disk: Disk, config: HealthConfig, state_dir: Path, at: datetime, *,
@@ -316,7 +314,6 @@ def _save(state_dir: Path, data: Mapping[str, Any]) -> None:
         state.write_toml(state_dir, state.HEALTH, data)
     except OSError as exc:  # the reading is still told; only the comparison is lost
         log.error("could not write %s: %s", state_dir / state.HEALTH, exc)
-
 
 
 def _str(value: Any) -> str:

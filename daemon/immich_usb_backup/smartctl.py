@@ -132,6 +132,7 @@ class Answer(enum.Enum):
     POWER_UNKNOWN = "cannot tell whether it sleeps"
     UNSUPPORTED = "an enclosure smartctl knows to pass nothing through"
     NO_SMART = "the drive answered, without SMART"
+    SMART_OFF = "the drive has SMART, turned off"
     TOO_OLD = "smartctl does not understand the options"
 
 
@@ -184,8 +185,11 @@ def interpret(device_type: str, status: int, output: str, at: datetime,
         return Attempt(device_type, Answer.UNSUPPORTED, said)
     if _has_health(doc):
         return parse(doc, device_type, at)
-    if _dict(doc.get("smart_support")).get("available") is False:
+    support = _dict(doc.get("smart_support"))
+    if support.get("available") is False:
         return Attempt(device_type, Answer.NO_SMART, said)
+    if support.get("enabled") is False:  # turning it on would be a write: left to a person
+        return Attempt(device_type, Answer.SMART_OFF, said)
     return Attempt(device_type, Answer.TRY_NEXT, said)
 
 
@@ -261,6 +265,21 @@ def _str(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+# The answers that end the search, and how a check that read nothing says why
+_FINAL = {
+    Answer.STANDBY: (Why.STANDBY, "the disk is asleep: not woken to read it"),
+    Answer.POWER_UNKNOWN: (Why.POWER_UNKNOWN, "the enclosure cannot tell whether the disk "
+                           "sleeps: not read, so as not to wake it"),
+    Answer.UNSUPPORTED: (Why.NO_PASSTHROUGH, "the USB enclosure passes no SMART data "
+                         "through (smartctl: {said})"),
+    Answer.NO_SMART: (Why.NO_SMART, "the drive has no SMART"),
+    Answer.SMART_OFF: (Why.NO_SMART, "SMART is turned off in the drive (`smartctl -s on "
+                       "{device}` turns it on)"),
+    Answer.TOO_OLD: (Why.FAILED, "smartctl is too old to promise not to wake a sleeping "
+                     "disk (7.3 or newer can)"),
+}
+
+
 # Running it -----------------------------------------------------------------------------
 
 def whole_disk(device: str, sys_block: Path = SYS_BLOCK) -> tuple[str, bool]:
@@ -303,20 +322,10 @@ async def read(program: str, device: str, at: datetime, *, remembered: str = "",
                  answer.answer.value)
         tried.append(answer)
         if answer.answer is Answer.SLEEP and device_type == remembered:
-            return NotReported(at, Why.STANDBY, "the disk is asleep: not woken to read it")
-        if answer.answer is Answer.STANDBY:
-            return NotReported(at, Why.STANDBY, "the disk is asleep: not woken to read it")
-        if answer.answer is Answer.POWER_UNKNOWN:
-            return NotReported(at, Why.POWER_UNKNOWN, "the enclosure cannot tell whether "
-                               "the disk sleeps: not read, so as not to wake it")
-        if answer.answer is Answer.UNSUPPORTED:
-            return NotReported(at, Why.NO_PASSTHROUGH, "the USB enclosure passes no SMART "
-                               f"data through (smartctl: {answer.message})")
-        if answer.answer is Answer.NO_SMART:
-            return NotReported(at, Why.NO_SMART, "the drive has no SMART")
-        if answer.answer is Answer.TOO_OLD:
-            return NotReported(at, Why.FAILED, "smartctl is too old to promise not to wake "
-                               "a sleeping disk (7.3 or newer can)")
+            return NotReported(at, Why.STANDBY, _FINAL[Answer.STANDBY][1])
+        if answer.answer in _FINAL:
+            why, text = _FINAL[answer.answer]
+            return NotReported(at, why, text.format(device=device, said=answer.message))
     if is_loop:
         return NotReported(at, Why.NO_SMART, "a loop device has no SMART")
     return NotReported(at, Why.NO_PASSTHROUGH, "the USB enclosure passes no SMART data "
