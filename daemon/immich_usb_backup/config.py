@@ -40,6 +40,7 @@ class Event(enum.StrEnum):
     REFUSED = "refused"
     NEEDS_APPROVAL = "needs_approval"
     REMINDER = "reminder"
+    DISK_HEALTH = "disk_health"
 
 
 NOTIFY_EVENTS = tuple(e.value for e in Event)
@@ -437,6 +438,10 @@ class NotifyConfig:
                 "approved; the message has the exact `approve` command.",
                 "reminder": "no backup for `remind_after_days` days: which disks to plug in, "
                 "and when each was last backed up.",
+                "disk_health": "a backup disk's SMART readings got worse since the last "
+                "reading (sectors reallocated, unreadable, transfer errors, wear), or the "
+                "drive says it is failing: what changed, and what to do. See "
+                "[health](health.md).",
             },
             choices=NOTIFY_EVENTS,
         ),
@@ -474,6 +479,38 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """A backup disk's health: its SMART data, read with `smartctl` at each backup and verify.
+
+    Only read, never changed: no self-test is started, and a disk asleep is not woken.
+    What is read, what "worse" means and which USB enclosures report nothing: see
+    [health](health.md).
+    """
+
+    enabled: bool | None = field(
+        default=None,
+        metadata=_doc(
+            "Read the disk's SMART data (overall assessment, reallocated, pending and "
+            "uncorrectable sectors, transfer errors, hours, temperature; for NVMe the "
+            "critical warning, wear and media errors) at each backup and `verify`, keep it "
+            "per disk in the state dir (`health.toml`), and send a `disk_health` message "
+            "when it got worse. `true` with no `smartctl` installed says so in every run "
+            "(\"health: not reported\"); `false` turns it off.",
+            example=True,
+            default_doc="on when `smartctl` (below) is installed, off without a word when "
+            "it is not",
+        ),
+    )
+    smartctl: str = field(
+        default="smartctl",
+        metadata=_doc(
+            "The `smartctl` program (smartmontools 7.0 or newer, for its JSON output): a "
+            "name looked up on `PATH`, or an absolute path."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class StateConfig:
     """Where the program keeps what it knows between runs, on the server."""
 
@@ -499,6 +536,7 @@ class Config:
     library: LibraryConfig
     disks: DisksConfig
     notify: NotifyConfig
+    health: HealthConfig
     state: StateConfig
     source: Path | None = None
 
@@ -702,6 +740,10 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
     if db is not None and db.enabled and db.source == "command" and not db.command:
         problems.append(f'{where}: database.command: required when database.source = '
                         '"command" (a list: program, then arguments)')
+    health = getattr(cfg, "health", None)
+    if health is not None and (not health.smartctl.strip() or "\0" in health.smartctl):
+        problems.append(f"{where}: health.smartctl: must name a program (\"smartctl\" or a "
+                        "path)")
     for pattern in cfg.library.excludes:
         if pattern.strip("/") in {"", "*", "**"}:
             problems.append(
