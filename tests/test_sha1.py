@@ -178,7 +178,8 @@ def test_a_file_immich_moved_keeps_its_sha1_without_being_read(make_exfat,
     os.rename(photo, moved)  # as Immich's storage template does: size and time kept
     r = run_cli("-v", "run", str(disk.mount_point), config=server.config_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "hashing while copying" not in r.stderr  # renamed on the disk, not copied
+    assert "moved" in r.stderr  # renamed on the disk, not copied, not read
+    assert "hashing while copying: 1 file" not in r.stderr
     assert cached(server)[str(moved.relative_to(server.upload))] == want
     got = subprocess.run(["sha1sum", str(disk.marker / "library" / moved.relative_to(
         server.upload))], capture_output=True, text=True, check=True).stdout.split()[0]
