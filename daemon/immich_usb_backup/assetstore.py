@@ -1,0 +1,298 @@
+"""Where the asset check keeps what it read, and how it looks files up in the mirror.
+
+- ``AssetStore``: the files a dump lists (``assetcheck.Item`` s, with the classifier's
+  counts and the reader's problems), kept in the state dir (``assets.sqlite``) under the
+  dump's name and size and the media location used, so a dump is read once, however many
+  runs (and disks) check against it. It is a cache: deleting it costs one more reading.
+- ``check_dump``: the whole check of one dump: recalled from the store or read (and
+  stored), optionally sampled, checked against a lookup.
+- ``MirrorIndex``: the files the mirror holds after a run (the scan's files list: path,
+  and the server's size and time), in a throwaway SQLite file, joined with the hash cache
+  to answer ``assetcheck.Lookup``: present, and the SHA-1 the cache knows at that size and
+  time. For the few files missing from the disk it asks the server whether it has them.
+
+SQLite for both, as for the hash cache: a million assets do not fit the memory rule as
+a dict, and a keyed table answers a chunk of lookups in one query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote
+
+from immich_usb_backup.assetcheck import (
+    CHUNK,
+    KEEP,
+    AssetCheck,
+    Classifier,
+    Derived,
+    Item,
+    Lookup,
+    Original,
+    Sample,
+    Seen,
+    Tally,
+    check,
+    not_checked,
+)
+from immich_usb_backup.assets import DumpReader
+from immich_usb_backup.hashcache import CACHE_NAME
+from immich_usb_backup.hashing import Stopped
+
+T = TypeVar("T")
+
+STORE_NAME = "assets.sqlite"
+FORMAT = 1  # bump when what is stored changes: older entries are read again
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dumps (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL, size INTEGER NOT NULL, location TEXT NOT NULL,
+    format INTEGER NOT NULL, complete INTEGER NOT NULL DEFAULT 0,
+    found INTEGER NOT NULL DEFAULT 0, tally TEXT, problems TEXT,
+    UNIQUE (name, size, location)
+);
+CREATE TABLE IF NOT EXISTS items (
+    dump INTEGER NOT NULL, seq INTEGER NOT NULL,
+    rel TEXT NOT NULL, sha1 TEXT, kind TEXT NOT NULL, trashed INTEGER NOT NULL,
+    PRIMARY KEY (dump, seq)
+) WITHOUT ROWID;
+"""
+ORIGINAL = ""  # the kind of an original; a derived file's kind is its type
+KEEP_DUMPS = 3  # dumps remembered; older ones are forgotten
+
+
+class AssetStore:
+    """The state dir's memory of dumps already read (see the module doc)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / STORE_NAME
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError:  # damaged: it is only a cache, start again
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _find(self, name: str, size: int, location: str | None) -> int | None:
+        row = self._db.execute(
+            "SELECT id FROM dumps WHERE name = ? AND size = ? AND location = ? AND "
+            "format = ? AND complete = 1", (name, size, _key(location), FORMAT)).fetchone()
+        return None if row is None else int(row[0])
+
+    def recall(self, name: str, size: int, location: str | None) -> Recalled | None:
+        """What was read of the dump ``name`` of ``size`` bytes with the media location
+        ``location`` (None: found from the rows); None when it was not read (completely)."""
+        dump = self._find(name, size, location)
+        if dump is None:
+            return None
+        found, tally_json, problems_json = self._db.execute(
+            "SELECT found, tally, problems FROM dumps WHERE id = ?", (dump,)).fetchone()
+        return Recalled(lambda: self._items(dump), Tally(**json.loads(tally_json)),
+                        list(json.loads(problems_json)), bool(found))
+
+    def _items(self, dump: int) -> Iterator[Item]:
+        last = -1
+        while True:  # in pages: no cursor stays open between the caller's steps
+            rows = self._db.execute(
+                "SELECT seq, rel, sha1, kind, trashed FROM items WHERE dump = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?", (dump, last, 4 * CHUNK)).fetchall()
+            if not rows:
+                return
+            for _, rel, sha1, kind, trashed in rows:
+                yield (Original(rel, sha1, bool(trashed)) if kind == ORIGINAL
+                       else Derived(rel, kind))
+            last = rows[-1][0]
+
+    def remember(self, name: str, size: int, location: str | None, items: Iterable[Item],
+                 outcome: Callable[[], tuple[Tally, list[str], bool]],
+                 stop: threading.Event | None = None) -> Iterator[Item]:
+        """Pass ``items`` through, storing each; once they are all through, store
+        ``outcome()`` (the tally, the reader's problems and whether it found the asset
+        table: complete only then) and forget the oldest dumps beyond ``KEEP_DUMPS``.
+        Entries left incomplete (the reading stopped) are never recalled."""
+        db = self._db
+        key = _key(location)
+        db.execute("BEGIN")
+        db.execute("DELETE FROM items WHERE dump IN (SELECT id FROM dumps WHERE name = ? "
+                   "AND size = ? AND location = ?)", (name, size, key))
+        db.execute("DELETE FROM dumps WHERE name = ? AND size = ? AND location = ?",
+                   (name, size, key))
+        dump = int(db.execute("INSERT INTO dumps (name, size, location, format) "
+                              "VALUES (?,?,?,?)", (name, size, key, FORMAT)).lastrowid or 0)
+        db.execute("COMMIT")
+        batch: list[tuple[int, int, str, str | None, str, int]] = []
+        for seq, item in enumerate(items):
+            if stop is not None and stop.is_set():
+                break
+            if isinstance(item, Original):
+                batch.append((dump, seq, item.rel, item.sha1, ORIGINAL, int(item.trashed)))
+            else:
+                batch.append((dump, seq, item.rel, None, item.type, 0))
+            if len(batch) >= 4 * CHUNK:
+                self._put(batch)
+            yield item
+        else:
+            self._put(batch)
+            tally, problems, found = outcome()
+            db.execute("BEGIN")
+            db.execute("UPDATE dumps SET complete = 1, found = ?, tally = ?, problems = ? "
+                       "WHERE id = ?", (int(found), json.dumps(asdict(tally)),
+                                        json.dumps(problems), dump))
+            for (old,) in db.execute("SELECT id FROM dumps ORDER BY id DESC LIMIT -1 OFFSET ?",
+                                     (KEEP_DUMPS,)).fetchall():
+                db.execute("DELETE FROM items WHERE dump = ?", (old,))
+                db.execute("DELETE FROM dumps WHERE id = ?", (old,))
+            db.execute("COMMIT")
+
+    def _put(self, batch: list[tuple[int, int, str, str | None, str, int]]) -> None:
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT INTO items VALUES (?,?,?,?,?,?)", batch)
+        self._db.execute("COMMIT")
+        batch.clear()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _key(location: str | None) -> str:
+    return "" if location is None else "=" + location
+
+
+class Recalled:
+    """A dump read before: ``items()`` gives its files again, in the same order."""
+
+    def __init__(self, items: Callable[[], Iterator[Item]], tally: Tally,
+                 problems: list[str], found: bool) -> None:
+        self.items, self.tally, self.problems, self.found = items, tally, problems, found
+
+
+def _until(stop: threading.Event | None, items: Iterable[T]) -> Iterator[T]:
+    """``items``, raising ``hashing.Stopped`` once ``stop`` is set (checked every 256)."""
+    for n, item in enumerate(items):
+        if stop is not None and n % 256 == 0 and stop.is_set():
+            raise Stopped
+        yield item
+
+
+def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]], lookup: Lookup,
+               *, store: AssetStore | None = None, media_location: str | None = None,
+               excluded: Callable[[str], bool] | None = None, keep: int = KEEP,
+               sample: int | None = None, rng: random.Random | None = None,
+               stop: threading.Event | None = None,
+               reader: DumpReader | None = None) -> AssetCheck:
+    """The asset check of the dump ``name`` (``size`` bytes), blocking (run it in a
+    thread).
+
+    The files it lists come from ``store`` when it read this dump before, else from
+    ``chunks()`` (the dump's decompressed bytes), read once and stored. ``lookup``
+    answers for the mirror (``MirrorIndex.lookup`` in a backup; the disk's own files in
+    ``verify``); it is also asked to choose between prefixes the rows share equally.
+    ``sample``: check only that many originals, chosen at random (``rng``). Raises
+    ``hashing.Stopped`` when ``stop`` is set. ``reader``: the ``DumpReader`` to use, for a
+    caller that wants to look at it afterwards.
+    """
+    recalled = store.recall(name, size, media_location) if store is not None else None
+    if recalled is None:
+        reader = reader or DumpReader()
+        classifier = Classifier(media_location, probe=lookup)
+        rows = reader.rows(_until(stop, chunks()))
+        items: Iterable[Item] = classifier.items(rows)
+        if store is not None:
+            done = reader
+            items = store.remember(name, size, media_location, items, lambda: (
+                classifier.tally, done.problems, done.found), stop)
+        tally = classifier.tally
+    else:
+        items, tally = recalled.items(), recalled.tally
+    items = _until(stop, items)
+    if sample is not None:
+        chosen = Sample(sample, rng)
+        chosen.take(items)
+        result = check(chosen.kept, lookup, tally, excluded=excluded, keep=keep)
+        result.sampled_from = chosen.seen
+    else:
+        result = check(items, lookup, tally, excluded=excluded, keep=keep)
+    if recalled is None:
+        assert reader is not None
+        problems, found = reader.problems, reader.found
+    else:
+        problems, found = recalled.problems, recalled.found
+    if not found:
+        return not_checked(problems)
+    result.dump_problems = problems
+    return result
+
+
+class MirrorIndex:
+    """The mirror's files after a run, for ``assetcheck.check`` (see the module doc)."""
+
+    def __init__(self, path: Path, state_dir: Path, source: Path | None = None) -> None:
+        """``path``: the index file (in the run's work folder; replaced); ``state_dir``:
+        where the hash cache is (read only); ``source``: the server's upload location,
+        asked about files the mirror lacks."""
+        path.unlink(missing_ok=True)
+        self.path = path
+        self.source = source
+        self._db = sqlite3.connect(f"file:{quote(str(path))}", uri=True,
+                                   check_same_thread=False, isolation_level=None)
+        self._db.executescript("""
+            PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;
+            CREATE TABLE f (path TEXT PRIMARY KEY, size INTEGER NOT NULL,
+                            mtime_ns INTEGER NOT NULL) WITHOUT ROWID;
+        """)
+        cache = state_dir / CACHE_NAME
+        self._cached = cache.exists()
+        if self._cached:
+            self._db.execute("ATTACH DATABASE ? AS h", (f"file:{quote(str(cache))}?mode=ro",))
+
+    def add(self, files: Iterable[tuple[str, int, int]]) -> None:
+        """The mirror's files: (path inside the mirror, the server's size, its time)."""
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT OR REPLACE INTO f VALUES (?,?,?)", files)
+        self._db.execute("COMMIT")
+
+    def lookup(self, rels: Sequence[str]) -> list[Seen]:
+        """``assetcheck.Lookup``: one query per call (give at most ``CHUNK`` paths)."""
+        marks = ",".join("?" * len(rels))  # placeholders only: paths are parameters
+        if self._cached:
+            query = ("SELECT f.path, c.sha1 FROM f LEFT JOIN h.files c ON c.path = f.path "  # noqa: S608
+                     "AND c.size = f.size AND c.mtime_ns = f.mtime_ns "
+                     f"WHERE f.path IN ({marks})")
+        else:
+            query = f"SELECT path, NULL FROM f WHERE path IN ({marks})"  # noqa: S608
+        found = dict(self._db.execute(query, list(rels)).fetchall())
+        out = []
+        for rel in rels:
+            if rel in found:
+                out.append(Seen(True, found[rel]))
+            else:
+                out.append(Seen(False, on_server=self._on_server(rel)))
+        return out
+
+    def _on_server(self, rel: str) -> bool | None:
+        if self.source is None:
+            return None
+        try:
+            return os.path.isfile(os.path.join(self.source, rel))
+        except (OSError, ValueError):
+            return None
+
+    def close(self) -> None:
+        self._db.close()
+        self.path.unlink(missing_ok=True)
