@@ -184,3 +184,19 @@ def test_a_file_immich_moved_keeps_its_sha1_without_being_read(make_exfat,
     got = subprocess.run(["sha1sum", str(disk.marker / "library" / moved.relative_to(
         server.upload))], capture_output=True, text=True, check=True).stdout.split()[0]
     assert got == want[1]
+
+
+def test_the_generation_changes_with_every_put_and_survives_a_reopening(tmp_path: Path) -> None:
+    cache = HashCache(tmp_path)
+    first = cache.generation()
+    cache.put_many([])  # nothing put: nothing changed
+    assert cache.generation() == first
+    cache.put("a.jpg", 1, 1, "a" * 64, "1" * 40)
+    second = cache.generation()
+    assert second != first
+    cache.close()
+    again = HashCache(tmp_path)
+    assert again.generation() == second
+    again.put_many([("b.jpg", 1, 1, "b" * 64, None)])
+    assert again.generation() != second
+    again.close()

@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS disks (
     manifest_complete INTEGER NOT NULL DEFAULT 0,
     rotation INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
 # A file's SHA-1 is kept when a put knows only its SHA-256 and that is unchanged: the same
 # SHA-256 is the same content, so the same SHA-1.
@@ -93,6 +95,13 @@ class HashCache:
             db.execute("ALTER TABLE files ADD COLUMN sha1 TEXT")
         db.execute("BEGIN")
         return db
+
+    def generation(self) -> int:
+        """A number that changes with every put: what was concluded from the cache
+        before still holds while it is the same."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
 
     def lookup(self, path: str, size: int, mtime_ns: int) -> str | None:
         """The cached digest of ``path`` if it was hashed at this size and time."""
@@ -155,8 +164,11 @@ class HashCache:
         SHA-1 of None (or a row of four: no SHA-1) keeps the one known when the SHA-256
         is unchanged."""
         rows = [row if len(row) == 5 else (*row, None) for row in rows]
+        if not rows:
+            return
         with self._lock:
             self._db.executemany(_PUT, rows)
+            self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
             self._pending += len(rows)
             if self._pending >= 10_000:
                 self._commit()
