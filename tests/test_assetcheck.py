@@ -6,6 +6,7 @@ The same parts on real dumps: tests/test_assets.py."""
 from __future__ import annotations
 
 import random
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -16,12 +17,15 @@ from immich_usb_backup.assetcheck import (
     Original,
     Sample,
     Seen,
+    Tally,
     check,
+    check_pairs,
     find_prefix,
 )
 from immich_usb_backup.assets import AssetRow, FileRow, Row, decode_bytea, split_fields
-from immich_usb_backup.assetstore import AssetStore, MirrorIndex
+from immich_usb_backup.assetstore import AssetStore, MirrorIndex, mirror_fingerprint
 from immich_usb_backup.hashcache import HashCache
+from immich_usb_backup.scan import files_record, read_files_list
 
 
 def put(root: Path, rel: str, data: bytes) -> None:
@@ -195,3 +199,93 @@ def test_file_rows_before_asset_rows_find_the_same_prefix() -> None:
     assert list(classifier.items(rows)) == [Derived("thumbs/u/a.webp", "thumbnail"),
                                             Original("upload/u/a.jpg", "00" * 20)]
     assert classifier.tally.prefix == "/usr/src/app/upload/"
+
+
+def test_the_files_list_is_read_as_the_scan_wrote_it(tmp_path: Path) -> None:
+    names = ["upload/a.jpg", "upload/tab\there.jpg", "upload/bad-\udcff.jpg",
+             *(f"thumbs/{i:06d}-thumbnail.webp" for i in range(30_000))]  # blocks of 1 MiB
+    files_list = tmp_path / "files"
+    with open(files_list, "wb") as out:
+        for i, rel in enumerate(names):
+            out.write(files_record(b"C" if i % 2 else b"K", i, 10**18 + i, rel))
+    index = MirrorIndex(tmp_path / "index.sqlite", tmp_path)
+    index.add_files_list(files_list)
+    records = list(read_files_list(files_list))
+    assert [r.rel for r in records] == names
+    # a name that is not UTF-8 cannot be on exFAT: left out, never matched
+    assert [s.present for s in index.lookup(names[:5])] == [True, True, False, True, True]
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    assert sorted(db.execute("SELECT path, size, mtime_ns FROM f")) == sorted(
+        (r.rel, r.size, r.mtime_ns) for r in records if r.rel != names[2])
+    db.close()
+    index.close()
+
+
+def test_a_kept_outcome_comes_back_only_under_its_key(tmp_path: Path) -> None:
+    result = check([Original("upload/a.jpg", "aa" * 20), Derived("thumbs/b.webp", "preview")],
+                   lambda rels: [Seen(False, on_server=True)] * len(rels), Tally(rows=3,
+                                                                               external=1))
+    store = AssetStore(tmp_path)
+    store.keep_result("disk-a", "key-1", result)
+    assert store.result("disk-a", "key-2") is None
+    assert store.result("disk-b", "key-1") is None
+    back = store.result("disk-a", "key-1")
+    assert back is not None
+    assert back.line() == result.line() and back.problems() == result.problems()
+    assert back.as_dict() == result.as_dict()
+    store.close()
+
+
+def test_the_mirrors_fingerprint_follows_the_files_list(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(files_record(b"K", 1, 2, "upload/x.jpg"))
+    b.write_bytes(files_record(b"K", 1, 3, "upload/x.jpg"))
+    assert mirror_fingerprint(a) == mirror_fingerprint(a) != mirror_fingerprint(b)
+
+
+def test_the_check_counted_by_sqlite_is_the_check_counted_one_by_one(tmp_path: Path) -> None:
+    rng = random.Random(3)  # noqa: S311  (test data)
+    source = tmp_path / "source"
+    items: list[Original | Derived] = []
+    cache = HashCache(tmp_path)
+    index = MirrorIndex(tmp_path / "index.sqlite", tmp_path, source=source)
+    files = []
+    for i in range(3000):
+        rel = f"{rng.choice(['upload', 'thumbs', 'encoded-video'])}/u/{i:05d}.jpg"
+        want = rng.choice([None, f"{i:040x}", f"{i:040x}", f"{i:040x}"])
+        if rng.random() < 0.3:
+            items.append(Derived(rel, rng.choice(["thumbnail", "preview", "sidecar"])))
+        else:
+            items.append(Original(rel, want, trashed=rng.random() < 0.1))
+        where = rng.random()
+        if where < 0.85:
+            files.append((rel, i, i))
+            known = rng.random()
+            if known < 0.6:
+                cache.put(rel, i, i, "a" * 64, f"{i:040x}")  # agrees
+            elif known < 0.7:
+                cache.put(rel, i, i, "a" * 64, f"{i + 1:040x}")  # differs
+            elif known < 0.8:
+                cache.put(rel, i, i + 1, "a" * 64, f"{i:040x}")  # at another time: unread
+        elif where < 0.9:
+            put(source, rel, b"on the server only")
+    cache.commit()
+    index.add(files)
+    store = AssetStore(tmp_path)
+    for _ in store.remember("d", 1, None, items, lambda: (Tally(), [], True)):
+        pass
+    recalled = store.recall("d", 1, None)
+    assert recalled is not None
+
+    def excluded(rel: str) -> bool:
+        return rel.startswith("encoded-video/")
+
+    one_by_one = check_pairs(index.pairs(store, recalled.dump), Tally(), excluded=excluded,
+                             keep=5)
+    by_sqlite = index.check_stored(store, recalled.dump, Tally(), excluded=excluded, keep=5)
+    assert by_sqlite.state() == one_by_one.state()
+    assert one_by_one.missing and one_by_one.differ and one_by_one.not_read
+    assert one_by_one.excluded and one_by_one.trashed_missing and one_by_one.no_checksum
+    store.close()
+    index.close()
+    cache.close()

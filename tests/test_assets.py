@@ -48,8 +48,10 @@ from immich_usb_backup.assets import (
     DumpReader,
     decode_text,
 )
-from immich_usb_backup.assetstore import AssetStore, check_dump
+from immich_usb_backup.assetstore import AssetStore, MirrorIndex, check_dump
+from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.hashing import sha256_file
+from immich_usb_backup.scan import Excludes, Problems, read_files_list, scan
 
 __all__ = ["postgres"]  # the fixture, imported for pytest
 
@@ -302,6 +304,16 @@ def test_paths_with_tabs_newlines_backslashes_and_bytes_that_are_not_utf8(
     assert "\n" not in problem and "\x1b" not in problem
     assert problem == ("assets: library/upload/" + USER_ID + "/ab/cd/lost\\n\\x1b[31mred"
                        "\\xff.jpg is not on the disk: Immich has it in its database")
+    state = tmp_path / "state"
+    state.mkdir()
+    store = AssetStore(state)  # kept and recalled as they were, bytes and all
+    size = dump.stat().st_size
+    for _ in range(2):
+        kept = check_dump(dump.name, size, lambda: _gunzip_chunks(dump), read_disk(root),
+                          store=store)
+        assert (kept.line(), kept.problems()) == (result.line(), result.problems())
+    assert store.recall(dump.name, size, None) is not None
+    store.close()
 
 
 def test_copy_escapes_are_decoded_as_postgresql_reads_them(postgres: Postgres) -> None:
@@ -470,3 +482,40 @@ def test_a_dump_is_read_once_and_its_items_recalled_as_they_were(
     assert store.recall(dump.name, size + 1, None) is None  # another dump of that name
     assert store.recall(dump.name, size, "/data") is None  # read with another setting
     store.close()
+
+
+def test_in_a_backup_the_check_joins_the_stored_dump_with_the_files_list_and_the_cache(
+    postgres: Postgres, tmp_path: Path,
+) -> None:
+    library = make_library(tmp_path / "library", "/data/", old=False)
+    dump = dump_of(postgres, tmp_path, "joined", library, old=False, cluster=False)
+    mirror, work, state = tmp_path / "mirror", tmp_path / "work", tmp_path / "state"
+    for folder in (mirror, work, state):
+        folder.mkdir()
+    plan = scan(library.root, mirror, work, Excludes(()), 4096, Problems(), list_files=True)
+    assert plan.files_list is not None
+    cache = HashCache(state)  # as the copy-time hasher leaves it: the server's digests
+    for rec in read_files_list(plan.files_list):
+        h = sha256_file(str(library.root / rec.rel), rec.rel)
+        assert h.digest is not None
+        cache.put(rec.rel, h.size, h.mtime_ns, h.digest, h.sha1)
+    cache.commit()
+    store = AssetStore(state)
+    index = MirrorIndex(work / "assets-index.sqlite", state, source=library.root)
+    index.add_files_list(plan.files_list)
+    try:
+        result = check_dump(dump.name, dump.stat().st_size, lambda: _gunzip_chunks(dump),
+                            index, store=store)
+        again = check_dump(dump.name, dump.stat().st_size, lambda: iter(()), index,
+                           store=store)  # recalled: the dump is not read again
+    finally:
+        index.close()
+        store.close()
+        cache.close()
+    assert result.line() == again.line() == expected_line(False)
+    problems = result.problems()
+    assert problems == again.problems()
+    assert problems[0] == (f"assets: library/{library.missing} is missing from the server "
+                           "and from the disk: Immich has it in its database")
+    assert "the server's file (and the disk's copy of it) has SHA-1" in problems[1]
+    assert AssetCheck.from_state(result.state()).problems() == problems

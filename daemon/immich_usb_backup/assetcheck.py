@@ -23,7 +23,7 @@ import itertools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from immich_usb_backup.assets import AssetRow, FileRow, Row, shown
@@ -273,6 +273,14 @@ class AssetCheck:
     def name(self, kind: str, line: str, keep: int) -> None:
         self._named.setdefault(kind, _Named()).add(line, keep)
 
+    def add(self, item: Item, seen: Seen, excluded: Callable[[str], bool] | None = None,
+            keep: int = KEEP) -> None:
+        """Count ``item`` as ``seen`` in the mirror; name it when it is a problem."""
+        if isinstance(item, Original):
+            _original(self, item, seen, excluded, keep)
+        else:
+            _derived(self, item, seen, excluded, keep)
+
     def problems(self) -> list[str]:
         """Each problem on a line of its own, prefixed ``assets:``; beyond the first
         ``keep`` of a kind, one line says how many more."""
@@ -355,6 +363,19 @@ class AssetCheck:
         }
 
 
+    def state(self) -> dict[str, Any]:
+        """Everything, for ``from_state`` (the check remembered between runs)."""
+        return {**asdict(self), "files_missing": dict(self.files_missing)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> AssetCheck:
+        fields = dict(state)
+        fields["tally"] = Tally(**fields["tally"])
+        fields["files_missing"] = Counter(fields["files_missing"])
+        fields["_named"] = {k: _Named(**v) for k, v in fields["_named"].items()}
+        return cls(**fields)
+
+
 def not_checked(problems: Iterable[str]) -> AssetCheck:
     """The outcome when the dump has nothing to check against (``DumpReader.problems``)."""
     return AssetCheck(checked=False, dump_problems=list(problems))
@@ -369,15 +390,23 @@ def check(items: Iterable[Item], lookup: Lookup, tally: Tally | None = None, *,
     ``excluded(rel)`` says whether the backup leaves that path out on purpose (such files
     are counted, not missing); ``dump_problems`` are the reader's (``DumpReader.problems``).
     """
-    result = AssetCheck(dump_problems=list(dump_problems))
+    return check_pairs(_looked_up(items, lookup), tally, excluded=excluded, keep=keep,
+                       dump_problems=dump_problems)
+
+
+def _looked_up(items: Iterable[Item], lookup: Lookup) -> Iterator[tuple[Item, Seen]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, CHUNK)):
-        seen = lookup([item.rel for item in chunk])
-        for item, s in zip(chunk, seen, strict=True):
-            if isinstance(item, Original):
-                _original(result, item, s, excluded, keep)
-            else:
-                _derived(result, item, s, excluded, keep)
+        yield from zip(chunk, lookup([item.rel for item in chunk]), strict=True)
+
+
+def check_pairs(pairs: Iterable[tuple[Item, Seen]], tally: Tally | None = None, *,
+                excluded: Callable[[str], bool] | None = None, keep: int = KEEP,
+                dump_problems: Iterable[str] = ()) -> AssetCheck:
+    """``check`` of items already looked up (a join made elsewhere)."""
+    result = AssetCheck(dump_problems=list(dump_problems))
+    for item, s in pairs:
+        result.add(item, s, excluded, keep)
     if tally is not None:
         result.tally = tally
     return result
@@ -393,8 +422,6 @@ def _where(s: Seen) -> str:
 
 def _original(result: AssetCheck, item: Original, s: Seen,
               excluded: Callable[[str], bool] | None, keep: int) -> None:
-    path = shown(f"{MIRROR}/{item.rel}")
-    trash = " (in the trash)" if item.trashed else ""
     if item.trashed:
         result.trashed += 1
     else:
@@ -406,8 +433,8 @@ def _original(result: AssetCheck, item: Original, s: Seen,
             result.trashed_missing += 1
         else:
             result.missing += 1
-            result.name("missing", f"{path} {_where(s)}: Immich has it in its database",
-                        keep)
+            result.name("missing", f"{shown(f'{MIRROR}/{item.rel}')} {_where(s)}: Immich has "
+                        "it in its database", keep)
         return
     if not item.trashed:
         result.on_disk += 1
@@ -427,7 +454,9 @@ def _original(result: AssetCheck, item: Original, s: Seen,
         result.differ += 1
     whose = "the disk's copy" if s.read_from == "disk" else (
         "the server's file (and the disk's copy of it)")
-    result.name("differ", f"{path}{trash} changed or damaged since it was uploaded: "
+    trash = " (in the trash)" if item.trashed else ""
+    result.name("differ", f"{shown(f'{MIRROR}/{item.rel}')}{trash} changed or damaged since "
+                "it was uploaded: "
                 f"{whose} has SHA-1 {s.sha1}, Immich recorded {item.sha1}", keep)
 
 
