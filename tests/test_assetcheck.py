@@ -289,3 +289,16 @@ def test_the_check_counted_by_sqlite_is_the_check_counted_one_by_one(tmp_path: P
     store.close()
     index.close()
     cache.close()
+
+
+def test_a_share_is_drawn_as_the_items_pass_and_never_empty() -> None:
+    items: list[Original | Derived] = [Original(f"upload/{i}.jpg", "aa" * 20)
+                                       for i in range(10_000)]
+    rng = random.Random(11)  # noqa: S311  (a sample, not a secret)
+    sample = Sample(rng=rng)
+    drawn = list(sample.share(iter(items), 5))
+    assert 400 < len(drawn) < 600 and sample.seen == 10_000
+    assert len(drawn) == len({d.rel for d in drawn})
+    tiny = Sample(rng=rng)
+    assert len(list(tiny.share(items[:3], 0.001))) == 1  # at least one
+    assert list(Sample(rng=rng).share([Derived("thumbs/a.webp", "preview")], 50)) == []

@@ -478,11 +478,12 @@ def _derived(result: AssetCheck, item: Derived, s: Seen,
 # Sampling ----------------------------------------------------------------------------------
 
 class Sample:
-    """At most ``size`` of the originals that pass through ``take``, each as likely as any
-    other (reservoir sampling: memory for ``size`` items, one pass); the asset files are
-    left out. ``seen`` counts the originals (not trashed) offered."""
+    """A random share of the originals, for ``verify --sample``; the asset files are left
+    out. ``take``: at most ``size`` of them, each as likely as any other (reservoir
+    sampling: memory for ``size`` items, one pass); ``share``: a percentage, streamed.
+    ``seen`` counts the originals (not trashed) offered."""
 
-    def __init__(self, size: int, rng: random.Random | None = None) -> None:
+    def __init__(self, size: int = 0, rng: random.Random | None = None) -> None:
         self.size = size
         self.seen = 0
         self._offered = 0
@@ -502,3 +503,23 @@ class Sample:
                 j = self._rng.randrange(self._offered)
                 if j < self.size:
                     self.kept[j] = item
+
+    def share(self, items: Iterable[Item], percent: float) -> Iterator[Original]:
+        """Each original (in the trash or not) with a chance of ``percent`` %, passed on as
+        it comes (nothing held but one spare); at least one when there is any, as a small
+        share of a small library can draw none. ``seen`` counts as in ``take``."""
+        spare: Original | None = None
+        drawn = False
+        for item in items:
+            if not isinstance(item, Original):
+                continue
+            if not item.trashed:
+                self.seen += 1
+            self._offered += 1
+            if self._rng.random() * 100 < percent:
+                drawn = True
+                yield item
+            elif not drawn and self._rng.randrange(self._offered) == 0:
+                spare = item
+        if not drawn and spare is not None:
+            yield spare

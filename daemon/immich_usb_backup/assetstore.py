@@ -250,7 +250,8 @@ def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]],
                lookup: Lookup | MirrorIndex, *, store: AssetStore | None = None,
                media_location: str | None = None,
                excluded: Callable[[str], bool] | None = None, keep: int = KEEP,
-               sample: int | None = None, rng: random.Random | None = None,
+               sample: int | None = None, share: float | None = None,
+               rng: random.Random | None = None,
                stop: threading.Event | None = None,
                reader: DumpReader | None = None) -> AssetCheck:
     """The asset check of the dump ``name`` (``size`` bytes), blocking (run it in a
@@ -261,8 +262,9 @@ def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]],
     answers for the mirror: a ``MirrorIndex`` in a backup (with a store: one join), or
     any ``assetcheck.Lookup`` (the disk's own files in ``verify``); it is also asked to
     choose between prefixes the rows share equally. ``sample``: check only that many
-    originals, chosen at random (``rng``). Raises ``hashing.Stopped`` when ``stop`` is
-    set. ``reader``: the ``DumpReader`` to use, for a caller that looks at it after.
+    originals, chosen at random (``rng``); ``share``: that percentage of them. Raises
+    ``hashing.Stopped`` when ``stop`` is set. ``reader``: the ``DumpReader`` to use, for a
+    caller that looks at it after.
     """
     ask = lookup.lookup if isinstance(lookup, MirrorIndex) else lookup
     recalled = store.recall(name, size, media_location) if store is not None else None
@@ -274,7 +276,7 @@ def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]],
             done = reader
             items = store.remember(name, size, media_location, items, lambda: (
                 classifier.tally, done.problems, done.found), stop)
-            if isinstance(lookup, MirrorIndex) and sample is None:
+            if isinstance(lookup, MirrorIndex) and sample is None and share is None:
                 for _ in items:  # stored first, then checked in one join
                     pass
                 recalled = store.recall(name, size, media_location)
@@ -287,6 +289,11 @@ def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]],
         chosen = Sample(sample, rng)
         chosen.take(_until(stop, items))
         result = check(chosen.kept, ask, tally, excluded=excluded, keep=keep)
+        result.sampled_from = chosen.seen
+    elif share is not None:
+        chosen = Sample(rng=rng)
+        result = check(chosen.share(_until(stop, items), share), ask, tally,
+                       excluded=excluded, keep=keep)
         result.sampled_from = chosen.seen
     elif isinstance(lookup, MirrorIndex) and recalled is not None and store is not None:
         result = lookup.check_stored(store, recalled.dump, tally, excluded=excluded,
