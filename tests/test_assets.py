@@ -48,7 +48,7 @@ from immich_usb_backup.assets import (
     DumpReader,
     decode_text,
 )
-from immich_usb_backup.assetstore import AssetStore, MirrorIndex, check_dump
+from immich_usb_backup.assetstore import AssetStore, MirrorIndex, check_dump, disk_lookup
 from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.hashing import sha256_file
 from immich_usb_backup.scan import Excludes, Problems, read_files_list, scan
@@ -72,14 +72,8 @@ def sample_sidecar() -> Path:
 
 
 def read_disk(root: Path) -> Lookup:
-    """A lookup that reads each file on ``root`` (the disk's copy)."""
-    def lookup(rels: Sequence[str]) -> list[Seen]:
-        out = []
-        for rel in rels:
-            h = sha256_file(os.path.join(root, rel), rel)
-            out.append(Seen(True, h.sha1, "disk") if h.sha1 is not None else Seen(False))
-        return out
-    return lookup
+    """A lookup that reads each file on ``root`` (the disk's copy), as verify does."""
+    return disk_lookup(root)
 
 
 def run_check(dump: Path, root: Path, media_location: str | None = None,

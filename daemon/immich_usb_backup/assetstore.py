@@ -51,7 +51,7 @@ from immich_usb_backup.assetcheck import (
 )
 from immich_usb_backup.assets import DumpReader
 from immich_usb_backup.hashcache import CACHE_NAME
-from immich_usb_backup.hashing import Stopped
+from immich_usb_backup.hashing import BLOCK, Stopped, sha256_file
 
 T = TypeVar("T")
 
@@ -217,6 +217,27 @@ def _key(location: str | None) -> str:
 
 
 _THERE = Seen(True)
+
+
+def disk_lookup(mirror: Path, *, stop: threading.Event | None = None,
+                on_bytes: Callable[[int], None] | None = None) -> Lookup:
+    """A lookup that reads each file it is asked about in ``mirror`` from the disk, for
+    ``verify`` where it has no read of its own to reuse (a sample). It reads the asset
+    files too (thumbnails and previews: small beside the originals)."""
+    buf = bytearray(BLOCK)
+
+    def lookup(rels: Sequence[str]) -> list[Seen]:
+        out = []
+        for rel in rels:
+            path = os.path.join(mirror, rel)
+            if not os.path.isfile(path):
+                out.append(Seen(False))
+                continue
+            h = sha256_file(path, rel, drop_cache=True, on_bytes=on_bytes, stop=stop,
+                            buf=buf)
+            out.append(Seen(True, h.sha1, "disk"))
+        return out
+    return lookup
 
 
 def mirror_fingerprint(files_list: Path) -> str:
