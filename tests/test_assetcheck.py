@@ -22,7 +22,14 @@ from immich_usb_backup.assetcheck import (
     check_pairs,
     find_prefix,
 )
-from immich_usb_backup.assets import AssetRow, FileRow, Row, decode_bytea, split_fields
+from immich_usb_backup.assets import (
+    AssetRow,
+    DumpReader,
+    FileRow,
+    Row,
+    decode_bytea,
+    split_fields,
+)
 from immich_usb_backup.assetstore import AssetStore, MirrorIndex, mirror_fingerprint
 from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.scan import files_record, read_files_list
@@ -302,3 +309,18 @@ def test_a_share_is_drawn_as_the_items_pass_and_never_empty() -> None:
     tiny = Sample(rng=rng)
     assert len(list(tiny.share(items[:3], 0.001))) == 1  # at least one
     assert list(Sample(rng=rng).share([Derived("thumbs/a.webp", "preview")], 50)) == []
+
+
+def test_rows_that_cannot_be_read_are_counted_and_shown_escaped() -> None:
+    text = (b"COPY public.asset (id, \"originalPath\", checksum) FROM stdin;\n"
+            b"1\t/data/upload/a.jpg\t\\\\x" + b"00" * 20 + b"\n"
+            b"2\ttoo\tmany\tfields\x1b\n"
+            b"3\t/data/upload/b.jpg\n"
+            b"\\.\n")
+    reader = DumpReader()
+    rows = list(reader.rows([text]))
+    assert [r.original_path for r in rows if isinstance(r, AssetRow)] == [
+        "/data/upload/a.jpg"]
+    assert reader.problems == [
+        "2 rows of the asset tables could not be read (for example: asset row 2: "
+        "2\\ttoo\\tmany\\tfields\\x1b; asset row 3: 3\\t/data/upload/b.jpg)"]

@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from immich_usb_backup.text import plural
+
 ASSET_TABLES = ("asset", "assets")  # "assets" before Immich 1.137
 FILE_TABLES = ("asset_file", "asset_files")
 MAX_LINE = 1 << 20  # a longer line is not a row of these tables: skipped, never held
@@ -117,8 +119,8 @@ class DumpReader:
             out.append(f"the dump's {self.asset_table} table has no column "
                        f"{', '.join(self.missing_columns)}: no asset could be checked")
         if self.bad_rows:
-            out.append(f"{self.bad_rows} {'row' if self.bad_rows == 1 else 'rows'} of the "
-                       f"asset tables could not be read (for example: "
+            out.append(f"{plural(self.bad_rows, 'row')} of the asset tables could not be "
+                       "read (for example: "
                        f"{'; '.join(self.bad_examples)})")
         if self.cut_short:
             out.append(f"the dump ends inside the rows of {self.cut_short}: it is cut "
