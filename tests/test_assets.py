@@ -357,10 +357,11 @@ def test_a_dump_cut_short_in_the_asset_rows_says_so(postgres: Postgres,
     library = make_library(tmp_path / "library", "/data/", old=False)
     dump = dump_of(postgres, tmp_path, "cut", library, old=False, cluster=False)
     text = gzip.decompress(dump.read_bytes())
-    cut = text.index(library.assets[3].id.encode())  # inside the fourth row
-    reader = DumpReader()
-    rows = list(reader.rows([text[:cut]]))
-    assert len(rows) == 3 and reader.cut_short == "asset" and not reader.complete
+    start = text.index(library.assets[3].id.encode())  # of the fourth row
+    for cut in (start, start + 60):  # before it, inside it
+        reader = DumpReader()
+        rows = list(reader.rows([text[:cut]]))
+        assert len(rows) == 3 and reader.cut_short == "asset" and not reader.complete
     assert reader.problems == ["the dump ends inside the rows of asset: it is cut short, "
                                "the assets after that point were not checked"]
 

@@ -170,16 +170,11 @@ class DumpReader:
                 if block is not None:
                     self._bad(block, buf[:80] + b"...")
                 buf, midline = b"", True
-        if buf and not midline:
-            if block is not None and buf != b"\\.":
-                row = self._row(block, buf)
-                if row is not None:
-                    yield row
-            elif block is None and not skipping:
-                self._outside(buf)
-            if buf == b"\\.":
-                block = None
-        if block is not None:
+        if buf == b"\\." and not midline:  # the last line, without its line end
+            block = None
+        elif buf and block is None and not skipping and not midline:
+            self._outside(buf)
+        if block is not None:  # a row without its line end is cut short too: not read
             self.cut_short = block.table
 
     # outside the rows ------------------------------------------------------------------
