@@ -514,3 +514,31 @@ def test_in_a_backup_the_check_joins_the_stored_dump_with_the_files_list_and_the
                            "and from the disk: Immich has it in its database")
     assert "the server's file (and the disk's copy of it) has SHA-1" in problems[1]
     assert AssetCheck.from_state(result.state()).problems() == problems
+
+
+def test_a_run_that_changed_nothing_gets_the_kept_outcome_without_a_look(
+    postgres: Postgres, tmp_path: Path,
+) -> None:
+    library = make_library(tmp_path / "library", "/data/", old=False)
+    dump = dump_of(postgres, tmp_path, "memo", library, old=False, cluster=False)
+    store = AssetStore(tmp_path)
+    size = dump.stat().st_size
+    asked: list[int] = []
+    disk = read_disk(library.root)
+
+    def counting(rels: Sequence[str]) -> list[Seen]:
+        asked.append(len(rels))
+        return list(disk(rels))
+
+    first = check_dump(dump.name, size, lambda: _gunzip_chunks(dump), counting, store=store,
+                       memo=("disk-a", "key-1"))
+    looked = sum(asked)
+    assert looked >= len(library.assets) - 3  # every local row, and the asset files
+    again = check_dump(dump.name, size, lambda: _gunzip_chunks(dump), counting, store=store,
+                       memo=("disk-a", "key-1"))
+    assert sum(asked) == looked  # not looked up again
+    assert (again.line(), again.problems()) == (first.line(), first.problems())
+    check_dump(dump.name, size, lambda: _gunzip_chunks(dump), counting, store=store,
+               memo=("disk-a", "key-2"))  # something changed: checked again
+    assert sum(asked) > looked
+    store.close()

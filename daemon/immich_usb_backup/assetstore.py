@@ -274,7 +274,8 @@ def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]],
                sample: int | None = None, share: float | None = None,
                rng: random.Random | None = None,
                stop: threading.Event | None = None,
-               reader: DumpReader | None = None) -> AssetCheck:
+               reader: DumpReader | None = None,
+               memo: tuple[str, str] | None = None) -> AssetCheck:
     """The asset check of the dump ``name`` (``size`` bytes), blocking (run it in a
     thread).
 
@@ -285,8 +286,18 @@ def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]],
     choose between prefixes the rows share equally. ``sample``: check only that many
     originals, chosen at random (``rng``); ``share``: that percentage of them. Raises
     ``hashing.Stopped`` when ``stop`` is set. ``reader``: the ``DumpReader`` to use, for a
-    caller that looks at it after.
+    caller that looks at it after. ``memo``: (disk, key): the outcome kept in ``store``
+    for the disk under that key is given back as it is; a new one is kept under it.
     """
+    if memo is not None and store is not None:
+        kept = store.result(*memo)
+        if kept is not None:
+            return kept
+        result = check_dump(name, size, chunks, lookup, store=store,
+                            media_location=media_location, excluded=excluded, keep=keep,
+                            sample=sample, share=share, rng=rng, stop=stop, reader=reader)
+        store.keep_result(*memo, result)
+        return result
     ask = lookup.lookup if isinstance(lookup, MirrorIndex) else lookup
     recalled = store.recall(name, size, media_location) if store is not None else None
     if recalled is None:
