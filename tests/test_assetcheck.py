@@ -30,9 +30,14 @@ from immich_usb_backup.assets import (
     decode_bytea,
     split_fields,
 )
-from immich_usb_backup.assetstore import AssetStore, MirrorIndex, mirror_fingerprint
+from immich_usb_backup.assetstore import (
+    AssetStore,
+    MirrorIndex,
+    excluded_by,
+    mirror_fingerprint,
+)
 from immich_usb_backup.hashcache import HashCache
-from immich_usb_backup.scan import files_record, read_files_list
+from immich_usb_backup.scan import Excludes, files_record, read_files_list
 
 
 def put(root: Path, rel: str, data: bytes) -> None:
@@ -324,3 +329,10 @@ def test_rows_that_cannot_be_read_are_counted_and_shown_escaped() -> None:
     assert reader.problems == [
         "2 rows of the asset tables could not be read (for example: asset row 2: "
         "2\\ttoo\\tmany\\tfields\\x1b; asset row 3: 3\\t/data/upload/b.jpg)"]
+
+
+def test_a_path_is_excluded_by_its_own_name_or_by_a_folder_above_it() -> None:
+    excluded = excluded_by(Excludes(("/thumbs", "*.tmp", "upload/skip")))
+    assert excluded("thumbs/u/ab/x-thumbnail.webp")
+    assert excluded("upload/u/a.tmp") and excluded("upload/skip/x.jpg")
+    assert not excluded("upload/u/thumbs.jpg") and not excluded("library/thumbs2/x.jpg")

@@ -52,6 +52,7 @@ from immich_usb_backup.assetcheck import (
 from immich_usb_backup.assets import DumpReader
 from immich_usb_backup.hashcache import CACHE_NAME
 from immich_usb_backup.hashing import BLOCK, Stopped, sha256_file
+from immich_usb_backup.scan import Excludes
 
 T = TypeVar("T")
 
@@ -238,6 +239,15 @@ def disk_lookup(mirror: Path, *, stop: threading.Event | None = None,
             out.append(Seen(True, h.sha1, "disk"))
         return out
     return lookup
+
+
+def excluded_by(excludes: Excludes) -> Callable[[str], bool]:
+    """``check``'s ``excluded``: whether ``library.excludes`` leaves ``rel`` out, itself or
+    through one of its folders (the scan skips an excluded folder with all it holds)."""
+    def excluded(rel: str) -> bool:
+        parts = rel.split("/")
+        return any(excludes.match("/".join(parts[:i])) for i in range(1, len(parts) + 1))
+    return excluded
 
 
 def mirror_fingerprint(files_list: Path) -> str:
