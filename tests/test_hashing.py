@@ -87,7 +87,7 @@ def test_copy_hasher_puts_every_copied_file_into_the_cache(tmp_path: Path) -> No
     source, files_list, _ = _planned(tmp_path, 1200)
     cache = HashCache(tmp_path)
     known = next(r for r in read_files_list(files_list) if r.copied)
-    cache.put(known.rel, known.size, known.mtime_ns, "a" * 64)  # a second disk: not again
+    cache.put(known.rel, known.size, known.mtime_ns, "a" * 64, "1" * 40)  # a second disk: not again
     hasher = CopyHasher(str(source), files_list, cache)
     hasher.copied = 1 << 62
     hasher.run()

@@ -1,8 +1,11 @@
-"""SHA-256 of files, streamed in large blocks; one side, or source and disk in parallel.
+"""SHA-256 and SHA-1 of files, streamed in large blocks; one side, or source and disk in
+parallel.
 
 A file is never held in memory: it is read into one reused buffer of ``BLOCK`` bytes at a
-time. ``hashlib`` releases the GIL while it hashes a block, so two threads (one reading
-the server's copy, one the disk's) keep two cores busy.
+time, and both digests are taken in that one read: SHA-256 for the manifest, SHA-1 because
+it is the checksum Immich records for each original (see docs/asset-check.md).
+``hashlib`` releases the GIL while it hashes a block, so two threads (one reading the
+server's copy, one the disk's) keep two cores busy.
 
 Reading the disk's side "from the disk": right after a backup wrote a file, its bytes are
 still in the kernel's page cache, and a hash of the cache proves nothing about the disk.
@@ -35,10 +38,11 @@ class Stopped(Exception):
 
 @dataclass(frozen=True)
 class Hashed:
-    """The SHA-256 of one file, with the size and time it had while it was read.
+    """The SHA-256 (``digest``) and SHA-1 (``sha1``) of one file, in hex, with the size and
+    time it had while it was read.
 
-    ``digest`` is None when the file could not be read (``error`` says why) or changed
-    while it was read (``error`` is ``"changed while it was read"``).
+    ``digest`` and ``sha1`` are None when the file could not be read (``error`` says why)
+    or changed while it was read (``error`` is ``"changed while it was read"``).
     """
 
     rel: str
@@ -46,6 +50,7 @@ class Hashed:
     size: int = 0
     mtime_ns: int = 0
     error: str | None = None
+    sha1: str | None = None
 
 
 def _drop(fd: int) -> None:
@@ -86,7 +91,8 @@ def sha256_file(
     stop: threading.Event | None = None,
     buf: bytearray | None = None,
 ) -> Hashed:
-    """Hash ``path``; never raises for a file that cannot be read (see ``Hashed``).
+    """Hash ``path`` (SHA-256 and SHA-1); never raises for a file that cannot be read (see
+    ``Hashed``).
 
     ``on_bytes`` is called with the byte count of each block read; ``stop`` is checked
     between blocks (raises ``Stopped``).
@@ -107,6 +113,7 @@ def sha256_file(
             with contextlib.suppress(OSError):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         h = hashlib.sha256()
+        h1 = hashlib.sha1()  # noqa: S324  (Immich's checksum, compared, not trusted)
         done = 0
         while True:
             if stop is not None and stop.is_set():
@@ -114,7 +121,9 @@ def sha256_file(
             n = os.readv(fd, [view])
             if not n:
                 break
-            h.update(view[:n])
+            block = view[:n]
+            h.update(block)
+            h1.update(block)
             done += n
             if on_bytes is not None:
                 on_bytes(n)
@@ -129,7 +138,8 @@ def sha256_file(
         os.close(fd)
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
         return Hashed(rel, None, after.st_size, after.st_mtime_ns, "changed while it was read")
-    return Hashed(rel, h.hexdigest(), before.st_size, before.st_mtime_ns)
+    return Hashed(rel, h.hexdigest(), before.st_size, before.st_mtime_ns,
+                  sha1=h1.hexdigest())
 
 
 def hash_files(

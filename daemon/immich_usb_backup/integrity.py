@@ -23,7 +23,7 @@ from typing import BinaryIO
 from immich_usb_backup import keep, layout, manifest, rsync
 from immich_usb_backup.errors import BackupError
 from immich_usb_backup.fsutil import atomic_write
-from immich_usb_backup.hashcache import HashCache, chunked
+from immich_usb_backup.hashcache import HashCache, Row, chunked
 from immich_usb_backup.hashing import (
     Hashed,
     drop_device_cache,
@@ -101,7 +101,7 @@ def _compare_all(ctx: RunContext, selection: Path, cache: HashCache,
             continue
         compared += 1
         cached = cache.lookup(s.rel, s.size, s.mtime_ns)
-        cache.put(s.rel, s.size, s.mtime_ns, s.digest)
+        cache.put(s.rel, s.size, s.mtime_ns, s.digest, s.sha1)
         if d.digest != s.digest:
             mismatched.append((s.rel, _why(cached, s, d), s.digest))
     cache.commit()
@@ -188,14 +188,14 @@ def _write_lines(ctx: RunContext, plan: Plan, cache: HashCache, out: BinaryIO,
     for chunk in chunked(read_files_list(plan.files_list)):
         ctx.check_cancel()
         known = cache.lookup_many([(r.rel, r.size, r.mtime_ns) for r in chunk])
-        hashed: list[tuple[str, int, int, str]] = []  # put into the cache a chunk at a time
+        hashed: list[Row] = []  # put into the cache a chunk at a time
         for rec, cached in zip(chunk, known, strict=True):
             digest = None if rec.changed else cached
             if digest is None and not rec.changed:
                 h = sha256_file(os.path.join(source, rec.rel), rec.rel, stop=ctx.cancel,
                                 buf=buf)
                 if h.digest is not None:
-                    hashed.append((rec.rel, h.size, h.mtime_ns, h.digest))
+                    hashed.append((rec.rel, h.size, h.mtime_ns, h.digest, h.sha1))
                     if (h.size, h.mtime_ns) == (rec.size, rec.mtime_ns):
                         digest = h.digest
             if digest is None:

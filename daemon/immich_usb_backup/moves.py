@@ -286,7 +286,7 @@ def apply(moves: Moves, mirror: Path, work_dir: Path, cache: HashCache | None,
                 again.write(os.fsencode(q) + b"\0")
                 continue
             if cache is not None:
-                cache.put(q, size, mtime_ns, digest)
+                cache.put(q, size, mtime_ns, digest, cache.sha1_for(p, digest))
             done.renamed += 1
     if cache is not None:
         cache.commit()

@@ -25,7 +25,7 @@ from pathlib import Path
 from immich_usb_backup import execute, layout
 from immich_usb_backup.errors import BackupError, CommandError
 from immich_usb_backup.fsutil import Inside, allocated
-from immich_usb_backup.hashcache import CHUNK, HashCache, chunked
+from immich_usb_backup.hashcache import CHUNK, HashCache, Row, chunked
 from immich_usb_backup.hashing import Stopped, hash_files
 from immich_usb_backup.record import StepResult, readable
 from immich_usb_backup.scan import read_files_list
@@ -215,12 +215,12 @@ def _without_comments(batch: Path) -> Path:
 
 
 class CopyHasher:
-    """Hashes the files a run copies into the hash cache, in a thread, while rsync copies
-    them: the files list's records marked copied, in its order, those the cache does not
-    know at the size and time the scan saw (a second disk's first backup hashes nothing
-    again). It reads at most ``HASH_AHEAD_BYTES`` ahead of what rsync reports copied, so
-    a cold library is read from the server's storage once: by whichever comes first,
-    the other finds it in the page cache."""
+    """Hashes the files a run copies into the hash cache (SHA-256 and SHA-1), in a thread,
+    while rsync copies them: the files list's records marked copied, in its order, those
+    the cache does not know both digests of at the size and time the scan saw (a second
+    disk's first backup hashes nothing again). It reads at most ``HASH_AHEAD_BYTES``
+    ahead of what rsync reports copied, so a cold library is read from the server's
+    storage once: by whichever comes first, the other finds it in the page cache."""
 
     def __init__(self, source: str, files_list: Path, cache: HashCache) -> None:
         self.source, self.files_list, self.cache = source, files_list, cache
@@ -233,10 +233,10 @@ class CopyHasher:
         position = 0  # bytes of the copied files before this one, in the list's order
         copied = (r for r in read_files_list(self.files_list) if r.copied)
         for chunk in chunked(copied):
-            known = self.cache.lookup_many([(r.rel, r.size, r.mtime_ns) for r in chunk])
-            for rec, digest in zip(chunk, known, strict=True):
+            known = self.cache.digests_many([(r.rel, r.size, r.mtime_ns) for r in chunk])
+            for rec, digests in zip(chunk, known, strict=True):
                 before, position = position, position + rec.size
-                if digest is not None:
+                if digests is not None and digests.sha1 is not None:
                     continue
                 while before - self.copied > HASH_AHEAD_BYTES:
                     if self.stop.wait(0.05):
@@ -261,10 +261,10 @@ class CopyHasher:
                   time.monotonic() - t0)
 
     def run(self) -> None:
-        rows: list[tuple[str, int, int, str]] = []
+        rows: list[Row] = []
         for h in hash_files(self.source, self._unknown(), stop=self.stop):
             if h.digest is not None:
-                rows.append((h.rel, h.size, h.mtime_ns, h.digest))
+                rows.append((h.rel, h.size, h.mtime_ns, h.digest, h.sha1))
                 if len(rows) >= CHUNK:
                     self.cache.put_many(rows)
                     self.hashed += len(rows)
