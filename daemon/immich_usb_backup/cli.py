@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("device", metavar="DEVICE", help="/dev/sdb1 or UUID=XXXX-XXXX")
     ap.add_argument("--create-marker", action="store_true",
                     help="create the immich-server-backups folder if the disk lacks it")
+
+    sub.add_parser("web", help="serve the web UI ([web] listen), without root")
+    sub.add_parser("web-password", help="set the web UI's password (asked twice on a "
+                   "terminal, else read from standard input)")
     return p
 
 
@@ -131,7 +135,7 @@ def _percent(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    default_level = logging.INFO if args.command == "daemon" else logging.WARNING
+    default_level = logging.INFO if args.command in ("daemon", "web") else logging.WARNING
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else default_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -156,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "disks": cmd_disks,
         "remind": cmd_remind,
         "approve": cmd_approve,
+        "web": cmd_web,
+        "web-password": cmd_web_password,
     }[args.command]
     return handler(config, args)
 
@@ -694,6 +700,44 @@ def cmd_approve(config: Config, args: argparse.Namespace) -> int:
         print("created the folder immich-server-backups on the disk")
     print(f"approved {approval.label or '(no label)'} (UUID {approval.uuid}): it is backed up "
           "whenever it is plugged in")
+    return EXIT_OK
+
+
+# web, web-password ------------------------------------------------------------------------
+
+def cmd_web(config: Config, args: argparse.Namespace) -> int:
+    from immich_usb_backup.web.server import WebError, serve  # noqa: PLC0415 - aiohttp
+
+    try:
+        serve(config)
+    except WebError as exc:
+        print(f"web: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def cmd_web_password(config: Config, args: argparse.Namespace) -> int:
+    import getpass  # noqa: PLC0415
+
+    from immich_usb_backup.web.security import PasswordError, write_password  # noqa: PLC0415
+
+    path = config.web.password_file
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("New web UI password: ")
+            if getpass.getpass("The same again: ") != password:
+                print("the two passwords differ: nothing changed", file=sys.stderr)
+                return EXIT_USAGE
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+        write_password(path, password, config.web.group)
+    except (PasswordError, EOFError, KeyboardInterrupt) as exc:
+        print(f"web-password: {exc or 'cancelled'}: nothing changed", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"web-password: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote the web UI's password hash to {path}")
     return EXIT_OK
 
 
