@@ -38,7 +38,7 @@ HTTP_STATUS = {"bad-request": 400, "not-found": 404, "busy": 409, "refused": 422
 
 CONFIG = web.AppKey("config", Config)
 LIVE = web.AppKey("live", Live)
-SESSIONS = web.AppKey("sessions", sec.Sessions)
+SESSIONS = sec.SESSIONS
 THROTTLE = web.AppKey("throttle", sec.Throttle)
 STATIC = web.AppKey("static", dict)
 
@@ -86,12 +86,12 @@ async def headers(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The security headers on every answer, errors included; nothing cached."""
     try:
         response = await handler(request)
-    except web.HTTPException as exc:
-        response = exc
+    except web.HTTPException as exc:  # redirects and errors: raised, with the headers
+        exc.headers.update(sec.HEADERS)
+        exc.headers.setdefault("Cache-Control", "no-store")
+        raise
     response.headers.update(sec.HEADERS)
     response.headers.setdefault("Cache-Control", "no-store")
-    if isinstance(response, web.HTTPException) and response.status >= 400:
-        raise response
     return response
 
 
@@ -106,12 +106,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _refuse(api, 403, "forbidden", "the request came from another site (Origin)")
     if path in PUBLIC or path.startswith("/static/"):
         return await handler(request)
-    session = request.app[SESSIONS].get(request.cookies.get(sec.COOKIE))
+    session = sec.session_of(request)
     if session is None:
         if api:
             return _refuse(True, 401, "unauthorized", "log in first (POST /api/login)")
         raise web.HTTPSeeOther("/login")
-    request["session"] = session
     if request.method == "POST":
         if api:
             given = request.headers.get("X-CSRF-Token")
@@ -185,7 +184,7 @@ async def form_login(request: web.Request) -> web.StreamResponse:
     status, result = await _login(request, form.get("password"))
     if status != 200:
         return await pages.render(request, "web/login.html", status=status, error=result)
-    response = web.HTTPSeeOther("/")
+    response = _redirect("/")
     sec.set_session_cookie(response, result, _tls(request))
     return response
 
@@ -199,9 +198,14 @@ async def api_logout(request: web.Request) -> web.StreamResponse:
 
 async def form_logout(request: web.Request) -> web.StreamResponse:
     request.app[SESSIONS].end(request.cookies.get(sec.COOKIE))
-    response = web.HTTPSeeOther("/login")
+    response = _redirect("/login")
     sec.clear_session_cookie(response, _tls(request))
     return response
+
+
+def _redirect(location: str) -> web.Response:
+    """A 303 that carries a cookie (an HTTPException should be raised, not returned)."""
+    return web.Response(status=303, headers={"Location": location})
 
 
 def _tls(request: web.Request) -> bool:
@@ -211,7 +215,7 @@ def _tls(request: web.Request) -> bool:
 # Pages ----------------------------------------------------------------------------------------
 
 async def page_login(request: web.Request) -> web.StreamResponse:
-    if request.app[SESSIONS].get(request.cookies.get(sec.COOKIE)) is not None:
+    if sec.session_of(request) is not None:
         raise web.HTTPSeeOther("/")
     return await pages.render(request, "web/login.html")
 
@@ -335,7 +339,9 @@ async def form_action(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     status, answer = await _act(request, request.match_info["name"],
                                 {k: str(v) for k, v in form.items()})
-    request["session"].flash = pages.outcome_text(request.match_info["name"], status, answer)
+    session = sec.session_of(request)
+    assert session is not None  # the guard let it in
+    session.flash = pages.outcome_text(request.match_info["name"], status, answer)
     back = "/history" if request.match_info["name"] in ("verify", "drill") else "/"
     raise web.HTTPSeeOther(back)
 

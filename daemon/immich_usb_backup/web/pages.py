@@ -20,6 +20,7 @@ from immich_usb_backup import history as runs_file
 from immich_usb_backup.config import MODES, Config
 from immich_usb_backup.text import duration, human_bytes
 from immich_usb_backup.web.live import Live
+from immich_usb_backup.web.security import session_of
 
 TITLE = "Immich USB backups"
 WEEK_RUNS = 200  # enough runs for the last 7 days
@@ -31,7 +32,7 @@ async def render(request: web.Request, template: str, status: int = 200,
                  **context: Any) -> web.Response:
     """``template`` with what every page has: the session's CSRF token and message,
     the warning when run as root."""
-    session = request.get("session")
+    session = session_of(request)
     flash = None
     if session is not None:
         flash, session.flash = session.flash, None
@@ -156,7 +157,8 @@ def outcome_text(name: str, status: int, answer: dict[str, Any]) -> str:
     """What a button did, in a sentence for the next page."""
     if status < 300:
         started = answer.get("started") or {}
-        disk = (started.get("disk") or {}).get("label") or ""
+        ref = started.get("disk") or {}
+        disk = ref.get("label") or ref.get("uuid") or "the disk"
         if name == "backup":
             return f"Backup of {disk} started ({started.get('mode')} mode)."
         if name in ("verify", "drill"):

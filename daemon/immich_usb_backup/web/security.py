@@ -161,6 +161,14 @@ class Sessions:
             del self.items[token]
 
 
+SESSIONS = web.AppKey("sessions", Sessions)
+
+
+def session_of(request: web.Request) -> Session | None:
+    """The request's session (its cookie's), or None."""
+    return request.app[SESSIONS].get(request.cookies.get(COOKIE))
+
+
 def csrf_ok(session: Session, given: str | None) -> bool:
     return bool(given) and hmac.compare_digest(session.csrf.encode(), str(given).encode())
 
