@@ -31,7 +31,7 @@ from immich_usb_backup.web.live import Live
 
 log = logging.getLogger(__name__)
 
-PUBLIC = ("/login", "/api/login")
+PUBLIC = ("/login", "/api/login", "/favicon.ico")
 MAX_BODY = 64 * 1024
 HTTP_STATUS = {"bad-request": 400, "not-found": 404, "busy": 409, "refused": 422,
                "failed": 500}
@@ -68,7 +68,13 @@ def make_app(config: Config, client: ControlClient | None = None) -> web.Applica
     app.router.add_get("/api/events", api_events)
     app.router.add_post("/api/{name}", api_action)
     app.router.add_get("/static/{name}", static_file)
+    app.router.add_get("/favicon.ico", no_icon)
+    app.on_startup.append(_compile_templates)
     return app
+
+
+async def _compile_templates(app: web.Application) -> None:
+    await asyncio.to_thread(pages.load_templates)
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -230,6 +236,11 @@ async def page_history(request: web.Request) -> web.StreamResponse:
 
 async def page_approve(request: web.Request) -> web.StreamResponse:
     return await pages.approve(request, request.app[LIVE], request.query.get("disk", ""))
+
+
+async def no_icon(request: web.Request) -> web.StreamResponse:
+    """No icon (a browser asks for one on every page)."""
+    return web.Response(status=204)
 
 
 async def static_file(request: web.Request) -> web.StreamResponse:

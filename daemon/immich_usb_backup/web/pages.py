@@ -36,11 +36,20 @@ async def render(request: web.Request, template: str, status: int = 200,
     flash = None
     if session is not None:
         flash, session.flash = session.flash, None
-    html = report.environment().get_template(template).render(
+    html = await asyncio.to_thread(  # CPU work: off the loop (a history page of 100 runs)
+        report.environment().get_template(template).render,
         title=TITLE, version=__version__, css=None, static="/static",
         csrf=session.csrf if session else "", flash=flash, root_warning=root_warning(),
         logged_in=session is not None, **context)
     return web.Response(text=html, content_type="text/html", charset="utf-8", status=status)
+
+
+def load_templates() -> None:
+    """Compile the templates once, at start-up (in a thread: a few hundred ms)."""
+    env = report.environment()
+    for name in ("web/login.html", "web/backup.html", "web/history.html",
+                 "web/approve.html"):
+        env.get_template(name)
 
 
 def root_warning() -> str | None:

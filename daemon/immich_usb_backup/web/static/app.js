@@ -63,7 +63,7 @@
   }
 
   function listen() {
-    if (!window.EventSource) return;
+    if (!window.EventSource || !csrf) return;  // the login page has nothing live
     const events = new EventSource("/api/events");
     events.addEventListener("status", (e) => {
       try { show(JSON.parse(e.data)); } catch (err) { /* a damaged event: wait for the next */ }
