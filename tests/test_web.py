@@ -530,3 +530,42 @@ def test_web_password_reads_standard_input_and_stores_only_a_hash(tmp_path: Path
     assert stat.S_IMODE((state / "pw").stat().st_mode) == 0o640
     assert security.check_password(PASSWORD, stored)
     assert not security.check_password(PASSWORD + "x", stored)
+
+
+# the history followed as it grows ----------------------------------------------------------
+
+
+def test_the_follower_agrees_with_a_full_read_as_the_history_grows(tmp_path: Path) -> None:
+    from immich_usb_backup import approvals, overview
+    from immich_usb_backup.web.follow import Follower
+
+    config = make_config(tmp_path)
+    state = config.state_dir
+    approvals.add(state, approvals.Approval("6F5F-FDC3", "Backup", clock.iso(clock.now())))
+    follower = Follower(config, keep=5)
+
+    def same() -> None:
+        assert follower.disks() == overview.disks(config)
+        assert [r.to_dict() for r in follower.runs(5)] == [
+            r.to_dict() for r in history.load_runs(state, 5)]
+
+    same()  # no history yet
+    for i, status in enumerate(("success", "failed", "partial", "success", "refused",
+                                "success", "interrupted")):
+        history.append(state, a_run(f"Disk-{i}", 100 - i, status))
+        same()
+    # a half-written line (a power cut mid-append) waits; the rest of it comes later
+    line = json.dumps(a_run("Late", 1).to_dict()) + "\n"
+    with open(state / "history.jsonl", "a") as f:
+        f.write(line[:20])
+    assert follower.runs(1)[0].disk.label == "Disk-6"
+    with open(state / "history.jsonl", "a") as f:
+        f.write(line[20:])
+    assert follower.runs(1)[0].disk.label == "Late"
+    same()
+    # the file replaced by a shorter one, and an approval added: read again from the top
+    (state / "history.jsonl").write_text(line)
+    same()
+    approvals.add(state, approvals.Approval("1234-ABCD", "New", clock.iso(clock.now())))
+    same()
+    assert [d.uuid for d in follower.disks()] == [d.uuid for d in overview.disks(config)]

@@ -47,14 +47,13 @@ class DaemonLike(Protocol):
 
 def plugged_disks(config: Config) -> list[dict[str, Any]]:
     """Every USB exFAT disk connected now, as ``disks --json`` lists them, with the free
-    space (``free_bytes``: of a mounted disk now, else as the last backup left it, with
-    ``free_bytes_at``). Blocking (udev's database, ``statvfs``): call it in a thread."""
-    from immich_usb_backup import overview  # noqa: PLC0415
+    space of a mounted one (``free_bytes``, ``free_bytes_at``; None for one that is not
+    mounted: the web UI fills in what its last backup left). Blocking (udev's database,
+    ``statvfs``): call it in a thread."""
     from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415 - pyudev
     from immich_usb_backup.target import marker_state, mount_point_of  # noqa: PLC0415
 
     recorded = approvals.approved_uuids(config.state_dir)
-    known = {d.uuid: d for d in overview.disks(config)}
     rows: list[dict[str, Any]] = []
     for d in list_block_devices():
         if not policy.is_candidate(d.bus, d.fs_type, d.devtype, d.usb_driver):
@@ -66,9 +65,6 @@ def plugged_disks(config: Config) -> list[dict[str, Any]]:
             with contextlib.suppress(OSError):
                 st = os.statvfs(mp)
                 free, free_at = st.f_bavail * st.f_frsize, clock.iso(clock.now())
-        summary = known.get(policy.normalise_uuid(d.uuid)) if d.uuid else None
-        if free is None and summary is not None and summary.free_bytes is not None:
-            free, free_at = summary.free_bytes, summary.last_backup_at
         rows.append({
             "device": d.device, "label": d.label, "uuid": d.uuid, "size": d.size,
             "model": d.model, "mount_point": str(mp) if mp else None,

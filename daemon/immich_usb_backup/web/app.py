@@ -74,7 +74,9 @@ def make_app(config: Config, client: ControlClient | None = None) -> web.Applica
 
 
 async def _compile_templates(app: web.Application) -> None:
+    """Before the first request: the templates compiled, the history read."""
     await asyncio.to_thread(pages.load_templates)
+    await asyncio.to_thread(app[LIVE].disk_summaries)
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:

@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from immich_usb_backup import history
+from immich_usb_backup import drill, history, overview, state
 from immich_usb_backup.config import Config
 from immich_usb_backup.control import (
     ControlClient,
@@ -24,10 +24,15 @@ from immich_usb_backup.control import (
     ControlUnavailable,
     status_events,
 )
+from immich_usb_backup.filecache import FileCache
+from immich_usb_backup.policy import normalise_uuid
+from immich_usb_backup.record import RunRecord
 from immich_usb_backup.status import read_status
+from immich_usb_backup.web.follow import Follower
 
 log = logging.getLogger(__name__)
 
+RUNS_KEPT = 200  # the newest runs, parsed, for the pages (the history page shows 100)
 RETRY_DAEMON_S = 5.0  # without the daemon: the state dir's status, the daemon tried again
 QUEUE = 16
 
@@ -41,6 +46,21 @@ class Live:
         self.daemon_error: str | None = None  # why the daemon could not be asked, last time
         self._pages: set[asyncio.Queue[dict[str, Any]]] = set()
         self._pump: asyncio.Task[None] | None = None
+        sd = config.state_dir
+        self.history_file = Follower(config, RUNS_KEPT)
+        self._drills = FileCache([sd / state.DRILLS], lambda: drill.load_outcomes(sd))
+
+    def recent_runs(self, n: int) -> list[RunRecord]:
+        """The newest ``n`` (at most :data:`RUNS_KEPT`) runs, oldest first. Blocking."""
+        return self.history_file.runs(n)
+
+    def disk_summaries(self) -> list[overview.DiskSummary]:
+        """Every approved disk at a glance (``overview.disks``). Blocking."""
+        return self.history_file.disks()
+
+    def drills(self) -> list[drill.DrillOutcome]:
+        """Each disk's last restore drill. Blocking."""
+        return self._drills.get()
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
         """The daemon's answer to ``op``; a refusal raises ControlError, a daemon that
@@ -73,12 +93,24 @@ class Live:
                 "daemon": False}
 
     async def disks(self) -> list[dict[str, Any]] | None:
-        """The disks plugged in now (None when the daemon cannot say)."""
+        """The disks plugged in now (None when the daemon cannot say); the free space of
+        one that is not mounted as its last backup left it (``free_bytes_at``)."""
         try:
             disks = (await self.call("disks"))["disks"]
         except (ControlUnavailable, ControlError, KeyError):
             return None
-        return [d for d in disks if isinstance(d, dict)]
+        known = {d.uuid: d for d in await asyncio.to_thread(self.disk_summaries)}
+        out = []
+        for disk in disks:
+            if not isinstance(disk, dict):
+                continue
+            last = known.get(normalise_uuid(str(disk.get("uuid") or "")))
+            if (disk.get("free_bytes") is None and last is not None
+                    and last.free_bytes is not None):
+                disk = {**disk, "free_bytes": last.free_bytes,  # noqa: PLW2901
+                        "free_bytes_at": last.last_backup_at}
+            out.append(disk)
+        return out
 
     async def history(self, last: int | None) -> list[dict[str, Any]]:
         """``history --json``'s records, read from the state dir (readable without the

@@ -15,8 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from immich_usb_backup import __version__, clock, drill, overview, page, report
-from immich_usb_backup import history as runs_file
+from immich_usb_backup import __version__, clock, page, report
 from immich_usb_backup.config import MODES, Config
 from immich_usb_backup.text import duration, human_bytes
 from immich_usb_backup.web.live import Live
@@ -105,7 +104,7 @@ def disk_view(d: dict[str, Any]) -> dict[str, Any]:
 
 async def backup(request: web.Request, live: Live, config: Config) -> web.Response:
     st, disks = await asyncio.gather(live.status(), live.disks())
-    runs = await asyncio.to_thread(runs_file.load_runs, config.state_dir, WEEK_RUNS)
+    runs = await asyncio.to_thread(live.recent_runs, WEEK_RUNS)
     return await render(
         request, "web/backup.html", status_now=st, live=live_view(st),
         disks=None if disks is None else [disk_view(d) for d in disks],
@@ -115,15 +114,14 @@ async def backup(request: web.Request, live: Live, config: Config) -> web.Respon
         state_dir=str(config.state_dir))
 
 
-def _history_view(config: Config) -> dict[str, Any]:
+def _history_view(live: Live, config: Config) -> dict[str, Any]:
     """In a thread: what the history page shows (as the state dir's page)."""
-    runs = runs_file.load_runs(config.state_dir, page.RUNS)
-    return report.view(runs, clock.now(), drill.load_outcomes(config.state_dir),
-                       overview.disks(config), config.notify.remind_after_days)
+    return report.view(live.recent_runs(page.RUNS), clock.now(), live.drills(),
+                       live.disk_summaries(), config.notify.remind_after_days)
 
 
 async def history_page(request: web.Request, live: Live, config: Config) -> web.Response:
-    view, st, disks = await asyncio.gather(asyncio.to_thread(_history_view, config),
+    view, st, disks = await asyncio.gather(asyncio.to_thread(_history_view, live, config),
                                            live.status(), live.disks())
     return await render(
         request, "web/history.html", view=view, live=live_view(st), status_now=st,
