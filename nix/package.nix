@@ -143,7 +143,8 @@ python3Packages.buildPythonApplication {
     "tests/test_daemon_e2e.py"
     # parses nix/ with nix-instantiate; nix/ is not in the source above
     "tests/test_nix.py"
-    # the web UI in Debian's Chromium, on the real stack
+    # the daemon's control socket and the web UI in Debian's Chromium, on the real stack
+    "tests/test_daemon_control.py"
     "tests/test_web_browser.py"
     # the web unit (systemd-analyze) and the module's web options: nix/ is not in the
     # source above
