@@ -229,7 +229,7 @@ def drill_items(drills: Sequence[DrillOutcome], now: datetime) -> dict[str, Any]
             "last_passed": {"when": _when(d.last_passed_at), "dump": d.last_passed_dump}
             if d.last_passed_at else None,
         })
-    return {"multi": len(items) > 1, "items": items}
+    return {"multi": len(items) > 1, "entries": items}
 
 
 def strip(recs: list[RunRecord]) -> dict[str, Any]:
