@@ -54,6 +54,15 @@ let
 
   exe = "${cfg.package}/bin/immich-usb-backup";
 
+  # web.listen is HOST:PORT ([v6]:PORT): the port for the firewall, the host to warn about
+  webPort = lib.toInt (lib.last (lib.splitString ":" cfg.web.listen));
+  webHost = lib.removeSuffix ":${toString webPort}" cfg.web.listen;
+  webIsLoopback = lib.elem webHost [
+    "127.0.0.1"
+    "localhost"
+    "[::1]"
+  ];
+
   # The same sandbox as the plain unit systemd/immich-usb-backup.service (its comments
   # say why each line is there, and why PrivateDevices=, ProtectClock= (it shuts blkid
   # out on some systemd versions), CapabilityBoundingSet= and SystemCallFilter= are not).
@@ -334,6 +343,44 @@ in
         backups happen only when a disk is plugged in (or by hand).
       '';
     };
+
+    web.enable = lib.mkEnableOption ''
+      the web UI (`immich-usb-backup web`, docs/web.md): a page, for a phone too, with
+      the disks plugged in now, Back up now, the live progress and the history. It runs
+      as a service of its own without root (DynamicUser=, in the group
+      `immich-usb-backup` that may use the daemon's control socket). Set its password
+      once with `sudo immich-usb-backup web-password`'';
+
+    web.listen = mkOption {
+      type = types.strMatching "([[][0-9A-Fa-f:.]+[]]|[^:[:space:]]+):[0-9]{1,5}";
+      default = "127.0.0.1:8429";
+      example = "[::1]:8429";
+      description = ''
+        Where the web UI listens, `HOST:PORT`. Keep it on the loopback address and put a
+        reverse proxy with TLS in front for the LAN (docs/web.md has Caddy and nginx
+        examples); the session cookie is `Secure` behind such a proxy.
+      '';
+    };
+
+    web.passwordFile = mkOption {
+      type = secretPath;
+      default = "${defaultStateDir}/web-password";
+      description = ''
+        The web UI's password as a scrypt hash, written by
+        `sudo immich-usb-backup web-password` (never the password itself). The web UI
+        refuses to start without it.
+      '';
+    };
+
+    web.openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the port of {option}`services.immich-usb-backup.web.listen` in the firewall.
+        Only useful with a listen address other than the loopback one, which sends the
+        password over the LAN unencrypted: prefer a reverse proxy with TLS.
+      '';
+    };
   };
 
   config = lib.mkIf cfg.enable {
@@ -362,15 +409,24 @@ in
       }
     ];
 
-    warnings = lib.optional ((cfg.settings.notify.urls or [ ]) != [ ]) ''
-      services.immich-usb-backup.settings.notify.urls ends up in the world-readable Nix
-      store. If a URL holds a password or token, move it to a root-only file and set
-      services.immich-usb-backup.notificationUrlsFile instead.
-    '';
+    warnings =
+      lib.optional ((cfg.settings.notify.urls or [ ]) != [ ]) ''
+        services.immich-usb-backup.settings.notify.urls ends up in the world-readable Nix
+        store. If a URL holds a password or token, move it to a root-only file and set
+        services.immich-usb-backup.notificationUrlsFile instead.
+      ''
+      ++ lib.optional (cfg.web.enable && cfg.web.openFirewall && webIsLoopback) ''
+        services.immich-usb-backup.web.openFirewall opens a port the web UI does not
+        listen on from outside (web.listen = "${cfg.web.listen}" is a loopback address).
+      '';
 
     services.immich-usb-backup.settings = {
       disks.approved = cfg.approvedDisks;
       notify.urls_file = lib.mkIf (cfg.notificationUrlsFile != null) cfg.notificationUrlsFile;
+      web = lib.mkIf cfg.web.enable {
+        listen = cfg.web.listen;
+        password_file = cfg.web.passwordFile;
+      };
     };
 
     # Disks are mounted, unmounted and powered off through UDisks2; exFAT needs the
@@ -397,8 +453,62 @@ in
         ExecStart = "${exe} -c ${configFile} daemon";
         Restart = "on-failure";
         RestartSec = 10;
+        # the web UI's control socket: /run/immich-usb-backup/control.sock
+        RuntimeDirectory = "immich-usb-backup";
+        RuntimeDirectoryMode = "0755";
       };
     };
+
+    # The group that may use the daemon's control socket and read the password's hash.
+    users.groups.immich-usb-backup = lib.mkIf cfg.web.enable { };
+
+    # The web UI: no root, a user made at each start, in that group (see
+    # systemd/immich-usb-backup-web.service, whose comments say why each line is there).
+    systemd.services.immich-usb-backup-web = lib.mkIf cfg.web.enable {
+      description = "The immich-usb-backup web UI (a page for the backup disks, without root)";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "immich-usb-backup.service" ];
+      after = [
+        "immich-usb-backup.service"
+        "network.target"
+      ];
+      serviceConfig = {
+        ExecStart = "${exe} -c ${configFile} web";
+        Restart = "on-failure";
+        RestartSec = 5;
+        DynamicUser = true;
+        SupplementaryGroups = [ "immich-usb-backup" ];
+        ProtectHome = true;
+        PrivateDevices = true;
+        CapabilityBoundingSet = "";
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        ProtectClock = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged @resources"
+        ];
+        UMask = "0077";
+      };
+    };
+
+    networking.firewall.allowedTCPPorts = lib.mkIf (cfg.web.enable && cfg.web.openFirewall) [
+      webPort
+    ];
 
     systemd.services.immich-usb-backup-scheduled = lib.mkIf (cfg.schedule != null) (
       unitDependencies

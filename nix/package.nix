@@ -84,6 +84,8 @@ python3Packages.buildPythonApplication {
     python3Packages.pyudev
     python3Packages.dbus-fast
     apprise
+    python3Packages.aiohttp # the web UI
+    python3Packages.jinja2 # the history page and the web UI's pages
   ];
 
   # The backup runs rsync (3.1 or newer) and blkid (util-linux); the daemon finds them on
@@ -109,6 +111,7 @@ python3Packages.buildPythonApplication {
     "immich_usb_backup.cli"
     "immich_usb_backup.daemon" # pyudev and dbus-fast
     "immich_usb_backup.notify" # apprise
+    "immich_usb_backup.web.app" # aiohttp, jinja2
   ];
 
   # The tests that need no root run here: config, policy, scan, history, status, notify
@@ -140,6 +143,12 @@ python3Packages.buildPythonApplication {
     "tests/test_daemon_e2e.py"
     # parses nix/ with nix-instantiate; nix/ is not in the source above
     "tests/test_nix.py"
+    # the daemon's control socket and the web UI in Debian's Chromium, on the real stack
+    "tests/test_daemon_control.py"
+    "tests/test_web_browser.py"
+    # the web unit (systemd-analyze) and the module's web options: nix/ is not in the
+    # source above
+    "tests/test_web_install.py"
   ];
 
   disabledTests = [
@@ -149,6 +158,10 @@ python3Packages.buildPythonApplication {
     "test_the_unit_passes_systemd_analyze_verify"
     # a headless Chromium
     "test_chromium_renders_the_page"
+    # the control socket's owner and mode, and clients run as other users: root
+    "test_the_socket_is_root_and_the_group"
+    "test_a_client_outside_the_group"
+    "test_without_the_group_only_root"
   ];
 
   meta = {

@@ -444,3 +444,35 @@ def test_chromium_renders_the_page_and_saves_screenshots(tmp_path: Path) -> None
         assert shot.is_file(), res.stderr
         assert shot.stat().st_size > 10_000, f"{shot} looks empty"
         assert png_size(shot) == tuple(int(x) for x in size.split(","))
+
+
+def test_disks_and_drills_panels_show_each_disk_escaped_and_mark_the_overdue() -> None:
+    from immich_usb_backup.drill import DrillOutcome
+    from immich_usb_backup.overview import DiskSummary
+
+    now = BASE + timedelta(days=30)
+    disks = [DiskSummary("6F5F-FDC3", HOSTILE, None, (now - timedelta(days=2)).isoformat(),
+                         "success", 3 * 1024**3, 4 * 1024**3, 1234,
+                         (now - timedelta(days=2)).isoformat(), True),
+             DiskSummary("1A2B-3C4D", "Offsite", None, (now - timedelta(days=9)).isoformat(),
+                         "success", None, None, None, None, None)]
+    drills = [DrillOutcome("6F5F-FDC3", HOSTILE, now.isoformat(), True, "dump-1.sql.gz"),
+              DrillOutcome("1A2B-3C4D", "Offsite", now.isoformat(), False, "dump-2.sql.gz",
+                           problem="<b>relation missing</b>")]
+    markup = render([record(0)], generated_at=now, disks=disks, drills=drills,
+                    remind_after_days=7)
+    page = Page(markup)
+
+    assert "<script" not in markup and "<b>relation" not in markup
+    rows = page.all("tr", "disk")
+    assert [r["data-uuid"] for r in rows] == ["6F5F-FDC3", "1A2B-3C4D"]
+    assert ["overdue" in r["class"].split() for r in rows] == [False, True]
+    text = "".join(page.text)
+    assert "no backup for 9 days" in text and "(2 days ago)" in text
+    assert "3.0 GiB free of 4.0 GiB" in text and "1,234" in text
+    assert [li["data-drill"] for li in page.all("li") if "data-drill" in li] == [
+        "success", "failed"]
+    assert "Restore drills" in text and "<b>relation missing</b>" in text
+    assert "No drill of this disk has passed yet." in text
+    one = Page(render([record(0)], generated_at=now, drills=drills[:1]))
+    assert f"Restore drill of {HOSTILE} (6F5F-FDC3)" in "".join(one.text)

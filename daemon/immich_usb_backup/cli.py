@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("device", metavar="DEVICE", help="/dev/sdb1 or UUID=XXXX-XXXX")
     ap.add_argument("--create-marker", action="store_true",
                     help="create the immich-server-backups folder if the disk lacks it")
+
+    sub.add_parser("web", help="serve the web UI ([web] listen), without root")
+    sub.add_parser("web-password", help="set the web UI's password (asked twice on a "
+                   "terminal, else read from standard input)")
     return p
 
 
@@ -138,7 +142,7 @@ def _percent(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    default_level = logging.INFO if args.command == "daemon" else logging.WARNING
+    default_level = logging.INFO if args.command in ("daemon", "web") else logging.WARNING
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else default_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -163,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "disks": cmd_disks,
         "remind": cmd_remind,
         "approve": cmd_approve,
+        "web": cmd_web,
+        "web-password": cmd_web_password,
     }[args.command]
     try:
         code = handler(config, args)
@@ -556,6 +562,44 @@ def cmd_approve(config: Config, args: argparse.Namespace) -> int:
           "whenever it is plugged in")
     print("its key was written to immich-server-backups/disk-key.txt: keep that file on the "
           "disk (see docs/first-disk.md)")
+    return EXIT_OK
+
+
+# web, web-password ------------------------------------------------------------------------
+
+def cmd_web(config: Config, args: argparse.Namespace) -> int:
+    from immich_usb_backup.web.server import WebError, serve  # noqa: PLC0415 - aiohttp
+
+    try:
+        serve(config)
+    except WebError as exc:
+        print(f"web: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def cmd_web_password(config: Config, args: argparse.Namespace) -> int:
+    import getpass  # noqa: PLC0415
+
+    from immich_usb_backup.web.security import PasswordError, write_password  # noqa: PLC0415
+
+    path = config.web.password_file
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("New web UI password: ")
+            if getpass.getpass("The same again: ") != password:
+                print("the two passwords differ: nothing changed", file=sys.stderr)
+                return EXIT_USAGE
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+        write_password(path, password, config.web.group)
+    except (PasswordError, EOFError, KeyboardInterrupt) as exc:
+        print(f"web-password: {exc or 'cancelled'}: nothing changed", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"web-password: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote the web UI's password hash to {path}")
     return EXIT_OK
 
 

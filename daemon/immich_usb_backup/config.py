@@ -511,6 +511,59 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web UI: a page to see the disks and the history, and to start a backup.
+
+    `immich-usb-backup web` serves it, as a process of its own without root; it asks the
+    daemon through a control socket that only root and members of `group` can use. See
+    [the web UI](web.md) for setting it up behind a reverse proxy with TLS.
+    """
+
+    listen: str = field(
+        default="",
+        metadata=_doc(
+            "Where `immich-usb-backup web` listens, `HOST:PORT` (`[::1]:8429` for IPv6). "
+            "Keep it on the loopback address and put a reverse proxy with TLS in front for "
+            "access from the LAN. Empty: no web UI (`web` refuses to start).",
+            example="127.0.0.1:8429",
+        ),
+    )
+    password_file: Path = field(
+        default=Path("/var/lib/immich-usb-backup/web-password"),
+        metadata=_doc(
+            "The web UI's password, as a scrypt hash, written by `immich-usb-backup "
+            "web-password`. `web` refuses to start without it. Readable by root and `group` "
+            "only (mode 0640); the password itself is never stored."
+        ),
+    )
+    socket: Path = field(
+        default=Path("/run/immich-usb-backup/control.sock"),
+        metadata=_doc(
+            "The daemon's control socket, which the web UI asks for the disks plugged in "
+            "now, the live progress, and to start, cancel or check a backup. Made by the "
+            "daemon, owned by root and `group`, mode 0660."
+        ),
+    )
+    group: str = field(
+        default="immich-usb-backup",
+        metadata=_doc(
+            "The group whose members may use the control socket (the web UI's service "
+            "runs with it as a supplementary group). When it does not exist, only root can "
+            "(create it with `groupadd --system immich-usb-backup`)."
+        ),
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=("127.0.0.1", "::1"),
+        metadata=_doc(
+            "Addresses of reverse proxies whose `X-Forwarded-Proto` and `X-Forwarded-For` "
+            "headers are believed: behind such a proxy with TLS the session cookie is "
+            "`Secure` and failed logins are counted per client address. A request from any "
+            "other address is taken as it comes."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class StateConfig:
     """Where the program keeps what it knows between runs, on the server."""
 
@@ -537,6 +590,7 @@ class Config:
     disks: DisksConfig
     notify: NotifyConfig
     health: HealthConfig
+    web: WebConfig
     state: StateConfig
     source: Path | None = None
 
@@ -728,6 +782,10 @@ def _check_relations(cfg: Config, where: str, problems: list[str]) -> None:
         if not re.match(r"^https?://\S", url.strip()):
             problems.append(f"{where}: notify.heartbeat_urls: item {i} is not an http:// or "
                             "https:// URL")
+    listen = getattr(getattr(cfg, "web", None), "listen", "")
+    if listen and parse_listen(listen) is None:
+        problems.append(f'{where}: web.listen: must be HOST:PORT ("127.0.0.1:8429", '
+                        f'"[::1]:8429"), got "{listen}"')
     db = getattr(cfg, "database", None)
     if db is not None and db.enabled and db.source == "immich-api":
         for key, value in (("url", cfg.immich.url), ("api_key_file", cfg.immich.api_key_file)):
@@ -776,3 +834,13 @@ def _kind(value: Any) -> str:
         dict: "a table",
     }
     return names.get(type(value), type(value).__name__)
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """``"127.0.0.1:8429"`` -> ``("127.0.0.1", 8429)``, ``"[::1]:8429"`` -> ``("::1",
+    8429)``; None when it is not ``HOST:PORT`` with a port from 1 to 65535."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", value)
+    if m is None:
+        return None
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    return (host, int(port)) if 0 < int(port) < 65536 else None

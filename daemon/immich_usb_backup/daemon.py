@@ -6,7 +6,9 @@ a time by ``flow.backup_plugged``. A disk removed mid-backup cancels that backup
 stopped, the run is recorded ``interrupted``); SIGTERM does the same, unmounts what was
 mounted and exits 0. Idle means blocked in the event loop: no polling; one timer, for
 the "no backup for N days" reminder, wakes up when a reminder could next be due (or
-every few hours at most) and never while a backup runs.
+every few hours at most) and never while a backup runs. With the web UI on (``[web]
+listen``), the control socket (``control``, answered by ``daemon_control``) is open
+while the daemon runs; its actions are queued on the same worker as plugged disks.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 from immich_usb_backup import clock, flow, overview, policy, systemd
 from immich_usb_backup.config import Config
+from immich_usb_backup.control import ControlServer
+from immich_usb_backup.daemon_control import DaemonHandler, Job
 from immich_usb_backup.devices import BlockDevice, DeviceEvent, DeviceMonitor, list_block_devices
 from immich_usb_backup.errors import BackupError
 from immich_usb_backup.udisks import UDisks
@@ -30,9 +35,11 @@ STOP_GRACE_S = 90.0  # within systemd's TimeoutStopSec: record, unmount, then go
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.queue: asyncio.Queue[BlockDevice] = asyncio.Queue()
+        # a plugged disk (no job: backup_plugged), or an action of the control socket
+        self.queue: asyncio.Queue[tuple[BlockDevice, Job | None, str]] = asyncio.Queue()
         self.seen: set[tuple[str, str | None]] = set()  # one plug of one file system
-        self.current: tuple[BlockDevice, asyncio.Task[str]] | None = None
+        self.current: tuple[BlockDevice, asyncio.Task[Any]] | None = None
+        self.current_what = ""
         self.pulled: set[str] = set()
         self.udisks: UDisks | None = None
 
@@ -52,7 +59,31 @@ class Daemon:
         self.seen = {k for k in self.seen if k[0] != dev.device}
         self.seen.add(dev.key)
         log.info("eligible disk %s (%s, UUID %s): queued", dev.device, dev.label, dev.uuid)
-        self.queue.put_nowait(dev)
+        self.queue.put_nowait((dev, None, "backup"))
+
+    def submit(self, dev: BlockDevice, job: Job, what: str) -> None:
+        """Queue an action of the control socket (``what``: backup, verify, drill)."""
+        self.queue.put_nowait((dev, job, what))
+
+    def busy(self) -> dict[str, Any] | None:
+        """The job running or waiting (kind and disk), or None when idle."""
+        if self.current is not None:
+            dev = self.current[0]
+        elif not self.queue.empty():
+            dev = self.queue._queue[0][0]  # type: ignore[attr-defined]
+        else:
+            return None
+        return {"kind": self.current_what or "backup", "running": self.current is not None,
+                "disk": {"uuid": dev.uuid, "label": dev.label, "device": dev.device}}
+
+    def cancel_current(self) -> bool:
+        """Stop the running job as a pulled disk does (recorded ``interrupted``)."""
+        if self.current is None:
+            return False
+        log.warning("%s: cancelled from the web UI", self.current[0].device)
+        self.pulled.add(self.current[0].device)
+        self.current[1].cancel()
+        return True
 
     def _gone(self, device: str) -> None:
         self.seen = {k for k in self.seen if k[0] != device}
@@ -64,11 +95,12 @@ class Daemon:
     async def worker(self) -> None:
         assert self.udisks is not None
         while True:
-            dev = await self.queue.get()
+            dev, run, what = await self.queue.get()
             systemd.notify(f"STATUS=backing up to {dev.label or dev.device}")
-            job = asyncio.create_task(flow.backup_plugged(
-                self.config, self.udisks, dev.device, uuid=dev.uuid, label=dev.label))
-            self.current = (dev, job)
+            work = run() if run is not None else flow.backup_plugged(
+                self.config, self.udisks, dev.device, uuid=dev.uuid, label=dev.label)
+            job: asyncio.Task[Any] = asyncio.create_task(work)
+            self.current, self.current_what = (dev, job), what
             try:
                 outcome = await asyncio.shield(job)
                 log.info("%s: %s", dev.device, outcome)
@@ -84,7 +116,7 @@ class Daemon:
             except Exception:
                 log.exception("%s: unexpected error", dev.device)
             finally:
-                self.current = None
+                self.current, self.current_what = None, ""
                 try:  # a state file found damaged outside the run: recorded, told
                     await flow.record_state_damage(self.config, "plug")
                 except Exception:
@@ -124,6 +156,7 @@ class Daemon:
         monitor.on_event = self.on_event
         worker = asyncio.create_task(self.worker())
         reminders = asyncio.create_task(self.reminders())
+        control = await self._open_control()
         systemd.notify("READY=1", "STATUS=idle, waiting for a backup disk")
         log.info("immich-usb-backup daemon ready")
         stopping = asyncio.create_task(stop.wait())
@@ -137,6 +170,8 @@ class Daemon:
                       "manager restarts the daemon")
         log.info("stopping")
         systemd.notify("STOPPING=1")
+        if control is not None:
+            await control.stop()
         reminders.cancel()
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -147,6 +182,21 @@ class Daemon:
         self.udisks.close()
         if lost:
             raise BackupError("lost the connection to the system bus")
+
+    async def _open_control(self) -> ControlServer | None:
+        """The control socket, when the web UI is on; a failure is only logged (plugged
+        disks are still backed up)."""
+        if not self.config.web.listen:
+            return None
+        server = ControlServer(self.config.web.socket, self.config.web.group,
+                               DaemonHandler(self))
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("cannot open the control socket %s: %s; the web UI cannot start "
+                      "backups", self.config.web.socket, exc)
+            return None
+        return server
 
 
 def run_daemon(config: Config) -> None:

@@ -4,10 +4,12 @@
 oldest first) into a single page: no network, no external assets, no JavaScript, inline
 CSS only. The page shows the last run and its status in words, a strip of the last
 :data:`STRIP_RUNS` runs as coloured bars (oldest left, newest right), a legend, and a
-table of every run given, newest first. Every value taken from a record is escaped.
-Given the disks' last restore drills (``verify --restore-drill``, kept in the state dir
-by :mod:`immich_usb_backup.drill`), it also says when each disk's last drill ran, and
-how it went.
+table of every run given, newest first. Given the disks' last restore drills and every
+approved disk's summary, it also shows those.
+
+The markup is in Jinja2 templates (``templates/``, autoescaped: every value taken from a
+record is escaped there); this module builds the plain view they show (``view``), which
+the web UI's pages reuse with the same templates (``environment``, ``CSS``).
 
 ``write_html`` writes such a page atomically, so a web server or a browser never sees
 half a file.
@@ -15,16 +17,21 @@ half a file.
 
 from __future__ import annotations
 
-import html
+import functools
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import jinja2
+from markupsafe import Markup
 
 from immich_usb_backup import __version__, clock
 from immich_usb_backup.fsutil import replace_file
 from immich_usb_backup.record import STATUSES, RunRecord
-from immich_usb_backup.text import human_bytes, short_duration
+from immich_usb_backup.text import human_bytes, plural, short_duration
 
 if TYPE_CHECKING:
     from immich_usb_backup.drill import DrillOutcome
@@ -32,6 +39,9 @@ if TYPE_CHECKING:
 
 STRIP_RUNS = 30
 """How many runs the coloured strip shows at most (the table shows all it is given)."""
+
+WEEK_DAYS = 7
+"""How many days the web UI's backup page shows as a strip."""
 
 DEFAULT_TITLE = "Immich USB backups"
 
@@ -50,127 +60,25 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
-_CSS = """
-:root {
-  color-scheme: light dark;
-  --bg: #f6f7f9; --card: #ffffff; --fg: #1f2937; --muted: #6b7280; --line: #e5e7eb;
-  --empty: #eceef1;
-  --success: #16a34a; --partial: #f59e0b; --failed: #dc2626; --interrupted: #9ca3af;
-  --unknown: #6b7280;
-  --success-badge: #15803d; --partial-badge: #b45309; --failed-badge: #b91c1c;
-  --interrupted-badge: #4b5563; --unknown-badge: #374151;
-}
-@media (prefers-color-scheme: dark) {
-  :root {
-    --bg: #111827; --card: #1f2937; --fg: #f3f4f6; --muted: #9ca3af; --line: #374151;
-    --empty: #2b3544;
-  }
-}
-*, *::before, *::after { box-sizing: border-box; }
-html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
-body {
-  margin: 0; background: var(--bg); color: var(--fg);
-  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans",
-        "DejaVu Sans", sans-serif;
-}
-main { max-width: 76rem; margin: 0 auto; padding: 1rem; }
-h1 { font-size: 1.5rem; margin: .25rem 0 1rem; }
-h2 { font-size: 1.1rem; margin: 0 0 .75rem; }
-.card {
-  background: var(--card); border: 1px solid var(--line); border-radius: .75rem;
-  padding: 1rem 1.25rem; margin-bottom: 1rem;
-}
-.card > :last-child { margin-bottom: 0; }
-.tally { margin: .6rem 0 0; }
-.summary { border-left: .5rem solid var(--unknown); }
-.summary.status-success { border-left-color: var(--success); }
-.summary.status-partial { border-left-color: var(--partial); }
-.summary.status-failed, .summary.status-refused { border-left-color: var(--failed); }
-.summary.status-interrupted { border-left-color: var(--interrupted); }
-.summary .verdict { font-size: 1.35rem; font-weight: 700; margin: 0 0 .25rem; }
-.summary p { margin: .25rem 0; }
-.muted { color: var(--muted); }
-.strip {
-  list-style: none; margin: 0; padding: 0; display: flex; gap: 3px;
-  height: 3rem; align-items: stretch;
-}
-.bar {
-  flex: 1 1 0; min-width: 2px; border-radius: 3px;
-  background: var(--unknown);
-}
-.bar a { display: block; height: 100%; border-radius: inherit; }
-.bar a:hover, .bar a:focus { outline: 2px solid var(--fg); outline-offset: 1px; }
-.bar.empty, .swatch.empty { background: var(--empty); }
-.swatch.empty { border: 1px solid var(--line); }
-.strip-axis {
-  display: flex; justify-content: space-between; font-size: .8rem; color: var(--muted);
-  margin-top: .35rem;
-}
-.status-success { --c: var(--success); --b: var(--success-badge); }
-.status-partial { --c: var(--partial); --b: var(--partial-badge); }
-.status-failed, .status-refused { --c: var(--failed); --b: var(--failed-badge); }
-.status-interrupted { --c: var(--interrupted); --b: var(--interrupted-badge); }
-.status-unknown { --c: var(--unknown); --b: var(--unknown-badge); }
-.bar[class*="status-"] { background: var(--c); }
-.legend {
-  list-style: none; margin: .9rem 0 0; padding: 0; display: flex; flex-wrap: wrap;
-  gap: .35rem 1.1rem; font-size: .9rem;
-}
-.legend li { display: inline-flex; align-items: center; gap: .4rem; }
-.swatch { width: .9rem; height: .9rem; border-radius: 3px; background: var(--c); }
-.badge {
-  display: inline-block; padding: .1rem .55rem; border-radius: 999px; color: #fff;
-  background: var(--b); font-size: .85rem; font-weight: 600; white-space: nowrap;
-}
-.table-wrap { overflow-x: auto; -webkit-overflow-scrolling: touch; }
-table { border-collapse: collapse; width: 100%; font-size: .95rem; }
-th, td { text-align: left; vertical-align: top; padding: .55rem .6rem; }
-thead th {
-  font-size: .8rem; text-transform: uppercase; letter-spacing: .04em;
-  color: var(--muted); border-bottom: 2px solid var(--line); white-space: nowrap;
-}
-tbody tr { border-bottom: 1px solid var(--line); }
-tbody tr:last-child { border-bottom: none; }
-tbody td:first-child { border-left: 4px solid var(--c); white-space: nowrap; }
-td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
-td.disk { overflow-wrap: break-word; min-width: 8rem; }
-td.problems { min-width: 14rem; }
-ul.problems { margin: 0; padding-left: 1.1rem; }
-ul.problems li { overflow-wrap: anywhere; }
-details summary { cursor: pointer; color: var(--muted); }
-ul.drills { list-style: none; margin: 0; padding: 0; }
-ul.drills li { margin: .25rem 0; overflow-wrap: anywhere; }
-.none { color: var(--muted); }
-.nw { white-space: nowrap; }
-.vh {
-  position: absolute; width: 1px; height: 1px; overflow: hidden;
-  clip: rect(0 0 0 0); white-space: nowrap;
-}
-footer { font-size: .85rem; color: var(--muted); margin: 1.5rem 0 1rem; }
-@media (max-width: 40rem) {
-  main { padding: .75rem; }
-  h1 { font-size: 1.3rem; }
-  .card { padding: .85rem 1rem; }
-  .strip { gap: 2px; height: 2.75rem; }
-  table, thead, tbody, tr, th, td { display: block; }
-  table { font-size: 1rem; }
-  thead { position: absolute; width: 1px; height: 1px; overflow: hidden;
-          clip: rect(0 0 0 0); }
-  tbody tr {
-    border: 1px solid var(--line); border-left: .4rem solid var(--c);
-    border-radius: .6rem; margin-bottom: .75rem; padding: .4rem .8rem;
-  }
-  tbody tr:last-child { border-bottom: 1px solid var(--line); }
-  tbody td, tbody td:first-child {
-    display: grid; grid-template-columns: 6.5rem minmax(0, 1fr); gap: .5rem;
-    padding: .3rem 0; border: none; white-space: normal; min-width: 0;
-  }
-  td.num { text-align: left; }
-  tbody td::before { content: attr(data-label); color: var(--muted); font-size: .9rem; }
-  tbody td > .v { min-width: 0; justify-self: start; max-width: 100%; }
-  td.disk, td.problems { min-width: 0; }
-}
-"""
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    """The templates of ``templates/``, autoescaped (``.html``), loaded once."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("immich_usb_backup", "templates"),
+        autoescape=jinja2.select_autoescape(["html"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+@functools.cache
+def css() -> str:
+    """The pages' style sheet (``templates/style.css``): inline in the page files, served
+    as a file by the web UI."""
+    return (resources.files("immich_usb_backup") / "templates" / "style.css").read_text(
+        encoding="utf-8")
 
 
 def render_html(
@@ -207,41 +115,10 @@ def render_html(
       backup is ``remind_after_days`` old or more has the class ``overdue`` and says so.
     """
     now = (generated_at or clock.now()).astimezone()
-    recs = list(records)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        '<meta name="color-scheme" content="light dark">',
-        f'<meta name="generator" content="immich-usb-backup {_e(__version__)}">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        "<main>",
-        f"<h1>{_e(title)}</h1>",
-        _summary(recs, now),
-    ]
-    if disks:
-        parts.append(_disks(disks, now, remind_after_days))
-    if drills:
-        parts.append(_drills(drills, now))
-    if recs:
-        parts += [_strip(recs), _table(recs)]
-    host = next((r.host for r in reversed(recs) if r.host), "")
-    on_host = f" for <strong>{_e(host)}</strong>" if host else ""
-    runs = f"{len(recs)} run{'' if len(recs) == 1 else 's'}"
-    parts += [
-        f'<footer>Generated {_time_element(now)}{on_host} by <span class="nw">'
-        f"immich-usb-backup {_e(__version__)}</span>. {runs} in this report.</footer>",
-        "</main>",
-        "</body>",
-        "</html>",
-        "",
-    ]
-    return "\n".join(parts)
+    page = view(records, now, drills, disks, remind_after_days)
+    return environment().get_template("history.html").render(
+        title=title, version=__version__, static="", view=page,
+        css=Markup(css()))  # noqa: S704 - our own style sheet, not input
 
 
 def write_html(
@@ -265,188 +142,157 @@ def write_html(
                                    remind_after_days=remind_after_days).encode("utf-8"))
 
 
-# parts of the page --------------------------------------------------------------------
+# The view: what the templates show, as plain values ---------------------------------------
 
 
-def _summary(recs: list[RunRecord], now: datetime) -> str:
+@dataclass(frozen=True)
+class When:
+    """A time as the page shows it: ``iso`` for ``<time datetime>`` (None when the value
+    did not parse, then ``text`` is the value as it was)."""
+
+    iso: str | None
+    text: str
+
+
+def view(records: Sequence[RunRecord], now: datetime, drills: Sequence[DrillOutcome] = (),
+         disks: Sequence[DiskSummary] = (), remind_after_days: int = 0) -> dict[str, Any]:
+    """Everything ``history.html`` (and the web UI's history page) shows, as plain
+    values: ``summary``, ``disks``, ``drills``, ``strip``, ``table``, ``footer``."""
+    recs = list(records)
+    host = next((r.host for r in reversed(recs) if r.host), "")
+    return {
+        "summary": summary(recs, now),
+        "disks": disk_rows(disks, now, remind_after_days),
+        "drills": drill_items(drills, now),
+        "strip": strip(recs) if recs else None,
+        "table": table(recs) if recs else None,
+        "footer": {"generated": _time(now), "host": host, "version": __version__,
+                   "runs": plural(len(recs), "run")},
+    }
+
+
+def summary(recs: list[RunRecord], now: datetime) -> dict[str, Any] | None:
+    """The last run in words (None without runs)."""
     if not recs:
-        return ('<section class="card summary" data-status="none">'
-                '<p class="verdict">No backups yet</p>'
-                '<p class="muted">Plug in an approved backup disk to make the first one.</p>'
-                "</section>")
+        return None
     last = recs[-1]
     status = _status(last)
-    when = _parse_time(last.started_at)
-    verdict = _VERDICTS.get(status, f"Backup status: {status}")
-    lines = [
-        f'<section class="card summary {_css_class(status)}" data-status="{_e(status)}">',
-        f'<p class="verdict">{_e(verdict)}</p>',
-        f"<p>Last run: {_when(last.started_at)}"
-        + (f' <span class="muted">({_e(_ago(when, now))})</span>' if when else "")
-        + f" on {_e(_disk_name(last))}</p>",
-        f"<p>{_e(_copied(last))}</p>",
-    ]
+    ok = None
     if status != "success":
-        ok = next((r for r in reversed(recs) if _status(r) == "success"), None)
-        if ok is None:
-            lines.append('<p class="muted">No successful backup in this report.</p>')
-        else:
-            ok_when = _parse_time(ok.started_at)
-            ago = f" ({_e(_ago(ok_when, now))})" if ok_when else ""
-            lines.append(f'<p class="muted">Last successful backup: '
-                         f"{_when(ok.started_at)}{ago}</p>")
-    problems = _problems(last)
-    if problems:
-        lines.append(f"<p>{len(problems)} problem{'' if len(problems) == 1 else 's'}: "
-                     f"{_e(problems[0])}{' …' if len(problems) > 1 else ''}</p>")
-    lines.append("</section>")
-    return "\n".join(lines)
+        good = next((r for r in reversed(recs) if _status(r) == "success"), None)
+        if good is not None:
+            ok = {"when": _when(good.started_at), "ago": _ago(_parse_time(good.started_at),
+                                                              now)}
+    problems = last.problems
+    return {
+        "status": status, "css": _css_class(status),
+        "verdict": _VERDICTS.get(status, f"Backup status: {status}"),
+        "last": _when(last.started_at), "ago": _ago(_parse_time(last.started_at), now),
+        "disk": _disk_name(last), "copied": _copied(last), "ok": ok,
+        "problems": problems, "problems_text": plural(len(problems), "problem"),
+    }
 
 
-def _disks(disks: Sequence[DiskSummary], now: datetime, remind_after_days: int) -> str:
+def disk_rows(disks: Sequence[DiskSummary], now: datetime,
+              remind_after_days: int) -> list[dict[str, Any]]:
+    """Every approved disk at a glance; ``late``: no backup for ``remind_after_days``."""
     from immich_usb_backup.overview import overdue  # noqa: PLC0415 - plain functions
 
     rows = []
     for d in disks:
         age = d.age_days(now)
-        late = overdue(age, remind_after_days)
-        when = (_when(d.last_backup_at) if d.last_backup_at else "never")
-        ago = ("" if age is None else f'<span class="muted"> ({age} day'
-               f'{"" if age == 1 else "s"} ago)</span>')
-        space = (f"{_e(human_bytes(d.free_bytes))} free of {_e(human_bytes(d.size_bytes))}"
-                 if d.free_bytes is not None and d.size_bytes else "-")
-        check = ("-" if d.last_verify_at is None else
-                 f"{_when(d.last_verify_at)}, "
-                 f'{"passed" if d.last_verify_passed else "<strong>FAILED</strong>"}')
-        flag = (f' <span class="badge">no backup for {age} days</span>' if late else "")
-        cells = [
-            ("Disk", "disk", f"{_e(d.label or '-')}{flag}"),
-            ("UUID", "uuid", f'<span class="nw">{_e(d.uuid)}</span>'),
-            ("Last backup", "time", f"{when}{ago}"),
-            ("Space then", "num", space),
-            ("Files", "num", "-" if d.files is None else f"{d.files:,}"),
-            ("Last check", "check", check),
-        ]
-        tds = "".join(f'<td class="{cls}" data-label="{label}"><div class="v">{body}</div>'
-                      "</td>" for label, cls, body in cells)
-        css = "disk overdue status-failed" if late else "disk"
-        rows.append(f'<tr class="{css}" data-uuid="{_e(d.uuid)}">{tds}</tr>')
-    head = "".join(f'<th scope="col">{c}</th>' for c in
-                   ("Disk", "UUID", "Last backup", "Space then", "Files", "Last check"))
-    return "\n".join([
-        '<section class="card disks" aria-labelledby="disks-h">',
-        f'<h2 id="disks-h">Disks ({len(disks)})</h2>',
-        '<div class="table-wrap"><table>',
-        f"<thead><tr>{head}</tr></thead>",
-        "<tbody>", *rows, "</tbody>",
-        "</table></div>",
-        "</section>",
-    ])
+        rows.append({
+            "uuid": d.uuid, "label": d.label or "-", "age": age,
+            "age_text": "" if age is None else f"{plural(age, 'day')} ago",
+            "late": overdue(age, remind_after_days),
+            "when": _when(d.last_backup_at) if d.last_backup_at else None,
+            "space": (f"{human_bytes(d.free_bytes)} free of {human_bytes(d.size_bytes)}"
+                      if d.free_bytes is not None and d.size_bytes else "-"),
+            "files": "-" if d.files is None else f"{d.files:,}",
+            "check": None if d.last_verify_at is None else
+            {"when": _when(d.last_verify_at), "passed": bool(d.last_verify_passed)},
+        })
+    return rows
 
 
-def _drills(drills: Sequence[DrillOutcome], now: datetime) -> str:
+def drill_items(drills: Sequence[DrillOutcome], now: datetime) -> dict[str, Any] | None:
+    """Each disk's last restore drill (None without any)."""
+    if not drills:
+        return None
     items = []
     for d in drills:
         status = "success" if d.passed else "failed"
-        when = _parse_time(d.at)
-        ago = f' <span class="muted">({_e(_ago(when, now))})</span>' if when else ""
-        line = (f"Last restore drill: {_when(d.at)}{ago}, "
-                f'<span class="badge">{"passed" if d.passed else "failed"}</span> '
-                f"({_e(d.dump or '-')})")
-        if not d.passed:
-            line += (f'<br><span class="muted">{_e(d.problem)}</span>' if d.problem else "")
-            line += (f'<br><span class="muted">Last passed: {_when(d.last_passed_at)} '
-                     f"({_e(d.last_passed_dump)})</span>" if d.last_passed_at else
-                     '<br><span class="muted">No drill of this disk has passed yet.</span>')
-        disk = f"<strong>{_e(d.disk_name)}</strong>: " if len(drills) > 1 else ""
-        items.append(f'<li class="{_css_class(status)}" data-drill="{status}">{disk}{line}'
-                     "</li>")
-    disk = "" if len(drills) > 1 else f" of {_e(drills[0].disk_name)}"
-    return "\n".join([
-        '<section class="card drills" aria-labelledby="drills-h">',
-        f'<h2 id="drills-h">Restore drill{"s" if len(drills) > 1 else ""}{disk}</h2>',
-        f'<ul class="drills">{"".join(items)}</ul>',
-        '<p class="muted">A drill loads the newest database dump on the disk into a '
-        "throwaway PostgreSQL: <code>immich-usb-backup verify DISK --restore-drill</code>."
-        "</p>",
-        "</section>",
-    ])
+        items.append({
+            "status": status, "css": _css_class(status), "passed": d.passed,
+            "disk": d.disk_name, "when": _when(d.at), "ago": _ago(_parse_time(d.at), now),
+            "dump": d.dump or "-", "problem": d.problem,
+            "last_passed": {"when": _when(d.last_passed_at), "dump": d.last_passed_dump}
+            if d.last_passed_at else None,
+        })
+    return {"multi": len(items) > 1, "entries": items}
 
 
-def _strip(recs: list[RunRecord]) -> str:
+def strip(recs: list[RunRecord]) -> dict[str, Any]:
+    """The last :data:`STRIP_RUNS` runs as bars, oldest left; ``index`` is the run's
+    place in ``recs`` (its table row is ``#run-<index>``)."""
     shown = recs[-STRIP_RUNS:]
-    first_index = len(recs) - len(shown)
-    items = ['<li class="bar empty" aria-hidden="true"></li>'] * (STRIP_RUNS - len(shown))
-    for i, r in enumerate(shown, start=first_index):
-        status = _status(r)
-        tip = f"{_plain_time(r.started_at)} · {status} · {_disk_name(r)}"
-        items.append(
-            f'<li class="bar {_css_class(status)}" data-status="{_e(status)}" '
-            f'title="{_e(tip)}"><a href="#run-{i}"><span class="vh">{_e(tip)}</span></a></li>'
-        )
+    first = len(recs) - len(shown)
+    bars = [{"index": i, "status": _status(r), "css": _css_class(_status(r)),
+             "tip": _tip(r)} for i, r in enumerate(shown, start=first)]
     counts = {s: sum(1 for r in shown if _status(r) == s) for s in STATUSES}
-    tally = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    legend = "".join(
-        f'<li class="{_css_class(s)}"><span class="swatch" aria-hidden="true"></span>'
-        f"{_e(label)}</li>"
-        for s, label in (("success", "success"), ("partial", "partial"),
-                         ("failed", "failed / refused"), ("interrupted", "interrupted"))
-    )
-    if len(shown) < STRIP_RUNS:
-        legend += '<li><span class="swatch empty" aria-hidden="true"></span>no run yet</li>'
-    return "\n".join([
-        '<section class="card" aria-labelledby="strip-h">',
-        f'<h2 id="strip-h">Last {len(shown)} run{"" if len(shown) == 1 else "s"}</h2>',
-        f'<ol class="strip" aria-label="runs, oldest first">{"".join(items)}</ol>',
-        '<div class="strip-axis" aria-hidden="true"><span>older</span><span>newest</span>'
-        "</div>",
-        f'<ul class="legend" aria-label="legend">{legend}</ul>',
-        f'<p class="muted tally">{_e(tally)}</p>' if tally else "",
-        "</section>",
-    ])
+    return {"bars": bars, "empty": STRIP_RUNS - len(shown),
+            "shown_text": plural(len(shown), "run"),
+            "tally": ", ".join(f"{n} {s}" for s, n in counts.items() if n)}
 
 
-_COLUMNS = ("Time", "Disk", "Mode", "Status", "Files", "Copied", "Duration", "Problems")
+def week(recs: Sequence[RunRecord], now: datetime, days: int = WEEK_DAYS) -> dict[str, Any]:
+    """The runs of the last ``days`` days (today included), a column a day, oldest left."""
+    today = now.date()
+    columns: list[dict[str, Any]] = []
+    for back in range(days - 1, -1, -1):
+        day = today - timedelta(days=back)
+        columns.append({"date": day.isoformat(), "runs": [],
+                        "name": "today" if back == 0 else _WEEKDAYS[day.weekday()]})
+    first = today - timedelta(days=days - 1)
+    for r in recs:
+        t = _parse_time(r.started_at)
+        if t is None or not first <= t.astimezone(now.tzinfo).date() <= today:
+            continue
+        status = _status(r)
+        columns[(t.astimezone(now.tzinfo).date() - first).days]["runs"].append(
+            {"status": status, "css": _css_class(status), "tip": _tip(r)})
+    n = sum(len(c["runs"]) for c in columns)
+    ok = sum(1 for c in columns for r in c["runs"] if r["status"] == "success")
+    tally = (f"{plural(n, 'run')} in {days} days, {ok} successful" if n
+             else f"no run in the last {days} days")
+    return {"days": columns, "tally": tally}
 
 
-def _table(recs: list[RunRecord]) -> str:
-    head = "".join(f'<th scope="col">{c}</th>' for c in _COLUMNS)
-    rows = [_row(i, r) for i, r in reversed(list(enumerate(recs)))]
-    return "\n".join([
-        '<section class="card" aria-labelledby="runs-h">',
-        f'<h2 id="runs-h">All runs in this report, newest first ({len(recs)})</h2>',
-        '<div class="table-wrap">',
-        "<table>",
-        f"<thead><tr>{head}</tr></thead>",
-        "<tbody>",
-        *rows,
-        "</tbody>",
-        "</table>",
-        "</div>",
-        "</section>",
-    ])
+def table(recs: list[RunRecord], heading: str | None = None) -> dict[str, Any]:
+    """Every run given, newest first."""
+    rows = []
+    for i, r in reversed(list(enumerate(recs))):
+        status = _status(r)
+        files, size, seconds = r.files_transferred, r.bytes_transferred, r.duration_s
+        rows.append({
+            "index": i, "status": status, "css": _css_class(status),
+            "when": _when(r.started_at), "disk": _disk_name(r),
+            "uuid_title": (r.disk.uuid or "") if r.disk.label else "",
+            "mode": r.mode or "-",
+            "files": "?" if files is None else f"{files:,}",
+            "size": "?" if size is None else human_bytes(size),
+            "duration": "?" if seconds is None else short_duration(seconds),
+            "problems": r.problems,
+        })
+    return {"rows": rows, "problems_shown": PROBLEMS_SHOWN,
+            "heading": heading or f"All runs in this report, newest first ({len(recs)})"}
 
 
-def _row(index: int, r: RunRecord) -> str:
-    status = _status(r)
-    uuid = r.disk.uuid or ""
-    disk_title = f' title="UUID {_e(uuid)}"' if uuid and r.disk.label else ""
-    files, size, seconds = r.files_transferred, r.bytes_transferred, r.duration_s
-    cells = [
-        ("Time", "time", _when(r.started_at)),
-        ("Disk", "disk", f"<span{disk_title}>{_e(_disk_name(r))}</span>"),
-        ("Mode", "mode", _e(r.mode or "-")),
-        ("Status", "status", f'<span class="badge">{_e(status)}</span>'),
-        ("Files", "num files", "?" if files is None else f"{files:,}"),
-        ("Copied", "num bytes", "?" if size is None else _e(human_bytes(size))),
-        ("Duration", "num duration",
-         "?" if seconds is None else _e(short_duration(seconds))),
-        ("Problems", "problems", _problem_list(_problems(r))),
-    ]
-    tds = "".join(f'<td class="{cls}" data-label="{label}"><div class="v">{body}</div></td>'
-                  for label, cls, body in cells)
-    return (f'<tr id="run-{index}" class="{_css_class(status)}" '
-            f'data-status="{_e(status)}">{tds}</tr>')
+# values -------------------------------------------------------------------------------
+
+
+def _tip(r: RunRecord) -> str:
+    return f"{_plain_time(r.started_at)} · {_status(r)} · {_disk_name(r)}"
 
 
 def _copied(r: RunRecord) -> str:
@@ -459,25 +305,6 @@ def _copied(r: RunRecord) -> str:
     return f"Copied {what}, {amount}{took}."
 
 
-def _problem_list(problems: list[str]) -> str:
-    if not problems:
-        return '<span class="none">none</span>'
-    items = [f"<li>{_e(p)}</li>" for p in problems]
-    out = f'<ul class="problems">{"".join(items[:PROBLEMS_SHOWN])}</ul>'
-    rest = items[PROBLEMS_SHOWN:]
-    if rest:
-        out += (f"<details><summary>{len(rest)} more</summary>"
-                f'<ul class="problems">{"".join(rest)}</ul></details>')
-    return out
-
-
-# values -------------------------------------------------------------------------------
-
-
-def _e(value: str) -> str:
-    return html.escape(value, quote=True)
-
-
 def _status(r: RunRecord) -> str:
     return r.status or "unknown"
 
@@ -488,10 +315,6 @@ def _css_class(status: str) -> str:
 
 def _disk_name(r: RunRecord) -> str:
     return r.disk.name or "-"
-
-
-def _problems(r: RunRecord) -> list[str]:
-    return r.problems
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -517,15 +340,15 @@ def _plain_time(value: Any) -> str:
     return str(value) if value else "?"
 
 
-def _time_element(t: datetime) -> str:
-    return f'<time datetime="{_e(t.isoformat(timespec="seconds"))}">{_e(_readable(t))}</time>'
+def _time(t: datetime) -> When:
+    return When(t.isoformat(timespec="seconds"), _readable(t))
 
 
-def _when(value: Any) -> str:
+def _when(value: Any) -> When:
     t = _parse_time(value)
     if t is None:
-        return _e(str(value) if value else "?")
-    return _time_element(t)
+        return When(None, str(value) if value else "?")
+    return _time(t)
 
 
 def _ago(t: datetime | None, now: datetime) -> str:
@@ -538,6 +361,5 @@ def _ago(t: datetime | None, now: datetime) -> str:
         return "just now"
     for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
         if s >= size:
-            n = s // size
-            return f"{n} {unit}{'' if n == 1 else 's'} ago"
+            return f"{plural(s // size, unit)} ago"
     raise AssertionError("unreachable")  # pragma: no cover
