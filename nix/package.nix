@@ -149,6 +149,8 @@ python3Packages.buildPythonApplication {
     # the web unit (systemd-analyze) and the module's web options: nix/ is not in the
     # source above
     "tests/test_web_install.py"
+    # Immich-shaped databases in a throwaway PostgreSQL run as nobody: root
+    "tests/test_assets.py"
   ];
 
   disabledTests = [
