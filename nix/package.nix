@@ -6,6 +6,7 @@
   lib,
   python3Packages,
   rsync,
+  smartmontools,
   util-linux,
 }:
 
@@ -88,14 +89,15 @@ python3Packages.buildPythonApplication {
     python3Packages.jinja2 # the history page and the web UI's pages
   ];
 
-  # The backup runs rsync (3.1 or newer) and blkid (util-linux); the daemon finds them on
-  # PATH whatever the system has.
+  # The backup runs rsync (3.1 or newer), blkid (util-linux) and smartctl (a disk's
+  # health); the daemon finds them on PATH whatever the system has.
   makeWrapperArgs = [
     "--prefix"
     "PATH"
     ":"
     (lib.makeBinPath [
       rsync
+      smartmontools
       util-linux
     ])
   ];
@@ -131,6 +133,7 @@ python3Packages.buildPythonApplication {
     # the tests run the program as `python -m immich_usb_backup`, not through the wrapper
     # below: the same tools on PATH as it has when installed
     rsync
+    smartmontools
     util-linux
   ];
 

@@ -228,8 +228,7 @@ def test_a_reading_survives_the_state_file_and_a_later_miss_keeps_it(tmp_path: P
     missed = NotReported(AT, Why.STANDBY, "the disk is asleep: not woken to read it")
     data = health.updated(state.read_toml(tmp_path, state.HEALTH), disk, missed)
     state.write_toml(tmp_path, state.HEALTH, data)
-    kept, damaged = health.read_stored(tmp_path, AT)
-    assert damaged is None
+    kept = health.read_stored(tmp_path, AT)
     entry = kept["6F5F-FDC3"]
     assert entry.reading == first and entry.device_type == "sat" and entry.checked_at == AT
     assert entry.line() == ("OK (3,412 h, 34 °C) on 2026-11-30; not reported since "
@@ -307,7 +306,7 @@ def test_a_bridge_without_pass_through_is_not_reported_after_every_type(tmp_path
                         "through (tried auto, sat, sntjmicron, sntasmedia, sntrealtek))")
     assert s.types() == ["auto", "sat", "sntjmicron", "sntasmedia", "sntrealtek"]
     s.assert_only_read()
-    kept, _ = health.read_stored(s.state_dir, AT)
+    kept = health.read_stored(s.state_dir, AT)
     assert kept["6F5F-FDC3"].reading is None and kept["6F5F-FDC3"].device_type == ""
 
 
@@ -331,7 +330,7 @@ def test_a_usb_nvme_enclosure_is_found_after_sat_and_remembered(tmp_path: Path) 
     assert r is not None and isinstance(r.outcome, HealthReading)
     assert s.types() == ["auto", "sat", "sntjmicron"]
     assert r.line() == "health: OK (355 h, 54 °C, 0 % used)"
-    kept, _ = health.read_stored(s.state_dir, AT)
+    kept = health.read_stored(s.state_dir, AT)
     assert kept["6F5F-FDC3"].device_type == "sntjmicron"
 
 
@@ -402,13 +401,13 @@ def test_a_damaged_health_file_is_kept_aside_and_the_check_goes_on(
     s.state_dir.mkdir()
     (s.state_dir / state.HEALTH).write_bytes(b"[[disk]\nuuid = \xff")
     r = s.check()
-    assert r is not None and isinstance(r.damaged, state.StateDamaged)
-    assert "SMART readings are forgotten" in str(r.damaged)
+    (damaged,) = state.take_damages()  # kept aside, and waiting to be told
+    assert r is not None and "SMART readings are forgotten" in str(damaged)
     assert isinstance(r.outcome, HealthReading) and r.previous is None
     assert [p.name for p in s.state_dir.iterdir() if ".damaged-" in p.name] == [
         f"health.toml.damaged-{clock.stamp(AT)}"]
-    kept, damaged = health.read_stored(s.state_dir, AT)
-    assert damaged is None and kept["6F5F-FDC3"].reading == r.outcome
+    kept = health.read_stored(s.state_dir, AT)
+    assert kept["6F5F-FDC3"].reading == r.outcome
 
 
 def test_the_time_is_the_one_passed_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -419,7 +418,7 @@ def test_the_time_is_the_one_passed_in(tmp_path: Path, monkeypatch: pytest.Monke
     when = datetime(2031, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-7)))
     r = s.check(at=when)
     assert r is not None and isinstance(r.outcome, HealthReading) and r.outcome.at == when
-    kept, _ = health.read_stored(s.state_dir, when)
+    kept = health.read_stored(s.state_dir, when)
     assert kept["6F5F-FDC3"].checked_at == when
 
 
@@ -480,5 +479,73 @@ def test_real_smartctl_on_a_loop_device_is_not_reported(tmp_path: Path) -> None:
     assert r is not None and isinstance(r.outcome, NotReported)
     assert r.outcome.why is Why.NO_SMART
     assert r.line() == "health: not reported (a loop device has no SMART)"
-    kept, _ = health.read_stored(tmp_path / "state", AT)
+    kept = health.read_stored(tmp_path / "state", AT)
     assert kept[uuid.upper()].not_reported == "a loop device has no SMART"
+
+
+# Through a whole run ----------------------------------------------------------------------
+
+@pytest.mark.exfat
+def test_a_disk_whose_readings_got_worse_is_told_through_a_whole_run(
+    make_exfat: Any, server: Any, tmp_path: Path
+) -> None:
+    from conftest import run_cli
+    from test_notify import Hook, notify_config
+
+    # the same drive, earlier and still healthy: the failing capture with its counters at 0
+    failing = json.loads((DATA / "usbjmicron-hitachi-failing.json").read_text())
+    healthy = json.loads(json.dumps(failing))
+    healthy["smart_status"]["passed"] = True
+    for attribute in healthy["ata_smart_attributes"]["table"]:
+        if attribute["id"] in (5, 197):
+            attribute.update(value=100, worst=100, when_failed="",
+                             raw={"value": 0, "string": "0"})
+    (tmp_path / "healthy.json").write_text(json.dumps(healthy))
+    s = Standin(tmp_path, answers={"auto": str(tmp_path / "healthy.json")})
+    hook = Hook()
+    try:
+        notify_config(server, hook.url(), extra=f'[health]\nsmartctl = "{s.program}"\n')
+        disk = make_exfat()
+
+        first = run_cli("run", str(disk.mount_point), config=server.config_path)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "Disk health: OK (" in first.stdout
+        (_started, finished) = hook.wait_for(2)
+        assert "Disk health: OK" in finished["message"]
+
+        s.set(answers={"auto": "usbjmicron-hitachi-failing.json"})
+        second = run_cli("run", str(disk.mount_point), config=server.config_path)
+        assert second.returncode == 0, second.stdout + second.stderr  # a warning, no problem
+        assert "Disk health: WARNING: the drive says it is failing" in second.stdout
+        messages = hook.wait_for(5)[2:]
+        warning = next(m for m in messages if m["title"].startswith(
+            "Immich backup: check the disk"))
+        assert "1975 sectors reallocated since" in warning["message"]
+        assert "(0 before): copy this backup to a new disk soon" in warning["message"]
+        history = json.loads(run_cli("history", "--json", config=server.config_path).stdout)
+        assert history[-1]["health"]["warning"] is True
+        assert history[0]["health"]["reading"]["reallocated"] == 0
+        server.write_config(f'[disks]\napproved = ["{history[-1]["disk"]["uuid"]}"]\n')
+        table = run_cli("disks", "--all", config=server.config_path)
+        for call in s.calls():  # the disk itself (a loop device here), only read
+            assert call[-1] == disk.device
+            assert {a for a in call[:-1] if a.startswith("-")} <= READ_ONLY, call
+    finally:
+        hook.close()
+    assert table.returncode == 0 and "FAILING (" in table.stdout  # its last reading
+
+
+@pytest.mark.exfat
+def test_a_disk_without_health_data_says_so_and_the_run_succeeds(
+    make_exfat: Any, server: Any, tmp_path: Path
+) -> None:
+    from conftest import run_cli
+
+    if shutil.which("smartctl") is None:
+        pytest.fail("smartctl (smartmontools) is not installed: tools/setup installs it")
+    disk = make_exfat()
+    r = run_cli("run", str(disk.mount_point), config=server.config_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Disk health: not reported (a loop device has no SMART)." in r.stdout
+    v = run_cli("verify", str(disk.mount_point), config=server.config_path)
+    assert v.returncode == 0 and "health: not reported" in v.stdout

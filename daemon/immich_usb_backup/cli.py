@@ -519,23 +519,12 @@ def cmd_disks_all(config: Config, args: argparse.Namespace) -> int:
 def cmd_disks(config: Config, args: argparse.Namespace) -> int:
     if args.all:
         return cmd_disks_all(config, args)
-    from immich_usb_backup import approvals, policy  # noqa: PLC0415
-    from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415
-    from immich_usb_backup.target import marker_state, mount_point_of  # noqa: PLC0415
+    import asyncio  # noqa: PLC0415 - see cmd_run
 
-    recorded = approvals.approved_uuids(config.state_dir)
-    rows: list[dict[str, Any]] = []
-    for d in list_block_devices():
-        if not policy.is_candidate(d.bus, d.fs_type, d.devtype, d.usb_driver):
-            continue
-        mp = mount_point_of(d.device)
-        rows.append({
-            "device": d.device, "label": d.label, "uuid": d.uuid, "size": d.size,
-            "model": d.model, "mount_point": str(mp) if mp else None,
-            "marker": marker_state(mp) if mp else None,
-            "approved": policy.is_approved(d.uuid, config.disks.approved, recorded)
-            or config.disks.allow_any_marked,
-        })
+    from immich_usb_backup import overview  # noqa: PLC0415
+
+    rows = overview.plugged(config)
+    asyncio.run(_read_health(config, rows))
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -546,10 +535,25 @@ def cmd_disks(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _read_health(config: Config, rows: list[dict[str, Any]]) -> None:
+    """Each plugged disk's health, read now without waking a sleeping disk and without
+    keeping it (the next backup compares and warns)."""
+    from immich_usb_backup import clock, health  # noqa: PLC0415
+
+    at = clock.now()
+    for row in rows:
+        if row["uuid"]:
+            result = await health.check(health.Disk(row["device"], row["uuid"],
+                                                    row["label"] or ""),
+                                        config.health, config.state_dir, at, awake=False,
+                                        store=False)
+            row["health"] = None if result is None else result.to_dict()
+
+
 def cmd_approve(config: Config, args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 - see cmd_run
 
-    from immich_usb_backup.flow import approve_device  # noqa: PLC0415
+    from immich_usb_backup.approve import approve_device  # noqa: PLC0415
 
     try:
         approval, created = asyncio.run(approve_device(config, args.device, args.create_marker))

@@ -56,6 +56,8 @@ def format_verify(r: Any) -> str:
             lines += [f"    - {p}" for p in found.paths]
             if found.count > len(found.paths):
                 lines.append(f"    ... and {found.count - len(found.paths)} more")
+    if r.health is not None:
+        lines.append(f"  {r.health['line']}")
     if r.drill is not None:
         lines += format_drill(r.drill)
     lines.append(f"  last restore drill: {drill.describe(r.last_drill, drill.plain_time)}")
@@ -110,7 +112,7 @@ def _clock(seconds: int) -> str:
 
 
 def format_disks_all(rows: list[dict[str, Any]]) -> str:
-    table = [("label", "uuid", "last backup", "age", "free", "files", "last check")]
+    table = [("label", "uuid", "last backup", "age", "free", "files", "last check", "health")]
     for r in rows:
         age = r["age_days"]
         when = str(r["last_backup_at"] or "never")[:16].replace("T", " ")
@@ -122,19 +124,21 @@ def format_disks_all(rows: list[dict[str, Any]]) -> str:
         table.append((
             str(r["label"] or "-"), str(r["uuid"]), when,
             "-" if age is None else f"{age} d{' OVERDUE' if r['overdue'] else ''}",
-            free, "-" if r["files"] is None else str(r["files"]), check))
+            free, "-" if r["files"] is None else str(r["files"]), check,
+            str((r.get("health") or {}).get("line") or "-")))
     return history.columns(table)
 
 
 def format_disks(rows: list[dict[str, Any]]) -> str:
     """``disks``: the USB exFAT disks connected now, one row each."""
     table: list[tuple[str, ...]] = [
-        ("device", "label", "size", "model", "uuid", "marker", "approved")]
+        ("device", "label", "size", "model", "uuid", "marker", "approved", "health")]
     for r in rows:
         marker = {"marked": "yes", "legacy": "old name", None: "no"}[r["marker"]]
         if r["mount_point"] is None:
             marker = "? (not mounted)"
+        approved = "yes" if r["approved"] else "any marked" if r.get("any_marked") else "no"
         table.append((r["device"], r["label"] or "-", human_bytes(r["size"]),
-                      r["model"] or "-", r["uuid"] or "-", marker,
-                      "yes" if r["approved"] else "no"))
+                      r["model"] or "-", r["uuid"] or "-", marker, approved,
+                      str((r.get("health") or {}).get("line") or "-").removeprefix("health: ")))
     return history.columns(table)

@@ -4,7 +4,7 @@ Questions are answered from the state dir and udev (in threads); actions go thro
 flow's own functions, as a plug or the command line would: a backup is
 ``flow.backup_device(..., trigger="web")``, queued on the daemon's one-at-a-time worker
 like a plugged disk; ``verify`` and ``drill`` are ``diskcheck.verify_device`` (read-only,
-the drill's outcome kept in the state dir); ``approve`` is ``flow.approve_device``;
+the drill's outcome kept in the state dir); ``approve`` is ``approve.approve_device``;
 ``cancel`` stops the running backup as SIGTERM does. A second action while one runs is
 refused with ``busy`` and the running one's status.
 """
@@ -12,7 +12,6 @@ refused with ``busy`` and the running one's status.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
-from immich_usb_backup import approvals, clock, history, policy
+from immich_usb_backup import approvals, approve, clock, health, history, overview, policy
 from immich_usb_backup.config import Config
 from immich_usb_backup.control import ControlError, status_events
 from immich_usb_backup.devices import BlockDevice
@@ -46,37 +45,6 @@ class DaemonLike(Protocol):
     def cancel_current(self) -> bool: ...
 
 
-def plugged_disks(config: Config) -> list[dict[str, Any]]:
-    """Every USB exFAT disk connected now, as ``disks --json`` lists them, with the free
-    space of a mounted one (``free_bytes``, ``free_bytes_at``; None for one that is not
-    mounted: the web UI fills in what its last backup left). Blocking (udev's database,
-    ``statvfs``): call it in a thread."""
-    from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415 - pyudev
-    from immich_usb_backup.target import marker_state, mount_point_of  # noqa: PLC0415
-
-    recorded = approvals.approved_uuids(config.state_dir)
-    rows: list[dict[str, Any]] = []
-    for d in list_block_devices():
-        if not policy.is_candidate(d.bus, d.fs_type, d.devtype, d.usb_driver):
-            continue
-        mp = mount_point_of(d.device)
-        free: int | None = None
-        free_at: str | None = None
-        if mp is not None:
-            with contextlib.suppress(OSError):
-                st = os.statvfs(mp)
-                free, free_at = st.f_bavail * st.f_frsize, clock.iso(clock.now())
-        rows.append({
-            "device": d.device, "label": d.label, "uuid": d.uuid, "size": d.size,
-            "model": d.model, "mount_point": str(mp) if mp else None,
-            "marker": marker_state(mp) if mp else None,
-            "approved": policy.is_approved(d.uuid, config.disks.approved, recorded),
-            "any_marked": config.disks.allow_any_marked,
-            "free_bytes": free, "free_bytes_at": free_at,
-        })
-    return rows
-
-
 class DaemonHandler:
     """The daemon's answers (see the module doc)."""
 
@@ -98,7 +66,15 @@ class DaemonHandler:
         return st
 
     async def disks(self) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(plugged_disks, self.config)
+        """The plugged disks, each with its last health reading kept in the state dir (a
+        live SMART read takes seconds: a page does not wait for it)."""
+        rows = await asyncio.to_thread(overview.plugged, self.config)
+        kept = await asyncio.to_thread(health.read_stored, self.config.state_dir,
+                                       clock.now())
+        for row in rows:
+            reading = kept.get(str(row["uuid"] or "").upper())
+            row["health"] = reading.to_dict() if reading is not None else None
+        return rows
 
     async def history(self, last: int | None) -> list[dict[str, Any]]:
         return await asyncio.to_thread(history.last_records, self.config.state_dir, last)
@@ -131,7 +107,8 @@ class DaemonHandler:
 
     async def backup(self, disk: str, mode: str | None) -> dict[str, Any]:
         dev, ref = await self._plugged(disk)
-        if not (await self._approved(dev) or self.config.disks.allow_any_marked):
+        approved = await self._approved(dev)
+        if not (approved or self.config.disks.allow_any_marked):
             raise ControlError("refused", f"the disk {dev.label or disk} is not approved: "
                                "approve it first")
         await self._not_busy()
@@ -143,8 +120,9 @@ class DaemonHandler:
         mode = mode or self.config.library.mode
 
         async def job() -> object:
+            # as for a plugged disk: an approved UUID must hold its key (rule 10)
             return await flow.backup_device(self.config, udisks, dev.device,
-                                            trigger="web", mode=mode)
+                                            trigger="web", mode=mode, key_required=approved)
 
         self.daemon.submit(dev, job, "backup")
         log.info("web: backup of %s (%s) in %s mode", dev.device, dev.label, mode)
@@ -153,11 +131,10 @@ class DaemonHandler:
     async def approve(self, disk: str, create_marker: bool) -> dict[str, Any]:
         dev, _ref = await self._plugged(disk)
         await self._not_busy()
-        from immich_usb_backup import flow  # noqa: PLC0415
 
         try:
-            approval, created = await flow.approve_device(self.config, f"UUID={dev.uuid}",
-                                                          create_marker)
+            approval, created = await approve.approve_device(
+                self.config, f"UUID={dev.uuid}", create_marker)
         except BackupError as exc:
             raise ControlError("refused", str(exc)) from None
         log.info("web: approved %s (UUID %s)%s", approval.label, approval.uuid,

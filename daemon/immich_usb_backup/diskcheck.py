@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import drill, layout, page
+from immich_usb_backup import drill, flow, layout, notify, page
 from immich_usb_backup.config import Config
 from immich_usb_backup.diskreport import Report
 from immich_usb_backup.drill import DrillResult
@@ -61,6 +61,9 @@ async def verify_path(config: Config, target: Path, sample: float | None,
         status = StatusWriter(config.state_dir, identity)
         try:
             report = await asyncio.to_thread(check, config, disk, sample, status, stop)
+            notifier = notify.Notifier(config.notify)
+            report.health = await flow.read_health(config, disk, notifier)
+            await notifier.drain()
             if bin_dir is not None:
                 root = await asyncio.to_thread(find_backup_root, disk)
                 report.drill = await drill.restore_drill(bin_dir, root / layout.DATABASE,

@@ -43,6 +43,7 @@ class Report:
     dumps_checked: int = 0
     archives_checked: int = 0
     damaged: Found = field(default_factory=Found)  # dumps and archives
+    health: dict[str, Any] | None = None  # the disk's SMART reading (health.HealthResult)
     drill: DrillResult | None = None  # with --restore-drill
     last_drill: DrillOutcome | None = None  # the disk's last drill, kept in the state
 
@@ -63,6 +64,7 @@ class Report:
         for name in ("missing", "changed", "unreadable", "unexpected", "bad_lines", "damaged"):
             found: Found = getattr(self, name)
             out[name] = {"count": found.count, "paths": found.paths}
+        out["health"] = self.health
         out["restore_drill"] = self.drill.as_dict() if self.drill else None
         out["last_restore_drill"] = asdict(self.last_drill) if self.last_drill else None
         return out

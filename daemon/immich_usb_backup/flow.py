@@ -31,6 +31,7 @@ from typing import Any
 from immich_usb_backup import (
     approvals,
     clock,
+    health,
     heartbeat,
     history,
     layout,
@@ -52,7 +53,6 @@ from immich_usb_backup.scan import Problems
 from immich_usb_backup.status import StatusWriter
 from immich_usb_backup.steps import STEPS, RunContext, Step
 from immich_usb_backup.target import (
-    MARKER,
     Disk,
     check_no_overlap,
     find_backup_root,
@@ -116,6 +116,8 @@ async def run_backup(
                 record.status, message = _failure(exc)
                 problems.add(message)
             finally:
+                if ctx is not None and not cancelled:
+                    record.health = await read_health(config, ctx.disk, notifier)
                 if ctx is not None:
                     end = await asyncio.shield(asyncio.to_thread(
                         _leave_disk, ctx, record, _problems(refusal, problems), target))
@@ -141,6 +143,27 @@ async def run_backup(
     if cancelled:
         raise asyncio.CancelledError
     return record
+
+
+async def read_health(config: Config, disk: Disk,
+                      notifier: notify.Notifier) -> dict[str, Any] | None:
+    """The disk's SMART reading (``health``), kept per disk; when something got worse or
+    the drive says it is failing, the ``disk_health`` message is on its way. None when
+    health is off or the disk has no UUID to keep it by. Never fails the run."""
+    if not disk.uuid:
+        return None
+    try:
+        result = await health.check(health.Disk(disk.device, disk.uuid, disk.label or ""),
+                                    config.health, config.state_dir, clock.now())
+    except Exception:  # a reading must never break a backup
+        log.exception("reading the disk's health failed")
+        return None
+    if result is None:
+        return None
+    warning = result.warning_text()
+    if warning:
+        notifier.send_soon(messages.disk_health(disk.label, disk.uuid, warning))
+    return result.to_dict()
 
 
 def _problems(refusal: str | None, problems: Problems) -> list[str]:
@@ -322,7 +345,7 @@ async def backup_plugged(config: Config, udisks: UDisks, device: str, *, uuid: s
     approved = policy.is_approved(uuid, cfg.approved, recorded)
     if not approved:
         try:
-            marker, left = await _peek_marker(udisks, device)
+            marker, left = await peek_marker(udisks, device)
         except UDisksError as exc:  # not ours as far as we know: no record, only the log
             log.warning("could not look at %s (%s) for the marker folder: %s",
                         device, label, exc)
@@ -397,7 +420,7 @@ def _key_refusal(config: Config, disk: Disk) -> str | None:
                          policy.approve_hint(disk.uuid, disk.device))
 
 
-async def _peek_marker(udisks: UDisks, device: str) -> tuple[str | None, messages.DiskEnd]:
+async def peek_marker(udisks: UDisks, device: str) -> tuple[str | None, messages.DiskEnd]:
     """Look for the marker folder; mount read-only (and unmount again) if needed.
 
     Return the marker state and how the disk is left.
@@ -506,51 +529,6 @@ async def backup_approved(config: Config, *, trigger: str,
     finally:
         udisks.close()
     return records
-
-
-async def approve_device(config: Config, target: str,
-                         create_marker: bool) -> tuple[approvals.Approval, bool]:
-    """Approve the exFAT disk ``target`` (``/dev/...`` or ``UUID=...``) for backups.
-
-    Looks for the marker folder read-only first: without it (and without
-    ``create_marker``, a person's request to create it) nothing is written. Then mounts
-    it to write (if needed; unmounted again), creates the marker folder if asked, writes
-    a new disk key into it and records the UUID with the key's hash in the state dir.
-    Return the approval and whether the marker was created.
-    """
-    udisks = await UDisks.connect()
-    try:
-        device = await udisks.device_for(target)
-        info = await udisks.wait_for_filesystem(device)
-        if info.fs_type != "exfat":
-            raise Refused(f"{device} holds {info.fs_type or 'no'} file system; only exFAT "
-                          "disks are backed up to (see docs/first-disk.md)")
-        if not info.uuid:
-            raise Refused(f"{device} has no file system UUID to approve it by")
-        if not create_marker:
-            marker, _ = await _peek_marker(udisks, device)
-            if marker != "marked":
-                raise Refused(f"the disk has no {MARKER} folder. Create it yourself, or run "
-                              "approve again with --create-marker to have it created")
-        async with mounted(udisks, info) as mount:
-            created, key = await asyncio.to_thread(_mark_for_approval, mount.mount_point)
-        approval = approvals.Approval(policy.normalise_uuid(info.uuid), info.label,
-                                      clock.iso(clock.now()), key)
-        await asyncio.to_thread(approvals.add, config.state_dir, approval)
-        return approval, created
-    finally:
-        udisks.close()
-
-
-def _mark_for_approval(mount_point: Path) -> tuple[bool, str]:
-    """Create the marker folder if it is missing (a person asked), write a new disk key
-    into it; return whether the folder was created and the key's hash."""
-    marker = mount_point / MARKER
-    created = not marker.is_dir()
-    if created:
-        marker.mkdir()
-    root = BackupRoot(find_backup_root(Disk(mount_point, "", None, None)))
-    return created, trust.write_key(root)
 
 
 # A disk in the drawer ------------------------------------------------------------------

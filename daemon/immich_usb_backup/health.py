@@ -121,14 +121,14 @@ def compare(previous: HealthReading | None, current: HealthReading) -> Verdict:
 
 @dataclass(frozen=True)
 class HealthResult:
-    """One disk's check: the reading (or why none), the previous reading, the verdict,
-    and a damaged ``health.toml`` met on the way (kept aside; for the history)."""
+    """One disk's check: the reading (or why none), the previous reading, the verdict.
+    A damaged ``health.toml`` met on the way is kept aside and waits in
+    ``state.take_damages`` to be told, as every state file's."""
 
     disk: Disk
     outcome: HealthReading | NotReported
     previous: HealthReading | None = None
     verdict: Verdict = Verdict()
-    damaged: state.StateDamaged | None = None
 
     @property
     def warning(self) -> bool:
@@ -263,12 +263,10 @@ def updated(data: Mapping[str, Any], disk: Disk, outcome: HealthReading | NotRep
     return {**data, "disk": [*rest, entry]}
 
 
-def read_stored(state_dir: Path, at: datetime) -> tuple[dict[str, Stored],
-                                                        state.StateDamaged | None]:
+def read_stored(state_dir: Path, at: datetime) -> dict[str, Stored]:
     """Every disk's last health reading, for ``disks --all`` and the history page (file
-    work: call it in a thread). A damaged file is kept aside and reported, never raised."""
-    data, damaged = _load(state_dir, at)
-    return stored(data), damaged
+    work: call it in a thread). A damaged file is kept aside and told (``state``)."""
+    return stored(_load(state_dir, at))
 
 
 async def check(disk: Disk, config: HealthConfig, state_dir: Path, at: datetime, *,
@@ -276,7 +274,7 @@ async def check(disk: Disk, config: HealthConfig, state_dir: Path, at: datetime,
                 ) -> HealthResult | None:
     """Read ``disk``'s health now (``at``), hold it against its last reading, and (with
     ``store``) keep it in ``health.toml``. None when health is off. Never raises for the
-    disk, smartctl or the state file: each becomes the result's outcome or ``damaged``.
+    disk or smartctl: each becomes the result's outcome (a damaged state file: ``state``).
 
     ``awake``: the disk is being backed up or verified (see ``smartctl_argv``); ``store``
     False for a look that must not use up the comparison (``disks``, which sends no
@@ -286,7 +284,7 @@ async def check(disk: Disk, config: HealthConfig, state_dir: Path, at: datetime,
     found = await asyncio.to_thread(shutil.which, config.smartctl)
     if found is None and config.enabled is None:  # "auto": on only when installed
         return None
-    data, damaged = await asyncio.to_thread(_load, state_dir, at)
+    data = await asyncio.to_thread(_load, state_dir, at)
     known = stored(data).get(disk.uuid.upper())
     previous = known.reading if known else None
     if found is None:
@@ -299,14 +297,11 @@ async def check(disk: Disk, config: HealthConfig, state_dir: Path, at: datetime,
     verdict = compare(previous, outcome) if isinstance(outcome, HealthReading) else Verdict()
     if store:
         await asyncio.to_thread(_save, state_dir, updated(data, disk, outcome))
-    return HealthResult(disk, outcome, previous, verdict, damaged)
+    return HealthResult(disk, outcome, previous, verdict)
 
 
-def _load(state_dir: Path, at: datetime) -> tuple[dict[str, Any], state.StateDamaged | None]:
-    try:
-        return state.read_toml(state_dir, state.HEALTH, at=at), None
-    except state.StateDamaged as damaged:
-        return {}, damaged
+def _load(state_dir: Path, at: datetime) -> dict[str, Any]:
+    return state.read_toml_or_empty(state_dir, state.HEALTH, at=at)
 
 
 def _save(state_dir: Path, data: Mapping[str, Any]) -> None:

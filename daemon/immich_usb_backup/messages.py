@@ -163,6 +163,20 @@ def reminder(text: str, days: int) -> Message:
                    "\n".join(lines), "warning")
 
 
+def disk_health(label: str | None, uuid: str | None, warning: str) -> Message:
+    """A backup disk's SMART readings got worse, or it says it is failing (``warning``
+    from ``health.HealthResult.warning_text``)."""
+    lines = [
+        f"{warning}.",
+        "",
+        f"The disk {_disk_full(label, uuid)} reported this when it was read on "
+        f"{socket.gethostname()}. The backup on it is still readable; see docs/health.md "
+        "for what the readings mean.",
+    ]
+    return Message(Event.DISK_HEALTH, f"{TITLE}: check the disk {_disk_name(label, uuid)}",
+                   "\n".join(lines), "warning")
+
+
 def state_damaged(text: str) -> Message:
     """A file of the state dir could not be read (``state.StateDamaged``): what was
     lost and what to do. Sent as a ``finished`` event: a run may depend on it."""

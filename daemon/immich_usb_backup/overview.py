@@ -13,12 +13,15 @@ not send a second one). Plain data in, plain data out; the time is always an arg
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from immich_usb_backup import approvals, history, state
+from immich_usb_backup import approvals, clock, health, history, policy, state
 from immich_usb_backup.config import Config
 from immich_usb_backup.policy import normalise_uuid
 from immich_usb_backup.record import RunRecord
@@ -44,6 +47,7 @@ class DiskSummary:
     files: int | None = None
     last_verify_at: str | None = None
     last_verify_passed: bool | None = None
+    health: dict[str, Any] | None = None  # its last SMART reading (health.Stored.to_dict)
 
     def since(self) -> datetime | None:
         """The time its backup age counts from: the last backup, else the approval."""
@@ -63,6 +67,7 @@ class DiskSummary:
             "free_bytes": self.free_bytes, "size_bytes": self.size_bytes, "files": self.files,
             "last_verify_at": self.last_verify_at,
             "last_verify_passed": self.last_verify_passed,
+            "health": self.health,
         }
 
 
@@ -94,16 +99,19 @@ def disks(config: Config) -> list[DiskSummary]:
             continue
         summary = found.get(normalise_uuid(run.disk.uuid))
         if summary is not None:
-            _take(summary, run)
-    return sorted(found.values(), key=_newest_first)
+            take(summary, run)
+    for uuid, kept in health.read_stored(config.state_dir, clock.now()).items():
+        if uuid in found:
+            found[uuid].health = kept.to_dict()
+    return sorted(found.values(), key=newest_first)
 
 
-def _newest_first(d: DiskSummary) -> tuple[bool, float]:
+def newest_first(d: DiskSummary) -> tuple[bool, float]:
     since = d.since()
     return since is None, -since.timestamp() if since else 0.0
 
 
-def _take(summary: DiskSummary, run: RunRecord) -> None:
+def take(summary: DiskSummary, run: RunRecord) -> None:
     """Fold one run (oldest first) into the disk's summary."""
     if run.disk.label:
         summary.label = run.disk.label
@@ -192,3 +200,37 @@ def last_sent(state_dir: Path) -> datetime | None:
 
 def mark_sent(state_dir: Path, at: datetime) -> None:
     state.write_toml(state_dir, STATE_NAME, {"last_sent": at})
+
+
+# The disks plugged in now -------------------------------------------------------------
+
+def plugged(config: Config) -> list[dict[str, Any]]:
+    """Every USB exFAT disk connected now, as ``disks --json`` and the web UI list them
+    (``approved``: by its UUID; ``any_marked``: ``[disks] allow_any_marked``), with the free
+    space of a mounted one (``free_bytes``, ``free_bytes_at``; None for one that is not
+    mounted: the web UI fills in what its last backup left). Blocking (udev's database,
+    ``statvfs``): call it in a thread."""
+    from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415 - pyudev
+    from immich_usb_backup.target import marker_state, mount_point_of  # noqa: PLC0415
+
+    recorded = approvals.approved_uuids(config.state_dir)
+    rows: list[dict[str, Any]] = []
+    for d in list_block_devices():
+        if not policy.is_candidate(d.bus, d.fs_type, d.devtype, d.usb_driver):
+            continue
+        mp = mount_point_of(d.device)
+        free: int | None = None
+        free_at: str | None = None
+        if mp is not None:
+            with contextlib.suppress(OSError):
+                st = os.statvfs(mp)
+                free, free_at = st.f_bavail * st.f_frsize, clock.iso(clock.now())
+        rows.append({
+            "device": d.device, "label": d.label, "uuid": d.uuid, "size": d.size,
+            "model": d.model, "mount_point": str(mp) if mp else None,
+            "marker": marker_state(mp) if mp else None,
+            "approved": policy.is_approved(d.uuid, config.disks.approved, recorded),
+            "any_marked": config.disks.allow_any_marked,
+            "free_bytes": free, "free_bytes_at": free_at,
+        })
+    return rows

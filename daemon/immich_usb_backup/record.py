@@ -123,6 +123,7 @@ class RunRecord:
     disk_free_bytes: int | None = None  # the disk at the end of the run, when known
     disk_size_bytes: int | None = None
     notes: list[str] = field(default_factory=list)  # warnings that are not problems
+    health: dict[str, Any] | None = None  # the disk's SMART reading (health.HealthResult)
     # A random id, also written onto the disk (backup-info.toml) and never shown: proof
     # that a disk holds this server's backup (see trust.py)
     run_id: str = ""
@@ -159,7 +160,10 @@ class RunRecord:
 
     @property
     def finished_lines(self) -> list[str]:
-        return [line for r in self.steps.values() for line in r.finished_lines()]
+        lines = [line for r in self.steps.values() for line in r.finished_lines()]
+        if self.health and self.health.get("line"):
+            lines.append(f"Disk {self.health['line']}.")
+        return lines
 
     # the history's JSON --------------------------------------------------------------
 
@@ -187,6 +191,8 @@ class RunRecord:
             out["disk_size_bytes"] = self.disk_size_bytes
         if self.notes:
             out["notes"] = list(self.notes)
+        if self.health is not None:
+            out["health"] = self.health
         if self.run_id:
             out["run_id"] = self.run_id
         return {**out, **self.extra}
@@ -225,6 +231,7 @@ class RunRecord:
             disk_free_bytes=_count(data.get("disk_free_bytes")),
             disk_size_bytes=_count(data.get("disk_size_bytes")),
             notes=[str(n) for n in notes] if isinstance(notes, list) else [],
+            health=data["health"] if isinstance(data.get("health"), dict) else None,
             run_id=str(data.get("run_id") or ""),
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )

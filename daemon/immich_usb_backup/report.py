@@ -211,6 +211,8 @@ def disk_rows(disks: Sequence[DiskSummary], now: datetime,
             "files": "-" if d.files is None else f"{d.files:,}",
             "check": None if d.last_verify_at is None else
             {"when": _when(d.last_verify_at), "passed": bool(d.last_verify_passed)},
+            "late_text": "" if age is None else f"no backup for {plural(age, 'day')}",
+            "health": str((d.health or {}).get("line") or "-"),
         })
     return rows
 

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 
-from immich_usb_backup import approvals, overview, state
+from immich_usb_backup import approvals, clock, health, overview, state
 from immich_usb_backup.config import Config
 from immich_usb_backup.filecache import Signature, signature
 from immich_usb_backup.policy import normalise_uuid
@@ -51,8 +51,13 @@ class Follower:
         with self._lock:
             self._catch_up()
             # copies: the originals go on being folded under the lock
-            return sorted((dataclasses.replace(d) for d in self._summaries.values()),
-                          key=overview._newest_first)
+            out = sorted((dataclasses.replace(d) for d in self._summaries.values()),
+                         key=overview.newest_first)
+        kept = health.read_stored(self.path.parent, clock.now())
+        for d in out:
+            reading = kept.get(d.uuid.upper())
+            d.health = reading.to_dict() if reading is not None else None
+        return out
 
     def _catch_up(self) -> None:
         try:
@@ -112,4 +117,4 @@ class Follower:
             if run.disk.uuid:
                 summary = self._summaries.get(normalise_uuid(run.disk.uuid))
                 if summary is not None:
-                    overview._take(summary, run)  # the same fold as overview.disks
+                    overview.take(summary, run)  # the same fold as overview.disks
