@@ -189,9 +189,16 @@ def dump_name(when: datetime) -> str:
     return f"immich-db-backup-{when:%Y%m%dT%H%M%S}-v1.130.0-pg14.17.sql.gz"
 
 
-def write_dump(
-    folder: Path, when: datetime, body: bytes = b"-- PostgreSQL database dump complete\n"
-) -> Path:
+# An Immich database dump as small as one can be: its asset table, empty (a backup's asset
+# check reads it), and PostgreSQL's completeness line. tests/immich_db.py makes real ones.
+EMPTY_IMMICH_DUMP = (
+    b"--\n-- PostgreSQL database dump\n--\n\n"
+    b'COPY public.asset (id, "ownerId", "originalPath", checksum, "deletedAt", '
+    b'"isExternal", "isOffline") FROM stdin;\n\\.\n\n'
+    b"--\n-- PostgreSQL database dump complete\n--\n")
+
+
+def write_dump(folder: Path, when: datetime, body: bytes = EMPTY_IMMICH_DUMP) -> Path:
     path = folder / dump_name(when)
     with gzip.open(path, "wb") as f:
         f.write(body)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli
+from conftest import EMPTY_IMMICH_DUMP, ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli
 
 pytestmark = pytest.mark.exfat
 
 KEY = "s3cr3t-immich-api-key-4f1c2b9e"
-FRESH_BODY = b"-- PostgreSQL database dump\nSELECT 'fresh';\n-- PostgreSQL database dump complete\n"
+FRESH_BODY = EMPTY_IMMICH_DUMP.replace(b"\n\nCOPY", b"\nSELECT 'fresh';\n\nCOPY")
 
 
 @pytest.fixture(autouse=True)

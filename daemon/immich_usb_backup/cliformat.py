@@ -50,12 +50,15 @@ def format_verify(r: Any) -> str:
                          ("missing (listed, not on the disk)", r.missing),
                          ("unexpected (on the disk, not listed)", r.unexpected),
                          ("damaged dumps or archives", r.damaged),
+                         ("assets: problems", r.asset_problems),
                          ("manifest lines that cannot be read", r.bad_lines)):
         if found.count:
             lines.append(f"  {title}: {found.count}")
             lines += [f"    - {p}" for p in found.paths]
             if found.count > len(found.paths):
                 lines.append(f"    ... and {found.count - len(found.paths)} more")
+    if r.assets is not None:
+        lines.append(f"  {r.assets['line']}")
     if r.health is not None:
         lines.append(f"  {r.health['line']}")
     if r.drill is not None:

@@ -106,6 +106,18 @@ class ImmichConfig:
             example="http://127.0.0.1:2283",
         ),
     )
+    media_location: str | None = field(
+        default=None,
+        metadata=_doc(
+            "The prefix of the paths in Immich's database (`originalPath`): Immich's media "
+            "location as Immich sees it, `/data` on docker installs since 1.136, "
+            "`/usr/src/app/upload` before, `upload` in old dumps with relative paths, the "
+            "upload location itself without docker (NixOS). The asset check finds it from "
+            "the rows; set it when the check reports rows \"outside the upload location\".",
+            example="/data",
+            default_doc="found from the database's rows",
+        ),
+    )
     api_key_file: Path | None = field(
         default=None,
         metadata=_doc(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,9 +37,13 @@ def check(config: Config, disk: Disk, sample: float | None, status: StatusWriter
     root = find_backup_root(disk)
     report = Report({"uuid": disk.uuid, "label": disk.label,
                      "mount_point": str(disk.mount_point)}, sample_percent=sample)
-    dc = DiskCheck(config, root, report, status, stop, sample, disk.device)
-    for step in STEPS:
-        step.check_disk(dc)
+    work = Path(tempfile.mkdtemp(prefix="verify-", dir=config.state_dir))
+    try:
+        dc = DiskCheck(config, root, report, status, stop, sample, disk.device, work)
+        for step in STEPS:
+            step.check_disk(dc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 

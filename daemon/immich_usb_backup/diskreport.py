@@ -43,6 +43,8 @@ class Report:
     dumps_checked: int = 0
     archives_checked: int = 0
     damaged: Found = field(default_factory=Found)  # dumps and archives
+    assets: dict[str, Any] | None = None  # the asset check: its line and counts
+    asset_problems: Found = field(default_factory=Found)
     health: dict[str, Any] | None = None  # the disk's SMART reading (health.HealthResult)
     drill: DrillResult | None = None  # with --restore-drill
     last_drill: DrillOutcome | None = None  # the disk's last drill, kept in the state
@@ -52,7 +54,8 @@ class Report:
         if self.drill is not None and not self.drill.passed:
             return False
         return not any(f.count for f in (self.missing, self.changed, self.unreadable,
-                                         self.unexpected, self.bad_lines, self.damaged))
+                                         self.unexpected, self.bad_lines, self.damaged,
+                                         self.asset_problems))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -61,9 +64,11 @@ class Report:
             "checked_bytes": self.checked_bytes, "sample_percent": self.sample_percent,
             "dumps_checked": self.dumps_checked, "archives_checked": self.archives_checked,
         }
-        for name in ("missing", "changed", "unreadable", "unexpected", "bad_lines", "damaged"):
+        for name in ("missing", "changed", "unreadable", "unexpected", "bad_lines", "damaged",
+                     "asset_problems"):
             found: Found = getattr(self, name)
             out[name] = {"count": found.count, "paths": found.paths}
+        out["assets"] = self.assets
         out["health"] = self.health
         out["restore_drill"] = self.drill.as_dict() if self.drill else None
         out["last_restore_drill"] = asdict(self.last_drill) if self.last_drill else None

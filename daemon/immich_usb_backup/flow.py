@@ -234,7 +234,7 @@ async def _backup(ctx: RunContext, record: RunRecord, notifier: notify.Notifier,
         written = []
         for step in steps:
             result = await step.write()
-            record.steps[step.name] = result
+            record.steps[step.name] = ctx.results[step.name] = result
             written.append((step, result))
         for step, result in written:
             await step.finish(result)

@@ -32,17 +32,24 @@ def check(dc: DiskCheck) -> None:
         raise BackupError(
             f"{listing} does not exist: this disk has no manifest to check against yet. "
             "A backup with library.manifest = true (the default) writes it.")
-    work = Path(tempfile.mkdtemp(prefix="verify-", dir=dc.config.state_dir))
+    own = dc.work is None
+    work = Path(tempfile.mkdtemp(prefix="verify-", dir=dc.config.state_dir)) if own \
+        else dc.work
+    assert work is not None
     try:
         db = sqlite3.connect(work / "lists.sqlite")
         try:
             _compare_lists(dc, listing, db)
             _choose(db, dc.sample)
             _read_back(dc, db)
+            db.commit()
         finally:
             db.close()
+        if not own:  # the lists and what was read, for the asset check
+            dc.library_reads = work / "lists.sqlite"
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _walk_files(top: Path, excludes: Excludes) -> Iterator[tuple[str, int, bool]]:
@@ -70,6 +77,7 @@ def _compare_lists(dc: DiskCheck, listing: Path, db: sqlite3.Connection) -> None
         CREATE TABLE m (path TEXT PRIMARY KEY, digest TEXT NOT NULL) WITHOUT ROWID;
         CREATE TABLE d (path TEXT PRIMARY KEY, size INTEGER NOT NULL,
                         regular INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE r (path TEXT PRIMARY KEY, sha1 TEXT) WITHOUT ROWID;
     """)
     status.set_phase("verify", 0, "reading the manifest")
     for item in manifest.read(listing):
@@ -125,11 +133,14 @@ def _read_back(dc: DiskCheck, db: sqlite3.Connection) -> None:
     drop_device_cache(dc.device)  # read the disk, not what a FUSE driver left in memory
     buf = bytearray(BLOCK)
     mirror = dc.root / layout.LIBRARY
-    for rel, digest, _size in db.execute("SELECT path, digest, size FROM s ORDER BY path"):
+    for rel, digest, _size in db.execute("SELECT path, digest, size FROM s ORDER BY path"
+                                         ).fetchall():
         h = sha256_file(str(mirror / rel), rel, drop_cache=True, on_bytes=on_bytes,
                         stop=dc.stop, buf=buf)
         report.checked_files += 1
         report.checked_bytes += h.size
+        if h.sha1 is not None:  # read anyway: the asset check takes it (Immich's SHA-1)
+            db.execute("INSERT OR REPLACE INTO r VALUES (?, ?)", (rel, h.sha1))
         if h.digest is None:
             report.unreadable.add(f"{layout.LIBRARY}/{rel} ({h.error})")
         elif h.digest != digest:

@@ -82,7 +82,7 @@ def readme(steps: Sequence[type[Step]], info: dict[str, Any]) -> str:
     return README.format(
         version=__version__, host=socket.gethostname(),
         finished=str(info.get("finished_at", "")), status=info.get("status", "?"),
-        steps="\n".join(step.readme for step in steps))
+        steps="\n".join(step.readme for step in steps if step.readme))
 
 
 def write(root: BackupRoot, steps: Sequence[type[Step]], info: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ STALE_WINDOW_NS = 2 * MODIFY_WINDOW_NS  # exFAT keeps times in 10 ms or 2 s unit
 BATCH_FILES = 50_000
 PROBLEMS_KEPT = 100
 LOOKAHEAD_FOLDERS = 16  # folders listed ahead of the walk
+FILES_LIST = "files"  # in the run's work folder: every file of the mirror after the run
 # rsync's temporary name for NAME while it copies it (receiver.c: ".NAME.XXXXXX", the
 # X's from mkstemp): left in the mirror when an older version's rsync was killed
 _RSYNC_TEMP = re.compile(r"^\.(.+)\.[A-Za-z0-9]{6}$", re.DOTALL)
@@ -190,7 +191,7 @@ def scan(
     deletes_path = work_dir / "delete"
     files_out: BinaryIO | None = None
     if list_files:
-        plan.files_list = work_dir / "files"
+        plan.files_list = work_dir / FILES_LIST
         files_out = open(plan.files_list, "wb")  # noqa: SIM115 - closed below
     with open(deletes_path, "wb") as deletes:
         plan.delete_list = deletes_path

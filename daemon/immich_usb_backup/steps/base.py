@@ -47,6 +47,8 @@ class RunContext:
     mode: str
     cancel: threading.Event = field(default_factory=threading.Event)
     writing: bool = False  # set once the preflight passed and the disk is written to
+    # each step's result once it wrote, by name: a later step reads an earlier one's
+    results: dict[str, StepResult] = field(default_factory=dict)
 
     @property
     def disk_key(self) -> str:
@@ -72,6 +74,8 @@ class DiskCheck:
     stop: threading.Event
     sample: float | None = None
     device: str = ""
+    work: Path | None = None  # a scratch folder for the whole check (in the state dir)
+    library_reads: Path | None = None  # the library's check: what it read back (SQLite)
 
     def check_stop(self) -> None:
         if self.stop.is_set():
@@ -96,8 +100,8 @@ class Step(abc.ABC):
     ``preflight`` and ``write``."""
 
     name: ClassVar[str]
-    folder: ClassVar[str]  # its folder in the backup folder (a name of layout)
-    readme: ClassVar[str]  # its lines of README.txt's "What is here" (aligned as there)
+    folder: ClassVar[str | None] = None  # its folder in the backup folder (layout's name)
+    readme: ClassVar[str] = ""  # its lines of README.txt's "What is here" (aligned)
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
