@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from immich_usb_backup import __version__, history
 from immich_usb_backup.cliformat import (
@@ -433,31 +433,9 @@ def cmd_remind(config: Config, args: argparse.Namespace) -> int:
 
 # check -------------------------------------------------------------------------------
 
-def environment_problems(config: Config) -> list[str]:
-    """Every problem of the environment that would stop or weaken a backup: each enabled
-    step's (``Step.check``), the notification URLs', the state dir's."""
-    import asyncio  # noqa: PLC0415 - see cmd_run
-
-    from immich_usb_backup.notify import url_problems  # noqa: PLC0415 - apprise is heavy
-    from immich_usb_backup.steps import STEPS  # noqa: PLC0415 - not for status
-
-    async def steps() -> list[str]:
-        found: list[str] = []
-        for step in STEPS:
-            if step.enabled(config):
-                found += await step.check(config)
-        return found
-
-    problems = asyncio.run(steps())
-    problems += url_problems(config.notify)
-    state = config.state_dir
-    probe = state if state.exists() else next((p for p in state.parents if p.exists()), None)
-    if probe is None or not os.access(probe, os.W_OK):
-        problems.append(f"state.dir: {state} cannot be created or written by this user")
-    return problems
-
-
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    from immich_usb_backup.checkenv import environment_problems  # noqa: PLC0415
+
     problems = environment_problems(config)
     if problems:
         print(f"{plural(len(problems), 'problem')} with {config.source}:")
@@ -521,10 +499,14 @@ def cmd_disks(config: Config, args: argparse.Namespace) -> int:
         return cmd_disks_all(config, args)
     import asyncio  # noqa: PLC0415 - see cmd_run
 
-    from immich_usb_backup import overview  # noqa: PLC0415
+    from immich_usb_backup import (  # noqa: PLC0415
+        clock,
+        health,
+        overview,
+    )
 
     rows = overview.plugged(config)
-    asyncio.run(_read_health(config, rows))
+    asyncio.run(health.read_plugged(rows, config.health, config.state_dir, clock.now()))
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -533,21 +515,6 @@ def cmd_disks(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     print(format_disks(rows))
     return EXIT_OK
-
-
-async def _read_health(config: Config, rows: list[dict[str, Any]]) -> None:
-    """Each plugged disk's health, read now without waking a sleeping disk and without
-    keeping it (the next backup compares and warns)."""
-    from immich_usb_backup import clock, health  # noqa: PLC0415
-
-    at = clock.now()
-    for row in rows:
-        if row["uuid"]:
-            result = await health.check(health.Disk(row["device"], row["uuid"],
-                                                    row["label"] or ""),
-                                        config.health, config.state_dir, at, awake=False,
-                                        store=False)
-            row["health"] = None if result is None else result.to_dict()
 
 
 def cmd_approve(config: Config, args: argparse.Namespace) -> int:

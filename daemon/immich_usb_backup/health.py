@@ -300,6 +300,18 @@ async def check(disk: Disk, config: HealthConfig, state_dir: Path, at: datetime,
     return HealthResult(disk, outcome, previous, verdict)
 
 
+async def read_plugged(rows: list[dict[str, Any]], config: HealthConfig, state_dir: Path,
+                       at: datetime) -> None:
+    """``disks``: each plugged disk's health (``rows`` as ``overview.plugged`` gives them,
+    each given its ``health``), read now without waking a sleeping disk and without
+    keeping it (the next backup compares and warns)."""
+    for row in rows:
+        if row["uuid"]:
+            result = await check(Disk(row["device"], row["uuid"], row["label"] or ""),
+                                 config, state_dir, at, awake=False, store=False)
+            row["health"] = None if result is None else result.to_dict()
+
+
 def _load(state_dir: Path, at: datetime) -> dict[str, Any]:
     return state.read_toml_or_empty(state_dir, state.HEALTH, at=at)
 

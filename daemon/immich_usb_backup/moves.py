@@ -1,32 +1,12 @@
 """Files Immich moved: found in the plan, renamed on the disk instead of copied again.
 
-Immich moves files with ``rename()``: when the storage template is turned on or changed,
-after metadata extraction, when a date is edited, with ``{{album}}`` templates when albums
-change. The scan sees each move as a file P gone from the library and a new file Q. Copied
-again, a 1 TB library would need 1 TB written and 1 TB more in the keep area, and the
-deletion guard would refuse the run; renamed on the disk, it costs a rename per file.
-
-``find`` (in the preflight, reading only) pairs them. The evidence for "Q is P moved":
-- Q has the same size and the same modification time, to the nanosecond, as the hash
-  cache recorded for P (``rename()`` keeps both), and no other gone file matches: taken
-  without reading anything;
-- otherwise (several gone files match, or nothing is recorded for P): Q is read once on
-  the server and its SHA-256 compared with P's (from the cache, or from the disk's
-  manifest when that is up to date).
-P's copy on the disk must be that recorded version (its size, its time within exFAT's
-window): a copy missing or differing is not renamed, Q is copied as usual.
-
-The pairs are taken out of the copy lists and the delete list (and marked as already on
-the disk in the files list), and the plan's numbers follow: the capacity check counts
-only what is really written, the deletion guard only what is really deleted. ``apply``
-(in the write phase, before anything is deleted or copied) renames each P to Q inside
-``library/`` (both checked after resolving links), gives Q the server's time when it
-differs, and records Q's digest in the hash cache, so the manifest follows without
-hashing the file again. A run killed half-way leaves some files renamed and some not:
-the next run's scan sees the renamed ones as unchanged and pairs the rest again.
-
-Everything streams through a SQLite file in the run's work folder: no list of all files
-is held in memory.
+``find`` (in the preflight, reading only) pairs the scan's gone files with its new ones:
+the same size and nanosecond time as the hash cache recorded (``rename()`` keeps both),
+unique, else the same SHA-256; the pairs leave the copy and delete lists, so the
+capacity check and the deletion guard count only real writes and deletions. ``apply``
+(first in the write phase) renames each on the disk inside ``library/`` and gives the
+new path its digests in the cache. Everything streams through a SQLite file in the
+run's work folder. docs/design.md ("Moves found by our code") says why.
 """
 
 from __future__ import annotations
