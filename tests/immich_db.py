@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
+from helpers import need
 
 PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
                  key=lambda p: [int(n) for n in re.findall(r"\d+", p.parts[-3])])

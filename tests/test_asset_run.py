@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from conftest import ExfatDisk, LoopWatch, Server, run_cli
+from helpers import ExfatDisk, LoopWatch, Server, run_cli
 from immich_db import Asset, Postgres, immich_db, postgres, sha1  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.exfat
@@ -83,7 +83,7 @@ def test_a_backup_and_verify_prove_the_database_and_the_photos_agree_and_name_wh
 def test_a_dump_without_an_asset_table_is_a_named_problem_not_a_crash(
     make_exfat: Callable[..., ExfatDisk], server: Server,
 ) -> None:
-    from conftest import write_dump
+    from helpers import write_dump
 
     for old in (server.upload / "backups").glob("*.sql.gz"):
         old.unlink()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_ASSETS, need
+from helpers import SAMPLE_ASSETS, need
 from immich_db import (
     USER_ID,
     Asset,

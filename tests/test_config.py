@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from immich_usb_backup import config as cfgmod
 from immich_usb_backup.config import (
     CONFIG_ENV,

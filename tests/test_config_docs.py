@@ -19,7 +19,7 @@ from types import ModuleType
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from immich_usb_backup.config import SECTIONS, parse_config, schema_keys
 
 TOOL = REPO / "tools" / "config-docs"

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import need
+from helpers import need
 from immich_usb_backup import control
 from immich_usb_backup.control import ControlClient, ControlError, ControlServer
 

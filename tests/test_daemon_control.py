@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import stack as st
-from conftest import Server
+from helpers import Server
 from immich_usb_backup import history
 from immich_usb_backup.control import ControlClient
 from test_daemon_e2e import plugs, uuid_of  # noqa: F401 - the fixture: disks pulled at the end

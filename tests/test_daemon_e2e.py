@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import stack as st
-from conftest import LoopWatch, Server, note_loop_blocks, run_cli, tree
+from helpers import LoopWatch, Server, note_loop_blocks, run_cli, tree
 from immich_usb_backup import history
 
 

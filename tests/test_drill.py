@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 import test_restore as restore
-from conftest import ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli
+from helpers import ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli
 from immich_usb_backup import drill, report, state
 from immich_usb_backup.record import RunRecord
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import stack as st
-from conftest import REPO, Server, mount_exfat, need, unmount
+from helpers import REPO, Server, mount_exfat, need, unmount
 
 GUIDE = REPO / "docs" / "first-disk.md"
 MICROSOFT_BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"  # GPT type of an exFAT partition

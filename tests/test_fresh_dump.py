@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EMPTY_IMMICH_DUMP, ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli
+from helpers import EMPTY_IMMICH_DUMP, ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli
 
 pytestmark = pytest.mark.exfat
 

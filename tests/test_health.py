@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import stack as st
-from conftest import LoopWatch, need
+from helpers import LoopWatch, need
 from immich_usb_backup import clock, health, smartctl, state
 from immich_usb_backup.config import HealthConfig, parse_config
 from immich_usb_backup.errors import ConfigError
@@ -489,7 +489,7 @@ def test_real_smartctl_on_a_loop_device_is_not_reported(tmp_path: Path) -> None:
 def test_a_disk_whose_readings_got_worse_is_told_through_a_whole_run(
     make_exfat: Any, server: Any, tmp_path: Path
 ) -> None:
-    from conftest import run_cli
+    from helpers import run_cli
     from test_notify import Hook, notify_config
 
     # the same drive, earlier and still healthy: the failing capture with its counters at 0
@@ -539,7 +539,7 @@ def test_a_disk_whose_readings_got_worse_is_told_through_a_whole_run(
 def test_a_disk_without_health_data_says_so_and_the_run_succeeds(
     make_exfat: Any, server: Any, tmp_path: Path
 ) -> None:
-    from conftest import run_cli
+    from helpers import run_cli
 
     if shutil.which("smartctl") is None:
         pytest.fail("smartctl (smartmontools) is not installed: tools/setup installs it")

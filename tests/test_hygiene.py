@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LoopWatch, MachineState, Mount, Proc, blocked_callback
+from helpers import LoopWatch, MachineState, Mount, Proc, blocked_callback
 
 pytest_plugins = ["pytester"]
 
@@ -130,7 +130,8 @@ BLOCKING = {BLOCKING!r}
 def test_runs_a_blocking_program():
     # the environment of the test (PYTHONASYNCIODEBUG=1) goes to the subprocess
     r = subprocess.run([sys.executable, "-c", BLOCKING], capture_output=True, text=True)
-    suite_conftest.note_loop_blocks("the program", r.stderr)
+    import helpers
+    helpers.note_loop_blocks("the program", r.stderr)
 
 @pytest.mark.usefixtures("no_blocked_loop")
 def test_blocks_its_own_loop():

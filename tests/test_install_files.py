@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import stack as st
-from conftest import REPO, need
+from helpers import REPO, need
 
 # The real stack (dbus, udevd, UDisks2), module-scoped, and plugged disks pulled at the end.
 from test_daemon_e2e import plugs  # noqa: F401 - a fixture for pytest

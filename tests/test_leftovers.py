@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli, tree
+from helpers import ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli, tree
 from immich_usb_backup import execute
 from immich_usb_backup.errors import Refused
 from immich_usb_backup.lock import backup_lock, is_running

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ExfatDisk, LoopWatch, Server, run_cli, tree
+from helpers import ExfatDisk, LoopWatch, Server, run_cli, tree
 
 pytestmark = pytest.mark.exfat
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, need
+from helpers import REPO, need
 from immich_usb_backup.cli import build_parser
 from immich_usb_backup.config import schema_keys
 

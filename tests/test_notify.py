@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ExfatDisk, Server, run_cli
+from helpers import ExfatDisk, Server, run_cli
 from immich_usb_backup import masking, messages, notify
 from immich_usb_backup.config import Event, NotifyConfig, parse_config
 from immich_usb_backup.errors import ConfigError
@@ -435,7 +435,7 @@ def test_files_holding_notification_urls_stay_off_the_disk(
 def test_a_disk_detached_by_the_run_is_unmounted_before_the_finished_message(
     make_exfat, server: Server, hook: Hook
 ) -> None:
-    from conftest import unmount
+    from helpers import unmount
     from immich_usb_backup import flow
     from immich_usb_backup.config import load_config
 

@@ -18,7 +18,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from conftest import REPO
+from helpers import REPO
 
 PYPROJECT = REPO / "pyproject.toml"
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from conftest import LoopWatch, Server, run_cli
+from helpers import LoopWatch, Server, run_cli
 from immich_usb_backup import overview
 from immich_usb_backup.config import load_config
 from test_notify import Hook, notify_config

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, need, run_cli
+from helpers import REPO, need, run_cli
 from immich_usb_backup import history, report
 from immich_usb_backup.record import RunRecord
 from immich_usb_backup.text import human_bytes

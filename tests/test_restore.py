@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, ExfatDisk, Server, need, run_cli, tree
+from helpers import REPO, ExfatDisk, Server, need, run_cli, tree
 
 GUIDE = REPO / "docs" / "restore.md"
 # Immich's documented fix (IMMICH.md): every psql pipeline in the guide uses exactly this

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli, tree, write_dump
+from helpers import ExfatDisk, LoopWatch, Server, note_loop_blocks, run_cli, tree, write_dump
 
 pytestmark = pytest.mark.exfat
 
@@ -261,7 +261,7 @@ def test_without_the_keep_area_deletions_are_final(make_exfat, server: Server) -
 def test_old_dumps_and_archives_are_pruned_to_keep(make_exfat, server: Server) -> None:
     from datetime import datetime, timedelta
 
-    from conftest import write_dump
+    from helpers import write_dump
 
     disk = make_exfat()
     for days in range(1, 5):
@@ -319,7 +319,7 @@ def test_a_folder_inside_the_disk_is_not_a_target(make_exfat, server: Server) ->
 
 
 def test_a_disk_that_is_not_exfat_is_refused(tmp_path: Path, server: Server) -> None:
-    from conftest import need
+    from helpers import need
 
     need(os.geteuid() == 0, "needs root to mount a tmpfs")
     mnt = tmp_path / "tmpfs"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ExfatDisk, Server, run_cli, tree
+from helpers import ExfatDisk, Server, run_cli, tree
 from immich_usb_backup.hashcache import CACHE_NAME, Digests, HashCache
 from immich_usb_backup.hashing import BLOCK, sha256_file
 from immich_usb_backup.rsync import CopyHasher

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server, run_cli
+from helpers import Server, run_cli
 from immich_usb_backup import approvals, overview, state, trust
 from immich_usb_backup.trust import DiskFacts
 

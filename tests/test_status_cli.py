@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import Server, run_cli
+from helpers import Server, run_cli
 
 pytestmark = pytest.mark.exfat
 

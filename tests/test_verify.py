@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ExfatDisk, Server, run_cli, tree
+from helpers import ExfatDisk, Server, run_cli, tree
 
 pytestmark = pytest.mark.exfat
 

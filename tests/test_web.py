@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import run_cli
+from helpers import run_cli
 from immich_usb_backup import clock, history
 from immich_usb_backup.config import Config, parse_config
 from immich_usb_backup.control import ControlServer

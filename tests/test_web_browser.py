@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import stack as st
-from conftest import REPO, LoopWatch, Server, need
+from helpers import REPO, LoopWatch, Server, need
 from immich_usb_backup import history
 from immich_usb_backup.web import security
 from test_daemon_e2e import plugs  # noqa: F401 - the fixture: disks pulled at the end

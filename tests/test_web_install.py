@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, need
+from helpers import REPO, need
 from immich_usb_backup.cli import build_parser
 from immich_usb_backup.config import parse_config
 from immich_usb_backup.errors import ConfigError

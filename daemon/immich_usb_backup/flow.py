@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,8 @@ Detach = Callable[[], Awaitable[DiskState]]
 async def run_backup(
     config: Config, target: Path, *, trigger: str = "cli", mode: str | None = None,
     detach: Detach | None = None, key_required: bool = False,
+    steps: Sequence[type[Step]] = STEPS,
+    inspect: Callable[[Path], Awaitable[Disk]] = inspect_mount,
 ) -> RunRecord:
     """Back up onto the exFAT file system mounted at ``target``; return the run's record.
 
@@ -82,7 +84,8 @@ async def run_backup(
     key does not match is refused (the daemon, a timer); else (a disk a person named)
     only warned about. The record is appended to the history whatever the outcome, with
     the outcome of each notification. Cancellation (Ctrl-C, SIGTERM) stops rsync, is
-    recorded as ``interrupted`` and then propagates.
+    recorded as ``interrupted`` and then propagates. ``steps`` and ``inspect`` (what tells
+    the mounted disk) are the real ones but in tests that drive the flow without a disk.
     """
     record = RunRecord.begin(trigger, mode or config.library.mode, str(target), clock.now())
     problems = Problems()
@@ -94,7 +97,7 @@ async def run_backup(
         with backup_lock(config.state_dir):
             ctx: RunContext | None = None
             try:
-                disk = await inspect_mount(target)
+                disk = await inspect(target)
                 record.disk = DiskRef(disk.uuid, disk.label)
                 root = BackupRoot(await asyncio.to_thread(find_backup_root, disk))
                 check_no_overlap(
@@ -104,6 +107,7 @@ async def run_backup(
                                                  key_required)
                 ctx = await asyncio.to_thread(_context, config, disk, root, problems,
                                               record.started, record.mode)
+                ctx.steps = tuple(cls for cls in steps if cls.enabled(config))
                 await _backup(ctx, record, notifier, accept)
                 record.status = "partial" if len(problems) else "success"
             except asyncio.CancelledError:
@@ -213,7 +217,7 @@ async def _backup(ctx: RunContext, record: RunRecord, notifier: notify.Notifier,
     """The steps, one phase across all of them at a time: prepare, preflight (any
     refusal happens before anything is written), write, finish. ``accept`` (the disk's
     key) runs once the run may write."""
-    steps: list[Step] = [cls(ctx) for cls in STEPS if cls.enabled(ctx.config)]
+    steps: list[Step] = [cls(ctx) for cls in ctx.steps]
     try:
         for step in steps:
             await step.prepare()
@@ -283,7 +287,7 @@ def _write_notes(ctx: RunContext, record: RunRecord) -> None:
     into a laptop sees it; this run as it stands, its notifications are recorded only
     in the state dir), then sync."""
     status = record.status
-    if status in ("success", "partial") and len(record.steps) < _enabled_steps(ctx.config):
+    if status in ("success", "partial") and len(record.steps) < len(ctx.steps):
         status = "failed"
     info: dict[str, Any] = {
         "run_id": record.run_id,  # proof that this server wrote here (trust.py)
@@ -298,16 +302,12 @@ def _write_notes(ctx: RunContext, record: RunRecord) -> None:
     }
     for result in record.steps.values():
         info.update(result.disk_info())
-    notes.write(ctx.root, [cls for cls in STEPS if cls.enabled(ctx.config)], info)
+    notes.write(ctx.root, ctx.steps, info)
     atomic_write_bytes(ctx.root, ctx.root.path(layout.PAGE),
                        page.render(ctx.config, current=record).encode("utf-8"))
     log.debug("notes written; syncing")
     os.sync()
     log.debug("synced")
-
-
-def _enabled_steps(cfg: Config) -> int:
-    return sum(cls.enabled(cfg) for cls in STEPS)
 
 
 async def _append_history(config: Config, record: RunRecord,

@@ -49,6 +49,7 @@ class RunContext:
     writing: bool = False  # set once the preflight passed and the disk is written to
     # each step's result once it wrote, by name: a later step reads an earlier one's
     results: dict[str, StepResult] = field(default_factory=dict)
+    steps: tuple[type[Step], ...] = ()  # the run's steps, enabled ones, in their order
 
     @property
     def disk_key(self) -> str:
