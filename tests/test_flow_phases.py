@@ -29,11 +29,13 @@ from immich_usb_backup.steps import Preflight, Step
 from immich_usb_backup.target import Disk
 
 CALLS: list[str] = []
+HANGING = asyncio.Event()  # set by a step that hangs (in the test's one event loop)
 
 
 @pytest.fixture(autouse=True)
 def _calls() -> Iterator[None]:
     CALLS.clear()
+    HANGING.clear()
     yield
     CALLS.clear()
 
@@ -59,6 +61,7 @@ class Logged(Step):
     async def _phase(self, phase: str) -> None:
         CALLS.append(f"{self.name}.{phase}")
         if self.hang_in == phase:
+            HANGING.set()
             await asyncio.Event().wait()
         if self.fail_in == phase:
             raise BackupError(f"{self.name} failed in {phase}")
@@ -201,8 +204,7 @@ def test_close_runs_after_cancellation_and_the_run_is_interrupted(
 
         task = asyncio.create_task(flow.run_backup(config, mount, steps=(First, Hanging),
                                                    inspect=inspect))
-        while "hanging.write" not in CALLS:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(HANGING.wait(), 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
