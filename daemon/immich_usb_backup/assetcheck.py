@@ -14,7 +14,7 @@ Two plain steps over streams, memory bounded:
    SHA-1 if known), a chunk of paths at a time; the outcome (``AssetCheck``) is counts,
    one summary line and the problems, each file named (the first ``keep`` of a kind).
 
-See docs/asset-check.md for what the check proves and what it cannot.
+docs/usage.md ("The asset check") says what it proves and what it cannot.
 """
 
 from __future__ import annotations

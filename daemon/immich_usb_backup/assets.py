@@ -12,7 +12,7 @@ stdin;`` blocks: a cluster dump (``pg_dumpall``, up to 2.4) and a database dump
 (``pg_dump``, 2.5+). Columns are found by name in the block's header; values are decoded
 as COPY's text format defines them. After the rows, ``DumpReader.problems`` names what
 kept the reader from a full answer (no asset table, rows it could not read, a block cut
-short). See docs/asset-check.md.
+short). See docs/usage.md, "The asset check".
 """
 
 from __future__ import annotations

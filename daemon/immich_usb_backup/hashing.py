@@ -3,7 +3,7 @@ parallel.
 
 A file is never held in memory: it is read into one reused buffer of ``BLOCK`` bytes at a
 time, and both digests are taken in that one read: SHA-256 for the manifest, SHA-1 because
-it is the checksum Immich records for each original (see docs/asset-check.md).
+it is the checksum Immich records for each original (see docs/usage.md, "The asset check").
 ``hashlib`` releases the GIL while it hashes a block, so two threads (one reading the
 server's copy, one the disk's) keep two cores busy.
 
