@@ -26,7 +26,7 @@ import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from immich_usb_backup import (
     approvals,
@@ -60,6 +60,9 @@ from immich_usb_backup.target import (
     marker_state,
 )
 from immich_usb_backup.udisks import BlockInfo, UDisks, UDisksError, mounted
+
+if TYPE_CHECKING:
+    from immich_usb_backup.devices import BlockDevice
 
 log = logging.getLogger(__name__)
 
@@ -502,19 +505,25 @@ async def record_state_damage(config: Config, trigger: str) -> list[str]:
     return told
 
 
+def _block_devices() -> list[BlockDevice]:
+    """In a thread: udev's block devices (pyudev is imported here, not on the loop: its
+    import alone takes about 0.1 s)."""
+    from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415 - pyudev
+
+    return list_block_devices()
+
+
 async def backup_approved(config: Config, *, trigger: str,
                           mode: str | None = None) -> list[RunRecord]:
     """Back up onto every approved USB exFAT disk connected now, one after another (a
     timer's job, for a disk left plugged in). Return their history records: none when no
     approved disk is connected. Only disks approved by UUID count here; `allow_any_marked`
     does not make a timer look inside every disk."""
-    from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415 - pyudev
-
     try:
         recorded = await asyncio.to_thread(approvals.approved_uuids, config.state_dir)
     except state.StateDamaged as exc:  # never a run on half-read approvals
         return [await _record_simple(config, "refused", "", None, None, trigger, str(exc))]
-    disks = [d for d in await asyncio.to_thread(list_block_devices)
+    disks = [d for d in await asyncio.to_thread(_block_devices)
              if policy.is_candidate(d.bus, d.fs_type, d.devtype, d.usb_driver)
              and policy.is_approved(d.uuid, config.disks.approved, recorded)]
     if not disks:
