@@ -42,7 +42,8 @@ VECTORS_ERROR = 'ERROR:  extension "vectors" is not available'
 CLUSTER_ERRORS = {VECTORS_ERROR, "ERROR:  current user cannot be dropped",
                   'ERROR:  role "postgres" already exists'}
 
-# Immich before the tables were renamed (1.x): plural names
+# Immich before the tables were renamed (1.x): plural names. Its photos are offline (their
+# files are not on the sample server): a backup's asset check counts them, skipped.
 OLD_SCHEMA = """
 SET ROLE immich;
 CREATE TABLE users (id uuid PRIMARY KEY, email varchar NOT NULL, name varchar NOT NULL);
@@ -50,7 +51,9 @@ CREATE TABLE assets (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
   "ownerId" uuid NOT NULL REFERENCES users(id),
   "originalPath" text NOT NULL,
-  "originalFileName" varchar NOT NULL
+  "originalFileName" varchar NOT NULL,
+  checksum bytea NOT NULL DEFAULT decode('da39a3ee5e6b4b0d3255bfef95601890afd80709', 'hex'),
+  "isOffline" boolean NOT NULL DEFAULT true
 );
 CREATE TABLE albums (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),

@@ -355,4 +355,4 @@ def test_dump_on_the_disk_is_a_complete_gzip_stream(make_exfat, server: Server) 
     assert backup(server, disk).returncode == 0
     dump = next((disk.marker / "database").glob("*.sql.gz"))
     with gzip.open(dump) as f:
-        assert f.read().rstrip().endswith(b"dump complete")
+        assert f.read().rstrip().endswith(b"dump complete\n--")
