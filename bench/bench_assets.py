@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -43,6 +42,8 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from bench_verify import peak_rss_kib  # the folder of this script is first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -196,14 +197,6 @@ def gunzip_chunks(path: Path, size: int = 1 << 18) -> Iterator[bytes]:
                 data += d.decompress(rest)
             if data:
                 yield data
-
-
-def peak_rss_kib() -> int:
-    """VmHWM: this process image's own peak (see bench_verify.py)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def worker(spec_path: str) -> int:

@@ -22,6 +22,7 @@ from immich_usb_backup.hashing import BLOCK, drop_device_cache, sha256_file
 from immich_usb_backup.lister import list_dir
 from immich_usb_backup.scan import Excludes
 from immich_usb_backup.steps.base import DiskCheck
+from immich_usb_backup.text import plural
 
 
 def check(dc: DiskCheck) -> None:
@@ -122,13 +123,8 @@ def _read_back(dc: DiskCheck, db: sqlite3.Connection) -> None:
     total_files, total_bytes = db.execute("SELECT count(*), coalesce(sum(size), 0) "
                                           "FROM s").fetchone()
     dc.status.set_phase("verify", total_bytes,
-                        f"reading {total_files} files back from the disk")
-    done = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        dc.status.progress(done)
+                        f"reading {plural(total_files, 'file')} back from the disk")
+    on_bytes = dc.status.counter()
 
     drop_device_cache(dc.device)  # read the disk, not what a FUSE driver left in memory
     buf = bytearray(BLOCK)

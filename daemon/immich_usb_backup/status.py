@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,19 @@ class StatusWriter:
         self._rate = 0.0
         self._rate_at = (time.monotonic(), 0)
         self.write(force=True)
+
+    def counter(self, check: Callable[[], None] | None = None) -> Callable[[int], None]:
+        """A function to give the bytes of each block as work goes: they add up to the
+        phase's progress. ``check`` is called first each time (a run's ``check_cancel``)."""
+        done = 0
+
+        def add(n: int) -> None:
+            nonlocal done
+            if check is not None:
+                check()
+            done += n
+            self.progress(done)
+        return add
 
     def progress(self, bytes_done: int, detail: str | None = None) -> None:
         now = time.monotonic()

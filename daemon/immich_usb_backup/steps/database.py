@@ -112,13 +112,7 @@ class DatabaseStep(Step):
         found = sorted(folder.glob("*.sql.gz")) if folder.is_dir() else []
         check.status.set_phase("verify", sum(p.stat().st_size for p in found),
                                f"reading {plural(len(found), 'database dump')} to the end")
-        done = 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal done
-            done += n
-            check.status.progress(done)
-
+        on_bytes = check.status.counter()
         for dump in found:
             why = dumps.check(dump, on_bytes, check.check_stop)
             check.report.dumps_checked += 1
@@ -319,14 +313,7 @@ async def run(ctx: RunContext, dump: DumpPlan) -> DatabaseResult:
     if dump.needs_copy:
         size = dump.size
         ctx.status.set_phase("database", size, dump.name)
-        done = 0
-
-        def progress(n: int) -> None:
-            nonlocal done
-            ctx.check_cancel()
-            done += n
-            ctx.status.progress(done)
-
+        progress = ctx.status.counter(ctx.check_cancel)
         source = dump.source
         try:
             if dump.compress:
