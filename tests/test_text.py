@@ -13,15 +13,18 @@ from typing import Any
 import pytest
 
 from immich_usb_backup import cliformat, messages, overview, report, text
+from immich_usb_backup.assetcheck import AssetCheck
 from immich_usb_backup.drill import DrillOutcome
 from immich_usb_backup.history import format_table
 from immich_usb_backup.record import RunRecord
+from immich_usb_backup.steps.assets import AssetsResult
 from immich_usb_backup.steps.database import DatabaseResult
 from immich_usb_backup.steps.library import LibraryResult
 
 NOW = datetime(2026, 12, 1, 0, 6, tzinfo=timezone(timedelta(hours=1)))
 NOUNS = ("file", "day", "dump", "archive", "problem", "run", "service", "disk", "entry",
-         "copy", "folder", "minute", "hour", "second", "reminder", "byte")
+         "copy", "folder", "minute", "hour", "second", "reminder", "byte", "sector", "asset",
+         "path", "error")
 _PLURAL = "|".join(text.plural_of(n) for n in NOUNS)
 _SINGULAR = "|".join(NOUNS)
 WRONG = [
@@ -50,6 +53,8 @@ def record(n: int) -> RunRecord:
     r = RunRecord.begin("plug", "verify", "/media/backup", NOW)
     r.disk.uuid, r.disk.label = "6F5F-FDC3", "Backup"
     r.steps["database"] = DatabaseResult(files=n, bytes=n * 1000, dump="d.sql.gz")
+    r.steps["assets"] = AssetsResult(line=AssetCheck(originals=n, on_disk=n, matched=n,
+                                                     not_read=n, trashed=n).line())
     r.steps["library"] = LibraryResult(
         files=n, bytes=n, moved=n, deleted=n, kept=n, keep_day="2026-12-01", keep_days=n,
         source_files=n, compared=n, changed_while_copied=n, leftovers=n)
@@ -69,6 +74,8 @@ def test_every_message_and_summary_says_counts_in_the_right_number(n: int) -> No
         messages.needs_approval("Backup", "6F5F-FDC3", "/dev/sdb1", "approve", end),
         messages.reminder(f"No backup for {text.plural(n, 'day')}", n),
         messages.state_damaged("the state file x was damaged"),
+        messages.disk_health("Backup", "6F5F-FDC3", f"Backup: {text.plural(n, 'sector')} "
+                             f"reallocated since 2026-11-30 ({n} before)"),
     ]
     lines = [f"{m.title}\n{m.body}" for m in shown]
     lines.append(cliformat.format_summary(r))
