@@ -57,6 +57,7 @@ from types import FrameType
 from typing import IO, Any
 
 from immich_usb_backup import history
+from immich_usb_backup.text import plural
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -190,12 +191,22 @@ def dump_name(when: datetime) -> str:
     return f"immich-db-backup-{when:%Y%m%dT%H%M%S}-{IMMICH_VERSION}.sql.gz"
 
 
-def write_dump(folder: Path, when: datetime) -> Path:
+def write_dump(folder: Path, when: datetime, photos: list[Path], upload: Path) -> Path:
+    """A dump of Immich's database as pg_dump writes it, with what a backup checks in it:
+    the asset table, a row for each photo (its path inside Immich's container, /data,
+    and the SHA-1 Immich recorded at upload)."""
     path = folder / dump_name(when)
+    rows = "".join(
+        f"{uuid.UUID(hashlib.sha256(str(p).encode()).hexdigest()[:32])}\t"
+        f"/data/{p.relative_to(upload)}\t\\\\x{hashlib.sha1(p.read_bytes()).hexdigest()}\t"  # noqa: S324
+        "\\N\tf\n" for p in photos)
     sql = (
         "--\n-- PostgreSQL database dump (immich-usb-backup demo sample)\n--\n"
         "SET statement_timeout = 0;\nSET client_encoding = 'UTF8';\n"
-        "CREATE TABLE public.assets (id uuid PRIMARY KEY, \"originalPath\" text);\n"
+        "CREATE TABLE public.asset (id uuid PRIMARY KEY, \"originalPath\" text, checksum "
+        "bytea, \"deletedAt\" timestamptz, \"isOffline\" boolean);\n"
+        'COPY public.asset (id, "originalPath", checksum, "deletedAt", "isOffline") FROM '
+        f"stdin;\n{rows}\\.\n\n"
         f"-- dumped at {when.isoformat(timespec='seconds')}\n"
         "--\n-- PostgreSQL database dump complete\n--\n"
     )
@@ -227,8 +238,8 @@ def build_server(root: Path) -> SampleServer:
     (profile / f"{uuid.UUID(int=rng.getrandbits(128), version=4)}.png").write_bytes(
         make_png(rng, 64, 64, 16)
     )
-    write_dump(upload / "backups", now - timedelta(days=1))
-    write_dump(upload / "backups", now - timedelta(minutes=5))
+    write_dump(upload / "backups", now - timedelta(days=1), srv.photos, upload)
+    write_dump(upload / "backups", now - timedelta(minutes=5), srv.photos, upload)
 
     srv.etc.mkdir()
     (srv.etc / "immich-config.json").write_text(
@@ -382,10 +393,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def summary_line(root: Path) -> str:
@@ -877,9 +884,11 @@ def approve_disk(s: Session, config: Path, checks: Checks) -> str:
     checks.check(rc == 0 and plug.device in out, "`disks` lists the plugged-in disk")
     say()
     rc, out = cli("approve", plug.device, config=config, capture=True)
-    checks.check(rc == 0 and f"uuid {uuid_}".lower() in out.lower(),
-                 "`approve` approved it (it looked for the folder read-only, recorded the "
-                 "UUID and unmounted it again)", f"exit code {rc}")
+    checks.check(rc == 0 and f"uuid {uuid_}".lower() in out.lower()
+                 and "disk-key.txt" in out,
+                 "`approve` approved it (it looked for the folder read-only, wrote the disk's "
+                 "key into it, recorded the UUID and the key's hash, unmounted it again)",
+                 f"exit code {rc}")
     s.pull_out(plug)
     say(f"pulled the disk out ({plug.device} is gone)")
     return uuid_
@@ -908,6 +917,8 @@ def change_library(srv: SampleServer) -> tuple[list[Path], Path]:
     gone = srv.photos[5]
     gone.unlink()
     srv.photos.remove(gone)
+    # Immich's nightly dump after the change: the new photos in it, the deleted one gone
+    write_dump(srv.upload / "backups", now - timedelta(seconds=30), srv.photos, srv.upload)
     say("3 new photos uploaded:")
     for p in added:
         say(f"  + {p.relative_to(srv.upload)}")
@@ -1084,6 +1095,12 @@ def check_dump_and_config(srv: SampleServer, found: OnDisk, checks: Checks) -> N
     in_zip = {Path(n).name for n in found.zip_names}
     checks.check(bool(found.zips) and want <= in_zip,
                  "the config archive holds immich-config.json, docker-compose.yml and .env")
+    photos = len(srv.photos)
+    checks.check(found.info.get("assets") == f"assets: {photos} in the database, all on the "
+                 f"disk, {photos} matched by Immich's checksum",
+                 f"the database and the photos on the disk agree: each of the {photos} "
+                 "photos the dump lists is there, with the SHA-1 Immich recorded",
+                 f"assets = {found.info.get('assets')!r}")
     checks.check(found.info.get("status") == "success",
                  "backup-info.toml says the last backup was a success",
                  f"status = {found.info.get('status')!r}")
@@ -1162,7 +1179,7 @@ def main() -> int:
         say("the demo was interrupted; everything it made was removed")
         return 130
     if checks.failed:
-        say(f"{RED}FAILED{RESET}: {len(checks.failed)} problem(s):")
+        say(f"{RED}FAILED{RESET}: {plural(len(checks.failed), 'problem')}:")
         for what in checks.failed:
             say(f"  - {what}")
         return 1
