@@ -211,7 +211,7 @@ async def _carry_out(config: Config, disk: Disk, plan: Plan, options: Options,
             outcome.check_line = check.describe(outcome.check, plan.dest)
             outcome.problems += outcome.check.problems()
             if not check.passed(outcome.check) and not outcome.check.problems():
-                outcome.problems.append(f"assets: {outcome.check_line}")
+                outcome.problems.append(f"assets: the check did not pass: {outcome.check_line}")
         passed = (outcome.files.ok and outcome.database is not None
                   and outcome.database.loaded and outcome.check is not None
                   and check.passed(outcome.check))

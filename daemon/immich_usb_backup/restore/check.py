@@ -97,7 +97,7 @@ def passed(found: AssetCheck) -> bool:
 def describe(found: AssetCheck, dest: Path) -> str:
     """The summary's line about the check, in numbers."""
     if not found.checked:
-        return "check: not made (" + "; ".join(found.dump_problems) + ")"
+        return "not made (" + "; ".join(found.dump_problems) + ")"
     n = found.originals
     parts = [f"{plural(n, 'asset')} in the database"]
     if n and found.on_disk == n:
@@ -115,6 +115,9 @@ def describe(found: AssetCheck, dest: Path) -> str:
                                               (t.offline, "offline")) if c]
     if skipped:
         parts.append("besides: " + ", ".join(skipped))
-    if found.files:
-        parts.append(f"{found.files_on_disk} of {plural(found.files, 'asset file')} there")
-    return "check: " + ", ".join(parts)
+    if found.files and found.files == found.files_on_disk:
+        parts.append(f"{plural(found.files, 'asset file')} (thumbnails, ...) there")
+    elif found.files:
+        parts.append(f"{found.files_on_disk} of {plural(found.files, 'asset file')} "
+                     "(thumbnails, ...) there")
+    return ", ".join(parts)

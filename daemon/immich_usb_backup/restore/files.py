@@ -37,7 +37,6 @@ from immich_usb_backup.diskreport import Found
 from immich_usb_backup.errors import BackupError, Refused
 from immich_usb_backup.fsutil import Inside
 from immich_usb_backup.hashing import Stopped
-from immich_usb_backup.text import plural
 
 BLOCK = 1 << 20
 POOL = 16  # buffers between the reader and the writer: at most 16 MiB read ahead
@@ -496,15 +495,3 @@ def _place(temp: str, final: str) -> bool:
         return True
     os.unlink(temp)
     return True
-
-
-def describe(result: FilesResult, dest: Path) -> str:
-    """The summary's line about the files."""
-    head = (f"{plural(result.files, 'file')} into {dest}" if not result.kept else
-            f"{plural(result.files, 'file')} into {dest}, {result.kept} already there "
-            "(left as they were)")
-    if not result.manifest:
-        return f"{head}; not checked (no {manifest.NAME} on the disk)"
-    if result.matched == result.files and not result.differ.count:
-        return f"{head}, all matching {manifest.NAME}"
-    return f"{head}, {result.matched} matching {manifest.NAME}"
