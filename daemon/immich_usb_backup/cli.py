@@ -23,6 +23,9 @@ from immich_usb_backup import __version__, history
 from immich_usb_backup.cliformat import (
     format_disks,
     format_disks_all,
+    format_dump_list,
+    format_restore,
+    format_restore_plan,
     format_status_line,
     format_summary,
     format_verify,
@@ -114,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--create-marker", action="store_true",
                     help="create the immich-server-backups folder if the disk lacks it")
 
+    rs = sub.add_parser("restore", help="bring a server back from the disk (photos, "
+                        "database, configuration), then prove it (docs/restore.md)")
+    rs.add_argument("source", metavar="SOURCE", help="the backup disk, only read: a device, "
+                    "UUID=XXXX-XXXX (mounted read-only meanwhile) or where it is mounted")
+    rs.add_argument("--upload-location", type=Path, metavar="DIR",
+                    help="Immich's upload location to restore into: empty or new")
+    rs.add_argument("--database", metavar="TARGET", help="a PostgreSQL URL "
+                    "(postgresql:///immich?host=/run/postgresql), docker:CONTAINER, or "
+                    "immich-api (Immich 2.5+ restores the dump itself)")
+    rs.add_argument("--dry-run", action="store_true", help="show the plan, do nothing")
+    rs.add_argument("--yes", action="store_true", help="go ahead without asking")
+    rs.add_argument("--merge", action="store_true",
+                    help="copy only the files DIR lacks, never over one")
+    rs.add_argument("--owner", metavar="UID:GID", help="owner of the restored files "
+                    "(default: DIR's, or its parent's when DIR is new)")
+    rs.add_argument("--dump", metavar="NAME", help="this dump instead of the newest")
+    rs.add_argument("--list", action="store_true", help="list the disk's dumps, do nothing")
+    rs.add_argument("--replace-database", action="store_true", help="the database may hold "
+                    "Immich's tables: saved next to DIR first, then replaced")
+
     sub.add_parser("web", help="serve the web UI ([web] listen), without root")
     sub.add_parser("web-password", help="set the web UI's password (asked twice on a "
                    "terminal, else read from standard input)")
@@ -148,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     path = resolve_config_path(args.config)
-    if args.command == "verify" and not args.config and not path.exists():
-        return _verify_without_config(args)
+    if args.command in ("verify", "restore") and not args.config and not path.exists():
+        return _without_config(args)
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -167,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "disks": cmd_disks,
         "remind": cmd_remind,
         "approve": cmd_approve,
+        "restore": cmd_restore,
         "web": cmd_web,
         "web-password": cmd_web_password,
     }[args.command]
@@ -230,7 +254,8 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.status == "success" for r in records) else EXIT_FAILED
 
 
-async def _with_progress(config: Config, work: Callable[[], Awaitable[T]]) -> T | None:
+async def _with_progress(config: Config, work: Callable[[], Awaitable[T]],
+                         progress: _ProgressPrinter | None = None) -> T | None:
     """Run ``work`` with the live progress on stderr; Ctrl-C or SIGTERM cancels it (the
     work records what it must) and gives None."""
     import asyncio  # noqa: PLC0415 - see cmd_run
@@ -240,7 +265,7 @@ async def _with_progress(config: Config, work: Callable[[], Awaitable[T]]) -> T 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    progress = _ProgressPrinter()
+    progress = progress or _ProgressPrinter()
     watcher = asyncio.create_task(progress.follow(config.state_dir))
     try:
         return await work()
@@ -279,16 +304,16 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def _verify_without_config(args: argparse.Namespace) -> int:
-    """``verify`` on a machine that has no configuration (a laptop, a new server): it
-    only needs the disk, and a scratch state dir for its lock and lists."""
-    scratch = Path(tempfile.mkdtemp(prefix="immich-usb-backup-verify-"))
+def _without_config(args: argparse.Namespace) -> int:
+    """``verify`` or ``restore`` on a machine that has no configuration (a laptop, a new
+    server): they only need the disk, and a scratch state dir for the lock and lists."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"immich-usb-backup-{args.command}-"))
     try:
         state = scratch / "state"
         config = parse_config({"immich": {"upload_location": str(scratch / "no-server")},
                                "state": {"dir": str(state)}},
-                              "(verify without a configuration file)")
-        return cmd_verify(config, args)
+                              f"({args.command} without a configuration file)")
+        return (cmd_verify if args.command == "verify" else cmd_restore)(config, args)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -325,6 +350,7 @@ class _ProgressPrinter:
         self.tty = sys.stderr.isatty()
         self.phase = ""
         self.shown = False
+        self.paused = False  # while a question waits for its answer
 
     async def follow(self, state_dir: Path) -> None:
         import asyncio  # noqa: PLC0415 - see cmd_run
@@ -332,7 +358,7 @@ class _ProgressPrinter:
         while True:
             await asyncio.sleep(0.5)
             st = read_status(state_dir)
-            if st.get("state") != "running" or st.get("pid") != os.getpid():
+            if self.paused or st.get("state") != "running" or st.get("pid") != os.getpid():
                 continue
             if self.tty:
                 width = shutil.get_terminal_size().columns
@@ -346,6 +372,112 @@ class _ProgressPrinter:
     def end(self) -> None:
         if self.shown:
             sys.stderr.write("\n")
+            self.shown = False
+
+
+# restore -------------------------------------------------------------------------------
+
+def cmd_restore(config: Config, args: argparse.Namespace) -> int:
+    """``restore``: the plan, confirmed, carried out; exit 0 only when the files, the
+    database and the asset check all passed (docs/usage.md). ``--list``: the dumps."""
+    import asyncio  # noqa: PLC0415 - see cmd_run
+
+    from immich_usb_backup import restore  # noqa: PLC0415
+
+    device, source = is_device_target(args.source), Path(args.source)
+    if not args.list and (args.upload_location is None or args.database is None):
+        print("restore: give --upload-location DIR and --database TARGET (or --list)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        owner = restore.parse_owner(args.owner) if args.owner else None
+        options = restore.Options(args.upload_location, args.database, args.dry_run,
+                                  args.merge, owner, args.dump, args.replace_database)
+    except ValueError as exc:
+        print(f"restore: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    progress = _ProgressPrinter()
+    confirm = _Confirmation(args.yes, progress)
+
+    async def work() -> Any:
+        if args.list:
+            return await (restore.list_device(args.source) if device else
+                          restore.list_path(source))
+        if device:
+            return await restore.restore_device(config, args.source, options, confirm.ask)
+        return await restore.restore_path(config, source, options, confirm.ask)
+
+    try:
+        outcome = asyncio.run(_with_progress(config, work, progress))
+    except restore.TargetError as exc:
+        print(f"restore: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BackupError as exc:
+        print(f"restore FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if outcome is None:
+        print("restore interrupted: the files copied so far stay in the upload location "
+              "(run it again with --merge); the database is as it was unless a load "
+              "finished", file=sys.stderr)
+        return EXIT_FAILED
+    if args.list:
+        print(format_dump_list(outcome))
+        return EXIT_OK
+    if outcome.status == "declined" and confirm.shown:
+        print(confirm.why)
+        return EXIT_USAGE if confirm.no_terminal else EXIT_FAILED
+    print(format_restore(outcome))
+    return EXIT_OK if outcome.status in ("success", "planned") else EXIT_FAILED
+
+
+class _Confirmation:
+    """The plan shown and confirmed: on a terminal by typing ``yes``; ``--yes`` for
+    scripts; without either nothing is done (exit 2)."""
+
+    def __init__(self, yes: bool, progress: _ProgressPrinter) -> None:
+        self.yes, self.progress = yes, progress
+        self.shown = self.no_terminal = False
+        self.why = ""
+
+    async def ask(self, plan: Any) -> bool:
+        self.progress.paused = True
+        self.progress.end()  # the progress line, if one is drawn, ends here
+        try:
+            print(f"restore plan\n{format_restore_plan(plan)}", flush=True)
+            self.shown = True
+            if self.yes:
+                print("confirmed by --yes", flush=True)
+                return True
+            if not sys.stdin.isatty():
+                self.no_terminal = True
+                self.why = ("no terminal to confirm on and no --yes: nothing was done "
+                            "(run it again with --yes to go ahead)")
+                return False
+            print("Type yes to restore, anything else to stop: ", end="", flush=True)
+            answer = await _read_line()
+            self.why = "not confirmed: nothing was done"
+            return answer.strip().lower() == "yes"
+        finally:
+            self.progress.paused = False
+
+
+async def _read_line() -> str:
+    """A line from the terminal, read without a thread (Ctrl-C stops the wait)."""
+    import asyncio  # noqa: PLC0415 - see cmd_run
+
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        if not got.done():
+            got.set_result(os.read(fd, 4096))
+
+    loop.add_reader(fd, readable)
+    try:
+        return (await got).decode(errors="replace")
+    finally:
+        loop.remove_reader(fd)
 
 
 # status, history ---------------------------------------------------------------------
