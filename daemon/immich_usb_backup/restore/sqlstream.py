@@ -13,8 +13,9 @@
   they guard against), ``\\connect`` selects a database of a cluster dump, any other
   ends the load before its ``COMMIT`` (a dump from a disk is not trusted to run ``\\!``).
 - A cluster dump (``pg_dumpall``, Immich up to 2.4) is loaded as a database dump: only
-  the statements after its ``\\connect`` to Immich's database, into the target's
-  database (its roles, other databases and ``CREATE DATABASE`` are left out).
+  the statements after its ``\\connect`` to Immich's database, up to the end of that
+  database's part, into the target's database (its roles, other databases and their
+  ``DROP``/``CREATE DATABASE`` are left out).
 - ``replace``: the target's schema ``public`` dropped and made again first, inside the
   same transaction, as Immich's own restore does.
 
@@ -41,6 +42,7 @@ REPLACE = (b"DROP SCHEMA IF EXISTS public CASCADE;\n"
            b"GRANT USAGE ON SCHEMA public TO PUBLIC;\n"
            b"COMMENT ON SCHEMA public IS 'standard public schema';\n")
 GUARDS = (b"\\restrict ", b"\\unrestrict ")
+DATABASE_END = b"-- PostgreSQL database dump complete"  # each database's, in a cluster dump
 SYSTEM_DATABASES = ("postgres", "template0", "template1")
 _COPY = re.compile(rb"^COPY .* FROM stdin;\r?$")
 _CONNECT_NEW = re.compile(rb"dbname='((?:[^'\\]|\\.)*)'")
@@ -155,6 +157,10 @@ class SqlStream:
                     if keep:
                         self._refuse(line)
                         return
+                    continue
+                if keep and self.cluster_database is not None and line.startswith(
+                        DATABASE_END):  # the end of the database's own pg_dump
+                    keep = False
                     continue
                 if keep:
                     yield self._adjust(line)
