@@ -96,7 +96,7 @@ def give_database(server: Server, pg: Postgres, *, cluster: bool = False) -> str
 
 
 @pytest.fixture
-def backed_up(make_exfat: Callable[..., ExfatDisk], server: Server,
+def restorable(make_exfat: Callable[..., ExfatDisk], server: Server,
               postgres: Postgres) -> tuple[ExfatDisk, Server, str]:  # noqa: F811
     """A real backup of the sample server (with its database) on a real exFAT disk."""
     source = give_database(server, postgres)
@@ -132,10 +132,10 @@ def snapshot(path: Path) -> dict[str, bytes] | None:
 
 @pytest.mark.exfat
 def test_restore_into_an_empty_folder_and_a_new_database_gives_the_same_files_and_rows(
-    backed_up: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
+    restorable: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
     no_blocked_loop: LoopWatch,
 ) -> None:
-    disk, server, source = backed_up
+    disk, server, source = restorable
     target = fresh_db(postgres)
     parent = tmp_path / "srv"
     parent.mkdir()
@@ -170,9 +170,9 @@ def test_restore_into_an_empty_folder_and_a_new_database_gives_the_same_files_an
 
 @pytest.mark.exfat
 def test_every_refusal_leaves_the_folder_and_the_database_as_they_were(
-    backed_up: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
+    restorable: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
 ) -> None:
-    disk, server, source = backed_up
+    disk, server, source = restorable
     empty_db = fresh_db(postgres)
     full = tmp_path / "full"
     full.mkdir()
@@ -208,9 +208,9 @@ def test_every_refusal_leaves_the_folder_and_the_database_as_they_were(
 
 @pytest.mark.exfat
 def test_a_dry_run_shows_the_dump_the_sizes_and_the_free_space(
-    backed_up: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
+    restorable: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
 ) -> None:
-    disk, server, _ = backed_up
+    disk, server, _ = restorable
     (dump,) = (disk.marker / "database").glob("*.sql.gz")
     r = restore(disk.mount_point, tmp_path / "new", url(postgres, fresh_db(postgres)),
                 "--dry-run", config=server.config_path)
@@ -225,9 +225,9 @@ def test_a_dry_run_shows_the_dump_the_sizes_and_the_free_space(
 
 @pytest.mark.exfat
 def test_replace_database_saves_the_old_one_next_to_the_folder_then_replaces_it(
-    backed_up: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
+    restorable: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
 ) -> None:
-    disk, server, source = backed_up
+    disk, server, source = restorable
     immich_db(postgres, old := f"old_{next(_made)}",
               [Asset("/data/upload/a-photo-from-before.jpg", sha1(b"before"))])
     dest = tmp_path / "library"
@@ -246,9 +246,9 @@ def test_replace_database_saves_the_old_one_next_to_the_folder_then_replaces_it(
 
 @pytest.mark.exfat
 def test_a_damaged_file_on_the_disk_is_named_and_the_exit_is_not_zero(
-    backed_up: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
+    restorable: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
 ) -> None:
-    disk, server, _ = backed_up
+    disk, server, _ = restorable
     photo = sorted((disk.marker / "library" / "upload").rglob("*.jpg"))[1]
     data = bytearray(photo.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit rotted in a drawer
@@ -265,9 +265,9 @@ def test_a_damaged_file_on_the_disk_is_named_and_the_exit_is_not_zero(
 
 @pytest.mark.exfat
 def test_merge_copies_only_what_is_missing_and_never_overwrites(
-    backed_up: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
+    restorable: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
 ) -> None:
-    disk, server, _ = backed_up
+    disk, server, _ = restorable
     dest = tmp_path / "library"
     for folder in ("upload", "thumbs"):  # what Immich makes when it starts on an empty one
         (dest / folder).mkdir(parents=True)
@@ -310,9 +310,9 @@ esac
 
 @pytest.mark.exfat
 def test_docker_target_runs_psql_through_docker_exec_into_the_containers_database(
-    backed_up: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
+    restorable: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
 ) -> None:
-    disk, server, source = backed_up
+    disk, server, source = restorable
     target = fresh_db(postgres, "docker")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -444,10 +444,10 @@ def api_config(server: Server, fake: FakeImmich, key: str = KEY) -> None:
 
 @pytest.mark.exfat
 def test_immich_api_uploads_the_dump_byte_for_byte_and_waits_for_immich_to_come_back(
-    backed_up: tuple[ExfatDisk, Server, str], immich_api: Callable[[str], FakeImmich],
+    restorable: tuple[ExfatDisk, Server, str], immich_api: Callable[[str], FakeImmich],
     tmp_path: Path, no_blocked_loop: LoopWatch,
 ) -> None:
-    disk, server, _ = backed_up
+    disk, server, _ = restorable
     fake = immich_api("ok")
     api_config(server, fake)
     (dump,) = (disk.marker / "database").glob("*.sql.gz")
@@ -473,10 +473,10 @@ def test_immich_api_uploads_the_dump_byte_for_byte_and_waits_for_immich_to_come_
                      "see logs!)"),
 ])
 def test_immich_api_refused_key_old_server_and_failed_restore_are_told(
-    backed_up: tuple[ExfatDisk, Server, str], immich_api: Callable[[str], FakeImmich],
+    restorable: tuple[ExfatDisk, Server, str], immich_api: Callable[[str], FakeImmich],
     tmp_path: Path, mode: str, key: str, code: int, said: str,
 ) -> None:
-    disk, server, _ = backed_up
+    disk, server, _ = restorable
     fake = immich_api(mode)
     api_config(server, fake, key)
     dest = tmp_path / "library"
