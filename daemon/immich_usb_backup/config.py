@@ -102,7 +102,8 @@ class ImmichConfig:
         default=None,
         metadata=_doc(
             "Immich's address, for `database.source = \"immich-api\"`: the backup asks "
-            "Immich for a fresh database dump through its API.",
+            "Immich for a fresh database dump through its API; and for `restore --database "
+            "immich-api` (Immich 2.5+ restores the dump itself).",
             example="http://127.0.0.1:2283",
         ),
     )
@@ -122,7 +123,8 @@ class ImmichConfig:
         default=None,
         metadata=_doc(
             "A file holding an Immich API key (one line) of an admin, with the `job.create` "
-            "permission, for `database.source = \"immich-api\"`. The key is a secret: the "
+            "permission, for `database.source = \"immich-api\"` (for `restore --database "
+            "immich-api` also `backup.upload` and `maintenance`). The key is a secret: the "
             "file must be readable by root only (`chmod 600`; `check` says when it is not), "
             "and the key never appears in logs, the history, messages or on the disk.",
             example="/etc/immich-usb-backup/immich-api-key",
@@ -220,7 +222,8 @@ class DatabaseConfig:
         default=None,
         metadata=_doc(
             "Where PostgreSQL's programs (`initdb`, `pg_ctl`, `psql`) are, for "
-            "`verify --restore-drill`.",
+            "`verify --restore-drill`; `restore` takes `psql` and `pg_dump` from here too "
+            "when they are in it.",
             example="/usr/lib/postgresql/16/bin",
             default_doc="found on `PATH`, then the newest `/usr/lib/postgresql/*/bin`",
         ),
