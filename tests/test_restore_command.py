@@ -24,6 +24,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -611,3 +612,88 @@ def test_targets_and_owners_are_parsed_or_refused_as_usage_errors() -> None:
     for bad in ("immich", "no-such-user-here:root", ":0"):
         with pytest.raises(ValueError, match="--owner"):
             parse_owner(bad)
+
+
+# Asked on a terminal; stopped halfway --------------------------------------------------------
+
+@pytest.mark.exfat
+def test_on_a_terminal_anything_but_yes_stops_with_nothing_done(
+    restorable: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
+) -> None:
+    import pty
+
+    disk, server, _ = restorable
+    target, dest = fresh_db(postgres), tmp_path / "library"
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "immich_usb_backup", "-c", str(server.config_path),
+             "restore", str(disk.mount_point), "--upload-location", str(dest),
+             "--database", url(postgres, target)],
+            stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        os.close(follower)
+        assert proc.stdout is not None
+        seen = b""
+        while b"Type yes to restore" not in seen:
+            chunk = proc.stdout.read1(4096)
+            assert chunk, seen.decode()
+            seen += chunk
+        os.write(leader, b"no\n")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(leader)
+    assert proc.returncode == 1, (seen + out + err).decode()
+    assert b"not confirmed: nothing was done" in out
+    assert not dest.exists() and has_tables(postgres, target) == []
+
+
+@pytest.mark.exfat
+def test_stopped_while_the_dump_loads_the_database_is_left_as_it_was(
+    make_exfat: Callable[..., ExfatDisk], server: Server, postgres: Postgres,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    give_database(server, postgres)
+    (dump,) = (server.upload / "backups").glob("*.sql.gz")
+    sql = gzip.decompress(dump.read_bytes())
+    end = sql.rindex(b"--\n-- PostgreSQL database dump complete")
+    slow = sql[:end] + b"SELECT pg_sleep(60);\n" + sql[end:]  # every table made by then
+    dump.write_bytes(gzip.compress(slow))
+    disk = make_exfat()
+    assert cli("run", str(disk.mount_point), config=server.config_path).returncode == 0
+    target = fresh_db(postgres)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "immich_usb_backup", "-c", str(server.config_path), "restore",
+         str(disk.mount_point), "--upload-location", str(tmp_path / "library"), "--database",
+         url(postgres, target), "--yes"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    status = server.state / "status.json"
+    deadline = time.monotonic() + 120
+    while not (status.exists() and '"restore-database"' in status.read_text(errors="replace")
+               and postgres.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                                 "'%pg_sleep(60)%' AND pid <> pg_backend_pid()").strip()
+               == "1"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out + err
+    assert b"restore interrupted" in err
+    assert has_tables(postgres, target) == []  # nothing was committed
+    assert not psql_of(target), psql_of(target)  # the restore's psql ended with it
+    # the server's side ends its running statement before it sees the client gone
+    postgres.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname "  # noqa: S608
+                  f"= '{target}'")
+    assert has_tables(postgres, target) == []  # rolled back: nothing was kept
+
+
+def psql_of(database: str) -> list[str]:
+    """The command lines of live processes that name ``database`` (the restore's psql)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(f"///{database}?" in a for a in argv):
+            found.append(" ".join(argv))
+    return found
