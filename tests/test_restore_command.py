@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -332,6 +333,14 @@ def test_docker_target_runs_psql_through_docker_exec_into_the_containers_databas
     assert any(c.startswith(f"exec immich_postgres psql -X -q --username=postgres "
                             f"--dbname={target} -v ON_ERROR_STOP=1 -c COPY (SELECT")
                for c in calls)
+    again = restore(disk.mount_point, tmp_path / "again", "docker:immich_postgres",
+                    "--replace-database", "--yes", config=server.config_path, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (f"exec immich_postgres pg_dump --username=postgres --clean --if-exists "
+            f"{target}") in log.read_text().splitlines()
+    (saved,) = tmp_path.glob("immich-db-before-restore-*.sql.gz")
+    assert b"dump complete" in gzip.decompress(saved.read_bytes())
+    assert counts(postgres, target) == counts(postgres, source)
 
 
 # immich-api: a local server that answers like Immich 2.5+ ---------------------------------
@@ -697,3 +706,34 @@ def psql_of(database: str) -> list[str]:
         if any(f"///{database}?" in a for a in argv):
             found.append(" ".join(argv))
     return found
+
+
+# A device as SOURCE: mounted read-only through UDisks2 -------------------------------------
+
+@pytest.mark.exfat
+def test_a_device_is_mounted_read_only_for_the_restore_and_unmounted_after(
+    real_stack: Any, server: Server, postgres: Postgres, tmp_path: Path,  # noqa: F811
+) -> None:
+    import stack as st
+
+    source = give_database(server, postgres)
+    image = st.make_image(tmp_path / "disk.img", "Restore")
+    plugged = st.plug(image)
+    try:
+        st.settle()
+        r = cli("run", plugged.device, config=server.config_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        digest = image.digest()
+        watcher = st.MountWatcher(plugged.device)
+        target, dest = fresh_db(postgres), tmp_path / "library"
+        r = restore(Path(plugged.device), dest, url(postgres, target), "--yes",
+                    config=server.config_path)
+        mounts = watcher.stop()
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert mounts and all(opts.split(",")[0] == "ro" for _, opts in mounts), mounts
+        assert not st.is_mounted(plugged.device)
+        assert image.digest() == digest  # not a byte written to the disk
+        assert tree(dest) == tree(server.upload)
+        assert counts(postgres, target) == counts(postgres, source)
+    finally:
+        plugged.remove()
