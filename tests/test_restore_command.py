@@ -737,3 +737,14 @@ def test_a_device_is_mounted_read_only_for_the_restore_and_unmounted_after(
         assert counts(postgres, target) == counts(postgres, source)
     finally:
         plugged.remove()
+
+
+def test_what_a_disk_or_a_dump_brings_is_printed_escaped() -> None:
+    from immich_usb_backup.cliformat import format_restore
+    from immich_usb_backup.restore import Outcome
+
+    shown = format_restore(Outcome("failed", problems=[
+        'database: the dump did not load (syntax error at or near "\x1b[2J\x07"; '
+        "name \udcff)"]))
+    assert "\x1b" not in shown and "\x07" not in shown and "\udcff" not in shown
+    assert 'near "\\x1b[2J\\x07"; name \\xff)' in shown

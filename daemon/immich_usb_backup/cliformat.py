@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from immich_usb_backup import history
-from immich_usb_backup.record import RunRecord
+from immich_usb_backup.record import RunRecord, readable
 from immich_usb_backup.text import duration, human_bytes, plural
 
 
@@ -149,6 +149,14 @@ def format_disks(rows: list[dict[str, Any]]) -> str:
 
 # restore --------------------------------------------------------------------------------
 
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def printable(text: object) -> str:
+    """``text`` from a disk or a dump (a dump's name, a psql error quoting the dump) safe
+    on one terminal line: control characters and bytes that are not UTF-8 escaped."""
+    return readable(str(text).translate(_CONTROL))
+
 RESTORE_TITLES = {"success": "restore OK", "failed": "restore FAILED",
                   "refused": "restore REFUSED: nothing was done",
                   "planned": "restore plan (--dry-run: nothing was done)",
@@ -163,9 +171,9 @@ def format_dump_list(found: list[Any]) -> str:
     table = [("dump", "taken", "immich", "postgresql", "size", "kind")]
     for n, d in enumerate(found):
         taken = "-" if d.taken is None else f"{d.taken:%Y-%m-%d %H:%M}"
-        table.append((d.name + (" (newest)" if n == 0 else ""), taken, d.immich or "?",
-                      d.postgres or "?", human_bytes(d.size),
-                      d.kind or f"damaged: {d.problem}"))
+        table.append((printable(d.name) + (" (newest)" if n == 0 else ""), taken,
+                      printable(d.immich or "?"), printable(d.postgres or "?"),
+                      human_bytes(d.size), d.kind or f"damaged: {d.problem}"))
     return history.columns(table)
 
 
@@ -187,9 +195,9 @@ def format_restore_plan(p: Any) -> str:
               if p.manifest else "             not checked: the disk has no library.sha256"]
     if p.dump is not None:
         d = p.dump
-        facts = ", ".join(x for x in (d.kind, d.immich and f"Immich {d.immich}",
+        facts = ", ".join(x for x in (d.kind, d.immich and f"Immich {printable(d.immich)}",
                                       human_bytes(d.size)) if x)
-        lines.append(f"  database:  {d.name} ({facts})")
+        lines.append(f"  database:  {printable(d.name)} ({facts})")
         lines.append(f"             into {p.target}{_db_state(p)}")
         if p.cluster_database:
             lines.append(f"             (a cluster dump: the statements of its database "
@@ -202,10 +210,10 @@ def format_restore_plan(p: Any) -> str:
                      "its own: nothing of the server's is replaced")
     lines.append(f"  then:      the asset check: every asset of the restored database "
                  f"under {p.dest} with Immich's checksum")
-    lines += [f"  note:      {n}" for n in p.notes]
+    lines += [f"  note:      {printable(n)}" for n in p.notes]
     if p.refusals:
         lines.append(f"  refused ({len(p.refusals)}):")
-        lines += [f"    - {r}" for r in p.refusals]
+        lines += [f"    - {printable(r)}" for r in p.refusals]
     return "\n".join(lines)
 
 
@@ -234,7 +242,7 @@ def format_restore(o: Any) -> str:
     if db is not None:
         done = "loaded" if db.loaded else "NOT loaded"
         rows = f": {plural(db.counts['assets'], 'asset')}" if "assets" in db.counts else ""
-        lines.append(f"  database:  {db.dump} {done} into {db.into}{rows}")
+        lines.append(f"  database:  {printable(db.dump)} {done} into {db.into}{rows}")
         if db.saved_to is not None:
             lines.append(f"  saved:     the database as it was: {db.saved_to}")
         if db.api is not None and db.api.uploaded:
@@ -245,15 +253,15 @@ def format_restore(o: Any) -> str:
         lines.append(f"  config:    {c.archive}: {plural(c.files, 'file')} into {c.folder}; "
                      "put back by hand what you need:")
         for place, count in c.places[:20]:
-            lines.append(f"               {place}  <- {c.folder}{place} "
-                         f"({plural(count, 'file')})")
+            lines.append(f"               {printable(place)}  <- {c.folder}"
+                         f"{printable(place)} ({plural(count, 'file')})")
         if len(c.places) > 20:
             lines.append(f"               ... and {len(c.places) - 20} more")
     if o.check_line:
         lines.append(f"  check:     {o.check_line}")
     if o.problems:
         lines.append(f"  problems ({len(o.problems)}):")
-        lines += [f"    - {p}" for p in o.problems]
+        lines += [f"    - {printable(p)}" for p in o.problems]
     if o.status == "success":
         lines.append("  next:      start Immich (docker compose up -d; NixOS: systemctl "
                      "start immich-server)")
