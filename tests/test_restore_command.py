@@ -175,6 +175,7 @@ def test_every_refusal_leaves_the_folder_and_the_database_as_they_were(
     restorable: tuple[ExfatDisk, Server, str], postgres: Postgres, tmp_path: Path,  # noqa: F811
 ) -> None:
     disk, server, source = restorable
+    source_rows = counts(postgres, source)
     empty_db = fresh_db(postgres)
     full = tmp_path / "full"
     full.mkdir()
@@ -205,7 +206,14 @@ def test_every_refusal_leaves_the_folder_and_the_database_as_they_were(
         assert has_tables(postgres, empty_db) == [], what
         assert counts(postgres, held, ("asset", '"user"')) == before, what
         assert not list(tmp_path.glob("*-config-*")), what
-    assert counts(postgres, source) == counts(postgres, source)  # the source untouched
+    from immich_usb_backup.lock import backup_lock
+
+    with backup_lock(server.state):  # a backup runs: no restore meanwhile
+        r = restore(disk.mount_point, absent, url(postgres, empty_db), "--yes",
+                    config=server.config_path)
+    assert r.returncode == 1 and "another backup is already running" in r.stderr, r.stderr
+    assert not absent.exists() and has_tables(postgres, empty_db) == []
+    assert counts(postgres, source) == source_rows  # the server's own database untouched
 
 
 @pytest.mark.exfat
