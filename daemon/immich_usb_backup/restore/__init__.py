@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -203,9 +204,13 @@ async def _carry_out(config: Config, disk: Disk, plan: Plan, options: Options,
                 outcome.problems.append(f"database: {outcome.database.error}")
         if plan.config_archive is not None and plan.config_to is not None:
             status.set_phase("restore-config", 0, f"extracting {plan.config_archive.name}")
-            outcome.config = await asyncio.to_thread(configs.extract, plan.config_archive,
-                                                     plan.config_to)
-            outcome.problems += outcome.config.problems()
+            try:
+                outcome.config = await asyncio.to_thread(
+                    configs.extract, plan.config_archive, plan.config_to)
+                outcome.problems += outcome.config.problems()
+            except (OSError, ValueError, zipfile.BadZipFile) as exc:  # the rest goes on
+                outcome.problems.append(f"config: {plan.config_archive.name} could not be "
+                                        f"extracted into {plan.config_to}: {exc}")
         if outcome.database is not None and outcome.database.loaded:
             outcome.check = await _check(config, plan, target, work, db_path, stop, status)
             outcome.check_line = check.describe(outcome.check, plan.dest)

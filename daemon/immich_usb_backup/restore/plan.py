@@ -16,6 +16,7 @@ import grp
 import os
 import pwd
 import tomllib
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -172,7 +173,7 @@ def _files_side(plan: Plan, disk: Disk, options: Options) -> None:
         plan.config_to = configs.destination(dest, archive)
         try:
             plan.config_files = configs.count_files(archive)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
             plan.notes.append(f"config: {archive.name} cannot be read ({exc}): it is "
                               "left out")
             plan.config_archive = None
