@@ -292,8 +292,9 @@ class LibraryCopy:
 
     def _prepare_temp(self) -> None:
         try:
-            self.dest.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-            self._own(str(self.dest), folder=True)
+            if not self.dest.is_dir():  # made here: ours to give its owner and mode
+                self.dest.mkdir(mode=FOLDER_MODE, parents=True)
+                self._own(str(self.dest), folder=True)
             if self.merge and self._temp.is_dir() and not self._temp.is_symlink():
                 shutil.rmtree(self._temp)  # what an interrupted restore left: ours
             self._temp.mkdir(mode=0o700)
