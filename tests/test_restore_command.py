@@ -282,6 +282,7 @@ def test_merge_copies_only_what_is_missing_and_never_overwrites(
     for folder in ("upload", "thumbs"):  # what Immich makes when it starts on an empty one
         (dest / folder).mkdir(parents=True)
         (dest / folder / ".immich").write_bytes(b"")
+    dest.chmod(0o700)  # as NixOS makes Immich's media location
     ours = sorted((server.upload / "upload").rglob("*.jpg"))[0].relative_to(server.upload)
     (dest / ours).parent.mkdir(parents=True)
     (dest / ours).write_bytes(b"the server's own, newer")
@@ -292,6 +293,7 @@ def test_merge_copies_only_what_is_missing_and_never_overwrites(
     r = restore(disk.mount_point, dest, url(postgres, fresh_db(postgres)), "--merge", "--yes",
                 config=server.config_path)
     assert (dest / ours).read_bytes() == b"the server's own, newer"
+    assert dest.stat().st_mode & 0o777 == 0o700  # DIR's own folder kept its mode
     assert "already there (left as they were)" in r.stdout
     assert f"assets: library/{ours} changed or damaged since it was uploaded" in r.stdout
     assert r.returncode == 1  # the check found the file it left as it was
