@@ -295,7 +295,8 @@ def test_merge_copies_only_what_is_missing_and_never_overwrites(
     assert (dest / ours).read_bytes() == b"the server's own, newer"
     assert dest.stat().st_mode & 0o777 == 0o700  # DIR's own folder kept its mode
     assert "already there (left as they were)" in r.stdout
-    assert f"assets: library/{ours} changed or damaged since it was uploaded" in r.stdout
+    assert (f"assets: library/{ours} changed or damaged since it was uploaded: the file "
+            "the upload location already had has SHA-1") in r.stdout
     assert r.returncode == 1  # the check found the file it left as it was
     others = {k: v for k, v in tree(server.upload).items() if k != str(ours)}
     assert {k: v for k, v in tree(dest).items() if k != str(ours)} == others

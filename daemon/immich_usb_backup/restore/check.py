@@ -52,7 +52,7 @@ def restored_lookup(db_path: Path, dest: Path) -> tuple[Lookup, Callable[[], Non
                 out.append(Seen(False))
                 continue
             h = sha256_file(path, rel, buf=buf)  # left as it was (--merge): read it now
-            out.append(Seen(True, h.sha1, "server"))
+            out.append(Seen(True, h.sha1, "kept"))
         return out
 
     return lookup, db.close
