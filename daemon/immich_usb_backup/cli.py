@@ -413,7 +413,7 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
         print(f"restore: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BackupError as exc:
-        print(f"restore FAILED: {exc}", file=sys.stderr)
+        print(f"restore{'' if args.list else ' FAILED'}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if outcome is None:
         print("restore interrupted: the files copied so far stay in the upload location "
