@@ -4,9 +4,9 @@ then proven.
 In order, under the backup lock (no backup runs meanwhile), with the disk only read (a
 device is mounted read-only, as for ``verify``):
 
-1. the plan (``plan``): what would be done and what a safety rule refuses; shown, and
-   confirmed (``confirm``: the person on a terminal, or ``--yes``); a plan with a
-   refusal, a dry run or no confirmation does nothing;
+1. the plan (``plan``, phase ``restore-plan``): what would be done and what a safety
+   rule refuses; shown, and confirmed (``confirm``: the person on a terminal, or
+   ``--yes``); a plan with a refusal, a dry run or no confirmation does nothing;
 2. the files (``files``): ``library/`` into DIR, each file checked against the
    manifest in the same read, phase ``restore-files``;
 3. the database (``targets``, ``sqlstream``, ``api``): with ``--replace-database`` the
