@@ -127,3 +127,32 @@ def test_a_character_split_across_reads_and_bytes_that_are_not_utf8(coalesce_s: 
     asyncio.run(execute.run([sys.executable, "-c", script], on_lines=lines.extend,
                             coalesce_s=coalesce_s))
     assert lines == ["café ok", "\ufffd bad", "last"]
+
+
+def test_a_child_reads_what_a_thread_feeds_and_a_child_gone_early_breaks_the_pipe() -> None:
+    """``stdin``: the read end is handed over (closed once the child has it), so the
+    feeder's writes reach the child, and fail at once when the child has ended."""
+    before = open_fds()
+
+    async def feed(argv: list[str], data: bytes) -> tuple[list[str], BaseException | None]:
+        read_fd, write_fd = os.pipe()
+        failure: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                with os.fdopen(write_fd, "wb") as out:
+                    out.write(data)
+            except BrokenPipeError as exc:
+                failure.append(exc)
+
+        lines: list[str] = []
+        feeding = asyncio.ensure_future(asyncio.to_thread(writer))
+        await execute.run(argv, on_line=lines.append, stdin=read_fd)
+        await feeding
+        return lines, failure[0] if failure else None
+
+    lines, failed = asyncio.run(feed(["cat"], b"one\ntwo\n"))
+    assert (lines, failed) == (["one", "two"], None)
+    lines, failed = asyncio.run(feed(["true"], b"x" * (1 << 20)))
+    assert lines == [] and isinstance(failed, BrokenPipeError)
+    assert open_fds() == before

@@ -220,10 +220,11 @@ class Classifier:
 @dataclass(frozen=True, slots=True)
 class Seen:
     """What the mirror holds at a path: whether the file is there and its SHA-1 (hex) if
-    known. ``read_from`` says whose bytes that SHA-1 is of: ``"server"`` (the server's
-    file, read when it was copied or compared; the disk holds a copy of those bytes) or
-    ``"disk"`` (the disk's copy, read back). ``on_server``: whether the server has the
-    file, when the lookup knows (asked only for files missing from the disk)."""
+    known. ``read_from`` says whose bytes that SHA-1 is of (``WHOSE``): ``"server"`` (the
+    server's file, read when it was copied or compared; the disk holds a copy of those
+    bytes), ``"disk"`` (the disk's copy, read back) or ``"kept"`` (see ``WHOSE``).
+    ``on_server``: whether the server has the file, when the lookup knows (asked only
+    for files missing from the disk)."""
 
     present: bool
     sha1: str | None = None
@@ -232,6 +233,10 @@ class Seen:
 
 
 Lookup = Callable[[Sequence[str]], Sequence[Seen]]
+# whose bytes a differing SHA-1 is of, as a problem says it (``Seen.read_from``); "kept":
+# a file a restore with --merge found in the upload location and left as it was
+WHOSE = {"server": "the server's file (and the disk's copy of it)",
+         "disk": "the disk's copy", "kept": "the file the upload location already had"}
 
 
 @dataclass
@@ -452,8 +457,7 @@ def _original(result: AssetCheck, item: Original, s: Seen,
         return
     if not item.trashed:
         result.differ += 1
-    whose = "the disk's copy" if s.read_from == "disk" else (
-        "the server's file (and the disk's copy of it)")
+    whose = WHOSE.get(s.read_from, WHOSE["server"])
     trash = " (in the trash)" if item.trashed else ""
     result.name("differ", f"{shown(f'{MIRROR}/{item.rel}')}{trash} changed or damaged since "
                 "it was uploaded: "

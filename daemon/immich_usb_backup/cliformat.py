@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from immich_usb_backup import history
-from immich_usb_backup.record import RunRecord
-from immich_usb_backup.text import human_bytes, plural
+from immich_usb_backup.record import RunRecord, readable
+from immich_usb_backup.text import duration, human_bytes, plural
 
 
 def format_summary(r: RunRecord) -> str:
@@ -145,3 +145,135 @@ def format_disks(rows: list[dict[str, Any]]) -> str:
                       r["model"] or "-", r["uuid"] or "-", marker, approved,
                       str((r.get("health") or {}).get("line") or "-").removeprefix("health: ")))
     return history.columns(table)
+
+
+# restore --------------------------------------------------------------------------------
+
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def printable(text: object) -> str:
+    """``text`` from a disk or a dump (a dump's name, a psql error quoting the dump) safe
+    on one terminal line: control characters and bytes that are not UTF-8 escaped."""
+    return readable(str(text).translate(_CONTROL))
+
+RESTORE_TITLES = {"success": "restore OK", "failed": "restore FAILED",
+                  "refused": "restore REFUSED: nothing was done",
+                  "planned": "restore plan (--dry-run: nothing was done)",
+                  "declined": "restore not confirmed: nothing was done"}
+
+
+def format_dump_list(found: list[Any]) -> str:
+    """``restore SOURCE --list``: the dumps on the disk (``restore.DumpInfo``), newest
+    first."""
+    if not found:
+        return "no database dump on the disk (immich-server-backups/database/)"
+    table = [("dump", "taken", "immich", "postgresql", "size", "kind")]
+    for n, d in enumerate(found):
+        taken = "-" if d.taken is None else f"{d.taken:%Y-%m-%d %H:%M}"
+        table.append((printable(d.name) + (" (newest)" if n == 0 else ""), taken,
+                      printable(d.immich or "?"), printable(d.postgres or "?"),
+                      human_bytes(d.size), d.kind or f"damaged: {d.problem}"))
+    return history.columns(table)
+
+
+def format_restore_plan(p: Any) -> str:
+    """What a restore would do (a ``restore.Plan``), and what is refused."""
+    disk = p.disk
+    last = p.backup.get("finished_at") or p.backup.get("started_at")
+    lines = [f"  from:      {disk.get('label') or '-'} (UUID {disk.get('uuid') or '-'}) at "
+             f"{disk.get('mount_point')}" + (f", last backup {last} "
+                                             f"({p.backup.get('status', '?')})" if last else "")]
+    size = ("?" if p.library_files is None else
+            f"{plural(p.library_files, 'file')}, {human_bytes(p.library_bytes or 0)}")
+    where = {"absent": "made new", "empty": "empty",
+             "not empty": "not empty: only what it lacks is copied (--merge)"}[p.dest_state]
+    free = "" if p.free_bytes is None else f"; {human_bytes(p.free_bytes)} free there"
+    lines += [f"  files:     library/ ({size}) into {p.dest} ({where})",
+              f"             owner {p.owner_text}, folders 0750, files 0640{free}",
+              "             each checked against library.sha256 as it is written"
+              if p.manifest else "             not checked: the disk has no library.sha256"]
+    if p.dump is not None:
+        d = p.dump
+        facts = ", ".join(x for x in (d.kind, d.immich and f"Immich {printable(d.immich)}",
+                                      human_bytes(d.size)) if x)
+        lines.append(f"  database:  {printable(d.name)} ({facts})")
+        lines.append(f"             into {p.target}{_db_state(p)}")
+        if p.cluster_database:
+            lines.append(f"             (a cluster dump: the statements of its database "
+                         f"{p.cluster_database})")
+        if p.save_to is not None:
+            lines.append(f"             the database it holds is saved first to {p.save_to}")
+    if p.config_archive is not None:
+        lines.append(f"  config:    {p.config_archive.name} "
+                     f"({plural(p.config_files, 'file')}) into {p.config_to}, a folder of "
+                     "its own: nothing of the server's is replaced")
+    lines.append(f"  then:      the asset check: every asset of the restored database "
+                 f"under {p.dest} with Immich's checksum")
+    lines += [f"  note:      {printable(n)}" for n in p.notes]
+    if p.refusals:
+        lines.append(f"  refused ({len(p.refusals)}):")
+        lines += [f"    - {printable(r)}" for r in p.refusals]
+    return "\n".join(lines)
+
+
+def _db_state(p: Any) -> str:
+    if p.immich_version:
+        return f" (Immich {p.immich_version} restores it itself)"
+    db = p.db
+    if db is None or not db.reachable:
+        return ""
+    held = (f"holds Immich's tables, {plural(db.assets or 0, 'asset')}" if db.immich_tables
+            else "no Immich tables")
+    return f" (database {db.database}, PostgreSQL {db.server_version}: {held})"
+
+
+def format_restore(o: Any) -> str:
+    """The outcome of ``restore`` (a ``restore.Outcome``): the plan when nothing was
+    done, else what was done, in numbers, and every problem."""
+    title = RESTORE_TITLES.get(o.status, f"restore {o.status}")
+    if o.status in ("refused", "planned", "declined"):
+        return "\n".join([title, format_restore_plan(o.plan)]) if o.plan else title
+    lines = [f"{title} in {duration(o.duration_s)}"]
+    if o.files is not None:
+        f = o.files
+        lines.append(f"  files:     {_files_line(f, o.plan.dest)}")
+    db = o.database
+    if db is not None:
+        done = "loaded" if db.loaded else "NOT loaded"
+        rows = f": {plural(db.counts['assets'], 'asset')}" if "assets" in db.counts else ""
+        lines.append(f"  database:  {printable(db.dump)} {done} into {db.into}{rows}")
+        if db.saved_to is not None:
+            lines.append(f"  saved:     the database as it was: {db.saved_to}")
+        if db.api is not None and db.api.uploaded:
+            lines.append(f"             uploaded as {db.api.uploaded}; Immich answered "
+                         f"again after {duration(db.api.waited_s)}")
+    c = o.config
+    if c is not None:
+        lines.append(f"  config:    {c.archive}: {plural(c.files, 'file')} into {c.folder}; "
+                     "put back by hand what you need:")
+        for place, count in c.places[:20]:
+            lines.append(f"               {printable(place)}  <- {c.folder}"
+                         f"{printable(place)} ({plural(count, 'file')})")
+        if len(c.places) > 20:
+            lines.append(f"               ... and {len(c.places) - 20} more")
+    if o.check_line:
+        lines.append(f"  check:     {o.check_line}")
+    if o.problems:
+        lines.append(f"  problems ({len(o.problems)}):")
+        lines += [f"    - {printable(p)}" for p in o.problems]
+    if o.status == "success":
+        lines.append("  next:      start Immich (docker compose up -d; NixOS: systemctl "
+                     "start immich-server)")
+    return "\n".join(lines)
+
+
+def _files_line(f: Any, dest: Any) -> str:
+    head = f"{plural(f.files, 'file')}, {human_bytes(f.bytes)} into {dest}"
+    if f.kept:
+        head += f", {plural(f.kept, 'file')} already there (left as they were)"
+    if not f.manifest:
+        return f"{head}; not checked (the disk has no library.sha256)"
+    if f.ok:
+        return f"{head}, all {f.matched} matching library.sha256"
+    return f"{head}, {f.matched} matching library.sha256"

@@ -1,9 +1,6 @@
 """The configuration's schema: one frozen dataclass a ``[section]``, ``Config`` of them all.
-
-Each section's docstring and each key's ``_doc`` metadata are the one source of the
-documentation (``tools/config-docs`` renders them into ``config.example.toml`` and the
-key tables of docs/configuration.md), so they are written for users. ``config`` loads
-a file into these and checks it.
+Each section's docstring and each key's ``_doc`` are the documentation's one source
+(``tools/config-docs`` renders them), written for users; ``config`` loads and checks.
 """
 
 from __future__ import annotations
@@ -78,7 +75,8 @@ class ImmichConfig:
         default=None,
         metadata=_doc(
             "Immich's address, for `database.source = \"immich-api\"`: the backup asks "
-            "Immich for a fresh database dump through its API.",
+            "Immich for a fresh database dump through its API; and for `restore --database "
+            "immich-api` (Immich 2.5+ restores the dump itself).",
             example="http://127.0.0.1:2283",
         ),
     )
@@ -98,7 +96,8 @@ class ImmichConfig:
         default=None,
         metadata=_doc(
             "A file holding an Immich API key (one line) of an admin, with the `job.create` "
-            "permission, for `database.source = \"immich-api\"`. The key is a secret: the "
+            "permission, for `database.source = \"immich-api\"` (for `restore --database "
+            "immich-api` also `backup.upload` and `maintenance`). The key is a secret: the "
             "file must be readable by root only (`chmod 600`; `check` says when it is not), "
             "and the key never appears in logs, the history, messages or on the disk.",
             example="/etc/immich-usb-backup/immich-api-key",
@@ -195,8 +194,8 @@ class DatabaseConfig:
     postgres_bin_dir: Path | None = field(
         default=None,
         metadata=_doc(
-            "Where PostgreSQL's programs (`initdb`, `pg_ctl`, `psql`) are, for "
-            "`verify --restore-drill`.",
+            "Where PostgreSQL's programs (`initdb`, `postgres`, `psql`) are, for `verify "
+            "--restore-drill`; `restore` takes `psql` and `pg_dump` from here too.",
             example="/usr/lib/postgresql/16/bin",
             default_doc="found on `PATH`, then the newest `/usr/lib/postgresql/*/bin`",
         ),

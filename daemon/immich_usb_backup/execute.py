@@ -92,6 +92,7 @@ async def run(
     env: dict[str, str] | None = None,
     stdout: int | None = None,
     user: str | None = None,
+    stdin: int | None = None,
 ) -> Result:
     """Run ``argv``; call ``on_line`` for each stdout line, or ``on_lines`` with the
     lines of each read; return its Result.
@@ -99,9 +100,11 @@ async def run(
     ``coalesce_s``: read stdout at most that often (it waits in a pipe of
     ``PIPE_BYTES``; if the kernel refuses that size, stdout is read as it comes).
     ``stdout``: a file descriptor the output goes to instead (a dump: bytes, not lines).
-    ``user``: run it as that user (``child_options``). Raise CommandError when the exit
-    status is not in ``ok_codes``. Cancellation terminates the child and waits for it
-    before re-raising.
+    ``user``: run it as that user (``child_options``). ``stdin``: a file descriptor the
+    child reads (the read end of a pipe a thread feeds), handed over: closed here once the
+    child has it, so the feeder sees a broken pipe when the child ends early; without it,
+    the child reads nothing. Raise CommandError when the exit status is not in
+    ``ok_codes``. Cancellation terminates the child and waits for it before re-raising.
     """
     if on_line is not None and on_lines is not None:
         raise TypeError("run() takes on_line or on_lines, not both")
@@ -112,12 +115,12 @@ async def run(
             for line in lines:
                 on_line(line)
     if stdout is not None or sink is None or coalesce_s <= 0:
-        return await _run(argv, sink, ok_codes, env, stdout, None, user=user)
+        return await _run(argv, sink, ok_codes, env, stdout, None, user=user, stdin=stdin)
     read_fd, write_fd = os.pipe()
     if not _enlarge(write_fd):  # no room to wait in: read as it comes
         os.close(read_fd)
         os.close(write_fd)
-        return await _run(argv, sink, ok_codes, env, None, None, user=user)
+        return await _run(argv, sink, ok_codes, env, None, None, user=user, stdin=stdin)
     pipe_file = os.fdopen(read_fd, "rb", 0)  # owns read_fd from here on
     reader = asyncio.StreamReader(limit=PIPE_BYTES)
     try:
@@ -129,7 +132,7 @@ async def run(
         raise
     try:  # _run closes write_fd once the child has it
         return await _run(argv, sink, ok_codes, env, write_fd, reader, (pipe, coalesce_s),
-                          user=user)
+                          user=user, stdin=stdin)
     finally:
         pipe.close()  # and with it pipe_file
 
@@ -154,13 +157,14 @@ async def _run(
     coalesce: tuple[asyncio.ReadTransport, float] | None = None,
     *,
     user: str | None = None,
+    stdin: int | None = None,
 ) -> Result:
     """``run`` once its stdout is settled: ``reader`` reads the pipe given as ``stdout``
-    (its write end is closed here once the child has it)."""
+    (its write end is closed here once the child has it), as is ``stdin``."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else stdin,
             stdout=asyncio.subprocess.PIPE if stdout is None else stdout,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
@@ -171,6 +175,8 @@ async def _run(
         if reader is not None:
             assert stdout is not None
             os.close(stdout)  # the child's copy is the only writer: EOF when it ends
+        if stdin is not None:
+            os.close(stdin)  # the child's copy is the only reader: EPIPE when it ends
     if reader is None:
         reader = proc.stdout
     stderr_lines: collections.deque[str] = collections.deque(maxlen=20)
