@@ -5,8 +5,8 @@
 
 ``--without-asset-check``: the run's steps without the asset check (the same run as the
 product's in every other way). ``--without-sha1``: SHA-1 is not computed beside SHA-256
-(every file's SHA-1 then reads as unknown). Benchmarks only: the product has no such
-switches.
+(every file's SHA-1 is then stored as unknown, None, and the asset check counts the
+originals as not read yet). Benchmarks only: the product has no such switches.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ class _NoHash:
     def update(self, data: Any) -> None:
         return
 
-    def hexdigest(self) -> str:
-        return ""
+    def hexdigest(self) -> None:
+        return None  # the SHA-1 not known (as for a file never read), not a SHA-1 of ""
 
 
 class _HashlibWithoutSha1:
