@@ -20,7 +20,8 @@ control socket between them), logs in over HTTP, then:
    0.5 s).
 
 Run as root: ``sudo .venv/bin/python bench/bench_web.py`` (``--runs 200 --idle 5`` for a
-quick look).
+quick look). Memory is printed in MiB (what /proc counts) and in MB of 10^6 bytes (the
+target's). Results also go to bench/results/web.json.
 """
 
 from __future__ import annotations
@@ -205,14 +206,18 @@ def main() -> int:
         floor = statistics.median(floor_ms)
         print("pages (GET, logged in; target: under 50 ms):")
         print(summary("static", floor_ms, floor))
+        out: dict[str, object] = {"runs": args.runs, "requests": args.requests,
+                                  "static_ms": floor_ms}
         for path in ("/", "/history"):
-            print(summary(path, web.timed(path, args.requests), floor))
+            out[f"{path}_ms"] = page_ms = web.timed(path, args.requests)
+            print(summary(path, page_ms, floor))
         cold = []
         for i in range(5):  # a new run: the web UI reads the new line only
             write_history_run(state, i)
             cold += web.timed("/history", 1)
         print(f"  /history right after each new run: median "
               f"{statistics.median(cold):.1f} ms, longest {max(cold):.1f} ms")
+        out["/history_after_a_run_ms"] = cold
 
         time.sleep(2)  # the page requests' work settles
         cpu0 = [proc_cpu_s(p.pid) for p in procs]
@@ -220,11 +225,17 @@ def main() -> int:
         cpu = sum(proc_cpu_s(p.pid) - c for p, c in zip(procs, cpu0, strict=True))
         rss = [proc_rss_mb(p.pid) for p in procs]
         pss = [proc_pss_mb(p.pid) for p in procs]
+        mb = 2**20 / 1e6  # /proc counts KiB; the target is in MB of 10^6 bytes
         print(f"idle, no page open ({args.idle:g} s): CPU {100 * cpu / args.idle:.2f} % "
               f"(target 0.0)\n  memory (target: under 80 MB together): PSS daemon "
-              f"{pss[0]:.1f} MB + web {pss[1]:.1f} MB = {sum(pss):.1f} MB; RSS "
-              f"{rss[0]:.1f} + {rss[1]:.1f} = {sum(rss):.1f} MB (RSS counts the libraries "
-              "both map, libpython and OpenSSL among them, twice)")
+              f"{pss[0]:.1f} MiB + web {pss[1]:.1f} MiB = {sum(pss):.1f} MiB, "
+              f"{sum(pss) * mb:.1f} MB ({'PASS' if sum(pss) * mb < 80 else 'OVER'}); RSS "
+              f"{rss[0]:.1f} + {rss[1]:.1f} = {sum(rss):.1f} MiB, {sum(rss) * mb:.1f} MB "
+              f"({'PASS' if sum(rss) * mb < 80 else 'OVER'}; RSS counts the libraries both "
+              "map, libpython and OpenSSL among them, twice)")
+        out.update(idle_s=args.idle, idle_cpu_percent=100 * cpu / args.idle,
+                   pss_mib={"daemon": pss[0], "web": pss[1]},
+                   rss_mib={"daemon": rss[0], "web": rss[1]})
 
         image = work / "disk.img"  # not under the stack's USB images: the daemon ignores it
         with open(image, "wb") as f:
@@ -247,6 +258,7 @@ def main() -> int:
                        check=False)
         stop.set()
         gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        out["event_gaps_s"] = gaps
         if gaps:
             print(f"events during a run of {stamps[-1] - stamps[0]:.1f} s: {len(stamps)}, "
                   f"{len(stamps) / max(stamps[-1] - stamps[0], 0.001):.1f} a second; "
@@ -255,6 +267,10 @@ def main() -> int:
         else:
             print("events: none seen during the run (too short? raise --bwlimit's effect "
                   "with a smaller value)")
+        results = REPO / "bench" / "results" / "web.json"
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"results: {results}")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
