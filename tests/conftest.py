@@ -41,7 +41,8 @@ from helpers import (
 # The local time the suite runs at ---------------------------------------------------------
 # No test may depend on the hour or the time zone it runs in: `--local-time 00:30` (or
 # 23:59) sets TZ, for this process and every command the tests start, to a zone in which
-# the local time is that now. .ci/run runs the suite so, at 00:30 and at 23:59.
+# the local time is that now (to the nearest quarter hour: real zones, and exFAT, know no
+# finer offset). .ci/run runs the suite so, at 00:30 and at 23:55.
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--local-time", metavar="HH:MM",

@@ -26,9 +26,13 @@ import stack as st
 REPO = Path(__file__).resolve().parents[1]
 
 def tz_for(local: str, now_utc: datetime) -> str:
-    """A POSIX TZ value whose local time at ``now_utc`` is ``local`` (HH:MM)."""
+    """A POSIX TZ value whose local time at ``now_utc`` is ``local`` (HH:MM), to the
+    nearest quarter hour: every real zone is a whole number of quarter hours from UTC, and
+    exFAT stores a time's zone in quarter hours, so a zone between them (UTC-3:46) makes
+    exfat-fuse write every time a minute off (0:01 in 3:46 - 3:45) after a remount."""
     hours, minutes = (int(x) for x in local.split(":"))
     offset = (hours * 60 + minutes - now_utc.hour * 60 - now_utc.minute) % 1440
+    offset = round(offset / 15) * 15 % 1440
     if offset > 720:
         offset -= 1440
     sign = "-" if offset >= 0 else "+"  # POSIX counts west of Greenwich as positive
