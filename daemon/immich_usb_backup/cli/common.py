@@ -62,7 +62,7 @@ class ProgressPrinter:
 
         while True:
             await asyncio.sleep(0.5)
-            st = read_status(state_dir)
+            st = await asyncio.to_thread(read_status, state_dir)  # a busy disk is slow
             if self.paused or st.get("state") != "running" or st.get("pid") != os.getpid():
                 continue
             if self.tty:
