@@ -122,16 +122,21 @@ def _check(config: Config, disk: str, work: Path, dump: Path, files_list: Path,
                       list(config.library.excludes), mirror_fingerprint(files_list),
                       generation])
     store = AssetStore(config.state_dir)
-    index = MirrorIndex(work / "assets-index.sqlite", config.state_dir,
-                        source=config.immich.upload_location)
     try:
-        index.add_files_list(files_list)
-        return check_dump(dump.name, size, lambda: iter(dumps.Stream(dump)), index,
-                          store=store, media_location=config.immich.media_location,
-                          excluded=excluded_by(Excludes(config.library.excludes)),
-                          stop=stop, memo=(disk, key))
+        kept = store.result(disk, key)
+        if kept is not None:  # nothing it depends on changed: no index, no join
+            return kept
+        index = MirrorIndex(work / "assets-index.sqlite", config.state_dir,
+                            source=config.immich.upload_location)
+        try:
+            index.add_files_list(files_list)
+            return check_dump(dump.name, size, lambda: iter(dumps.Stream(dump)), index,
+                              store=store, media_location=config.immich.media_location,
+                              excluded=excluded_by(Excludes(config.library.excludes)),
+                              stop=stop, memo=(disk, key))
+        finally:
+            index.close()
     finally:
-        index.close()
         store.close()
 
 
