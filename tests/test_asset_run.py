@@ -68,6 +68,8 @@ def test_a_backup_and_verify_prove_the_database_and_the_photos_agree_and_name_wh
     record = json.loads(run_cli("history", "--json", config=server.config_path).stdout)[-1]
     assert record["steps"]["assets"]["counts"]["matched"] == photos - 1
     assert "assets" in (disk.marker / "backup-info.toml").read_text()
+    page = (disk.marker / "history.html").read_text()  # the history page says it too
+    assert f"assets: {photos + 1} in the database, {photos} on the disk, 1 missing" in page
 
     v = run_cli("verify", str(disk.mount_point), config=server.config_path)
     assert v.returncode == 1, v.stdout + v.stderr

@@ -285,12 +285,25 @@ def table(recs: list[RunRecord], heading: str | None = None) -> dict[str, Any]:
             "size": "?" if size is None else human_bytes(size),
             "duration": "?" if seconds is None else short_duration(seconds),
             "problems": r.problems,
+            "checks": _checks(r),
         })
     return {"rows": rows, "problems_shown": PROBLEMS_SHOWN,
             "heading": heading or f"All runs in this report, newest first ({len(recs)})"}
 
 
 # values -------------------------------------------------------------------------------
+
+
+def _checks(r: RunRecord) -> list[str]:
+    """The run's one-line proofs: the asset check (``assets: ...``), the disk's health."""
+    out = []
+    assets = r.steps.get("assets")
+    line = getattr(assets, "line", None) or (assets.extra.get("line") if assets else None)
+    if isinstance(line, str):
+        out.append(line)
+    if r.health and isinstance(r.health.get("line"), str):
+        out.append(r.health["line"])
+    return out
 
 
 def _tip(r: RunRecord) -> str:
