@@ -13,6 +13,9 @@ old dump).
 - without: ``bench/variant.py --without-asset-check -- -c CONFIG run MOUNT``, the same
   product with the asset step left out.
 
+With ``--verbose`` both sides run with ``-v``, and each run's log says where its time
+went: the scan, the library's end, the asset step, the rest up to the closing sync.
+
 Untimed warm-ups first (the first run with the check reads the dump once and stores it,
 and copies the dump onto the disk; the next finds its outcome kept), then per round one
 run of each, in alternating order, each timed to its exit and a following ``sync()``;
@@ -32,7 +35,7 @@ import shutil
 import statistics
 import sys
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import bench_pipeline as bp  # the folder of this script is first on sys.path
@@ -62,8 +65,8 @@ def write_dump(library: Path, files: int, dumps: Path) -> tuple[Path, int]:
     return path, len(originals)
 
 
-def argv_for(side: str, config: Path, mount: Path) -> list[str]:
-    rest = ["-c", str(config), "run", str(mount)]
+def argv_for(side: str, config: Path, mount: Path, verbose: bool = False) -> list[str]:
+    rest = [*(["-v"] if verbose else []), "-c", str(config), "run", str(mount)]
     if side == "with":
         return [str(bp.CLI), *rest]
     return [str(bp.PYTHON), str(bp.VARIANT), "--without-asset-check", "--", *rest]
@@ -85,6 +88,37 @@ def checked(side: str, tag: str, sample: bp.Sample, assets: int) -> str | None:
     return m.group(1)
 
 
+MARKS = {  # the -v log's lines that end each part of a run
+    "scan": "library preflight:",
+    "library": "the manifest on the disk is up to date",
+    "assets": "immich_usb_backup.steps.assets:",
+    "end": "immich_usb_backup.flow: synced",
+}
+
+
+def phases(tag: str) -> dict[str, float]:
+    """From a run's ``-v`` log, seconds of: start to the scan's end (``scan``), then to
+    the library's end (the manifest found up to date), the asset step, and the rest up
+    to the closing sync (``after``)."""
+    at: dict[str, datetime] = {}
+    for line in (bp.RUN_DIR / "logs" / f"{tag}.err").read_text(errors="replace").splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", line)
+        if not m:
+            continue
+        when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        at.setdefault("start", when)
+        for mark, text in MARKS.items():
+            if text in line:
+                at[mark] = when
+    at.setdefault("assets", at.get("library", at["start"]))
+    out, last = {}, at["start"]
+    for mark, name in (("scan", "scan"), ("library", "library"), ("assets", "assets"),
+                       ("end", "after")):
+        out[name] = (at.get(mark, last) - last) / timedelta(seconds=1)
+        last = at.get(mark, last)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="A no-change run with the asset check against "
                                 "the same run without it.")
@@ -92,6 +126,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cold", action="store_true", help="drop the page cache before each run")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--verbose", action="store_true",
+                   help="run both sides with -v and print where each run's time went (the "
+                   "scan, the library's end, the asset step, the rest)")
     bp.add_images_option(p, bs.WORK)
     args = p.parse_args()
     if min(args.files, args.rounds) < 1:
@@ -126,18 +163,24 @@ def main() -> int:
             print(f"warm-up {side}: {s.seconds:.2f} s")
         samples: dict[str, list[bp.Sample]] = {side: [] for side in SIDES}
         pss: dict[str, list[float]] = {side: [] for side in SIDES}
+        parts: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
         for n in range(args.rounds):
             order = SIDES if n % 2 == 0 else SIDES[::-1]
             for side in order:
                 tag = f"r{n}-{side}"
                 with bs.TreeMemory() as memory:
-                    s = bp.run_once(argv_for(side, config, disk.mount), tag,
+                    s = bp.run_once(argv_for(side, config, disk.mount, args.verbose), tag,
                                     drop_caches=args.cold)
                 line = checked(side, tag, s, assets) or line
                 samples[side].append(s)
                 pss[side].append(memory.peak_kib / 1024)
+                where = ""
+                if args.verbose:
+                    parts[side].append(phases(tag))
+                    where = " (" + ", ".join(f"{k} {v:.2f}" for k, v in
+                                             parts[side][-1].items()) + ")"
                 print(f"round {n + 1} {side:<7}: {s.seconds:.2f} s, all its processes "
-                      f"{pss[side][-1]:.1f} MiB (PSS)")
+                      f"{pss[side][-1]:.1f} MiB (PSS){where}")
         med = {side: statistics.median(s.seconds for s in v) for side, v in samples.items()}
         ratio = med["with"] / med["without"]
         per_round = [w.seconds / o.seconds
@@ -151,6 +194,10 @@ def main() -> int:
               f"{statistics.median(per_round):.3f})")
         print(f"  all processes, peak PSS: without {max(pss['without']):.1f} MiB, with "
               f"{max(pss['with']):.1f} MiB")
+        for side in SIDES if args.verbose else ():
+            print(f"  {side}, medians from the -v logs: " + ", ".join(
+                f"{k} {statistics.median(x[k] for x in parts[side]):.2f} s"
+                for k in parts[side][0]))
         print(f"  {line}")
         out = bp.REPO / "bench" / "results" / f"asset-run-{args.files}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +206,8 @@ def main() -> int:
             "files": args.files, "assets": assets, "cold": args.cold, "medians_s": med,
             "ratio": ratio, "round_ratios": per_round, "target": TARGET,
             "samples_s": {k: [s.seconds for s in v] for k, v in samples.items()},
-            "tree_pss_mib": pss, "line": line, "kernel": os.uname().release}, indent=2) + "\n")
+            "tree_pss_mib": pss, "phases_s": parts if args.verbose else None, "line": line,
+            "kernel": os.uname().release}, indent=2) + "\n")
         print(f"\nresults: {out}; logs: {bp.RUN_DIR / 'logs'}")
         return 0
     except KeyboardInterrupt:
