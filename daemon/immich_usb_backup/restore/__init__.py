@@ -25,6 +25,7 @@ the reasons.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -104,8 +105,10 @@ async def list_path(source: Path) -> list[DumpInfo]:
     return await asyncio.to_thread(list_dumps, root)
 
 
-async def list_device(device: str) -> list[DumpInfo]:
-    """``list_path`` for a device, mounted read-only meanwhile."""
+@contextlib.asynccontextmanager
+async def _read_only(device: str) -> AsyncIterator[Path]:
+    """``device`` (``/dev/...``, ``UUID=...``) mounted read-only meanwhile, if it is not
+    mounted already; its mount point. Refused for a file system that is not exFAT."""
     from immich_usb_backup.udisks import UDisks, mounted  # noqa: PLC0415 - dbus when needed
 
     udisks = await UDisks.connect()
@@ -114,27 +117,24 @@ async def list_device(device: str) -> list[DumpInfo]:
         if info.fs_type != "exfat":
             raise Refused(f"{device} holds {info.fs_type or 'no'} file system, not exFAT")
         async with mounted(udisks, info, read_only=True) as mount:
-            return await list_path(mount.mount_point)
+            yield mount.mount_point
     finally:
         udisks.close()
+
+
+async def list_device(device: str) -> list[DumpInfo]:
+    """``list_path`` for a device, mounted read-only meanwhile."""
+    async with _read_only(device) as mount_point:
+        return await list_path(mount_point)
 
 
 async def restore_device(config: Config, device: str, options: Options,
                          confirm: Confirm) -> Outcome:
     """``restore_path`` for a device (``/dev/...``, ``UUID=...``), mounted read-only for
     the restore, if it is not mounted already, and unmounted again."""
-    from immich_usb_backup.udisks import UDisks, mounted  # noqa: PLC0415 - dbus when needed
-
     target = targets.parse(options.database, config.database.postgres_bin_dir)
-    udisks = await UDisks.connect()
-    try:
-        info = await udisks.wait_for_filesystem(await udisks.device_for(device))
-        if info.fs_type != "exfat":
-            raise Refused(f"{device} holds {info.fs_type or 'no'} file system, not exFAT")
-        async with mounted(udisks, info, read_only=True) as mount:
-            return await _restore(config, mount.mount_point, options, confirm, target)
-    finally:
-        udisks.close()
+    async with _read_only(device) as mount_point:
+        return await _restore(config, mount_point, options, confirm, target)
 
 
 async def restore_path(config: Config, source: Path, options: Options,

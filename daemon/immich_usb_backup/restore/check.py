@@ -25,7 +25,7 @@ from immich_usb_backup.hashing import BLOCK, sha256_file
 from immich_usb_backup.restore.files import DIGESTS_TABLE
 from immich_usb_backup.restore.sqlstream import quote
 from immich_usb_backup.restore.targets import Rows
-from immich_usb_backup.text import plural
+from immich_usb_backup.text import plural, word
 
 COPIED = ("matched", "differs", "unlisted")  # states of files the copy wrote
 
@@ -106,7 +106,7 @@ def describe(found: AssetCheck, dest: Path) -> str:
         parts.append(f"{found.on_disk} under {dest}, {found.missing} missing")
     parts.append(f"{found.matched} with Immich's checksum")
     if found.differ:
-        parts.append(f"{found.differ} {'differs' if found.differ == 1 else 'differ'}")
+        parts.append(f"{found.differ} {word(found.differ, 'differs', 'differ')}")
     if found.no_checksum:
         parts.append(f"{found.no_checksum} without a checksum")
     t = found.tally
