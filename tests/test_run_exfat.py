@@ -566,6 +566,8 @@ def test_sigterm_mid_copy_stops_rsync_records_interrupted_and_next_run_finishes(
     st = json.loads(run_cli("status", "--json", config=server.config_path).stdout)
     assert 0 < st["percent"] < 100 and st["bytes_total"] > 0
     assert st["disk"]["label"] == "Backup"
+    m = re.fullmatch(r"(\d+) of (\d+) files copied", st["detail"])  # counted as rsync goes
+    assert m and int(m.group(1)) < int(m.group(2)) and int(m.group(2)) > 1, st
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     note_loop_blocks("immich-usb-backup run (SIGTERM)", err)

@@ -10,6 +10,7 @@ strip and in the history. Each page's screenshot goes to docs/images/ (web-*.png
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -165,9 +166,11 @@ def test_log_in_approve_back_up_now_and_watch_it_in_chromium(
             expect(page.locator("#live-progress")).to_be_visible(timeout=30_000)
             expect(button).to_be_disabled()
             seen: list[float] = []
+            details: set[str] = set()
             end = time.monotonic() + 120
             while time.monotonic() < end and len(set(seen)) < 3:
                 if page.locator("#live-phase").text_content() == "library":
+                    details.add(page.locator("#live-detail").text_content() or "")
                     value = float(page.locator("#live-bar").get_attribute("value") or 0)
                     if 0 < value < 100 and (not seen or value != seen[-1]):
                         seen.append(value)
@@ -175,6 +178,7 @@ def test_log_in_approve_back_up_now_and_watch_it_in_chromium(
                             page.screenshot(path=IMAGES / "web-backup-running.png")
                 page.wait_for_timeout(100)
             assert len(set(seen)) >= 3 and seen == sorted(seen), seen
+            assert any(re.fullmatch(r"\d+ of \d+ files copied", d) for d in details), details
             expect(button).to_be_disabled()
             expect(page.locator("#live-rate")).not_to_have_text("-")
 

@@ -30,6 +30,7 @@ from immich_usb_backup.hashing import Stopped, hash_files
 from immich_usb_backup.record import StepResult, readable
 from immich_usb_backup.scan import read_files_list
 from immich_usb_backup.steps.base import RunContext, in_thread
+from immich_usb_backup.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ HASH_AHEAD_BYTES = 128 * 1024 * 1024  # how far hashing may read ahead of rsync'
 OUTPUT_EVERY_S = 0.1  # rsync's output is read this often (execute.run's coalesce_s)
 
 _PROGRESS = re.compile(r"^\s*([\d,.]+)\s+(\d+)%")
+_XFR = re.compile(r"xfr#(\d+)")  # files copied so far by this rsync (progress2)
 _STATS_FILES = re.compile(r"^Number of regular files transferred:\s*([\d,.]+)")
 _STATS_BYTES = re.compile(r"^Total transferred file size:\s*([\d,.]+)")
 _STATS_LIST_S = re.compile(r"^File list generation time:\s*(\d+)[.,](\d+) seconds")
@@ -88,9 +90,10 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
     rsync, one list at a time, counting into ``result``. A ``hasher`` runs in a thread
     meanwhile, kept within ``HASH_AHEAD_BYTES`` of rsync's progress."""
     mirror = ctx.root.path(layout.LIBRARY)
-    ctx.status.set_phase("library", total_bytes, f"{files} files to copy")
+    ctx.status.set_phase("library", total_bytes, copied_text(0, files))
     source = str(ctx.config.immich.upload_location).rstrip("/") + "/"
     done = {"before": 0, "batch": 0}  # bytes of finished batches, of the running one
+    count = {"before": 0, "batch": 0}  # files of finished batches, of the running one
     list_s: str | None = None  # the batch's seconds building its file list (--stats)
 
     def on_lines(lines: list[str]) -> None:
@@ -99,10 +102,16 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
         progress lines with spaces)."""
         nonlocal list_s
         for line in reversed(lines):
+            x = _XFR.search(line)
+            if x:
+                count["batch"] = int(x.group(1))
+                break
+        for line in reversed(lines):
             m = _PROGRESS.match(line)
             if m:
                 done["batch"] = _number(m.group(1))
-                ctx.status.progress(done["before"] + done["batch"])
+                ctx.status.progress(done["before"] + done["batch"],
+                                    copied_text(count["before"] + count["batch"], files))
                 if hasher is not None:
                     hasher.copied = done["before"] + done["batch"]
                 break
@@ -127,7 +136,7 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
     try:
         for listed in lists:
             batch = await in_thread(ctx, functools.partial(_without_comments, listed))
-            done["batch"], list_s = 0, None
+            done["batch"], count["batch"], list_s = 0, 0, None
             argv = [
                 *base_args(ctx.config.library.bwlimit_kib),
                 "--dirs",
@@ -153,6 +162,7 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
             took = f", {list_s} s of it building its file list" if list_s else ""
             log.debug("rsync batch %s: %.1f s%s", batch.name, time.monotonic() - t0, took)
             done["before"] += done["batch"]
+            count["before"] += count["batch"]
     except BaseException:
         if hasher is not None:
             hasher.stop.set()
@@ -161,6 +171,11 @@ async def copy_paths(ctx: RunContext, lists: list[Path], files: int, total_bytes
         if hasher is not None:
             await hasher.finish()
     await in_thread(ctx, lambda: _remove_empty(incoming))
+
+
+def copied_text(copied: int, files: int) -> str:
+    """The live status's detail while the library is copied: "3 of 18 files copied"."""
+    return f"{min(copied, files)} of {plural(files, 'file')} copied"
 
 
 def _remove_empty(folder: Path) -> None:
