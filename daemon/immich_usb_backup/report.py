@@ -25,15 +25,14 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jinja2
-from markupsafe import Markup
-
 from immich_usb_backup import __version__, clock
 from immich_usb_backup.fsutil import replace_file
 from immich_usb_backup.record import STATUSES, RunRecord
 from immich_usb_backup.text import human_bytes, plural, short_duration
 
 if TYPE_CHECKING:
+    import jinja2
+
     from immich_usb_backup.drill import DrillOutcome
     from immich_usb_backup.overview import DiskSummary
 
@@ -63,7 +62,10 @@ _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 @functools.cache
 def environment() -> jinja2.Environment:
-    """The templates of ``templates/``, autoescaped (``.html``), loaded once."""
+    """The templates of ``templates/``, autoescaped (``.html``), loaded once. Jinja2 is
+    imported here, when a page is first made: an idle daemon does not hold it (11 MiB)."""
+    import jinja2  # noqa: PLC0415
+
     return jinja2.Environment(
         loader=jinja2.PackageLoader("immich_usb_backup", "templates"),
         autoescape=jinja2.select_autoescape(["html"]),
@@ -116,6 +118,8 @@ def render_html(
     """
     now = (generated_at or clock.now()).astimezone()
     page = view(records, now, drills, disks, remind_after_days)
+    from markupsafe import Markup  # noqa: PLC0415 - with Jinja2, when a page is made
+
     return environment().get_template("history.html").render(
         title=title, version=__version__, static="", view=page,
         css=Markup(css()))  # noqa: S704 - our own style sheet, not input
