@@ -63,6 +63,21 @@ let
     "[::1]"
   ];
 
+  # What both services lock away: namespaces, realtime, set-uid, personality, the
+  # kernel's tunables, modules and log, control groups, the host name, other ABIs.
+  lockedDown = {
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectHostname = true;
+    SystemCallArchitectures = "native";
+  };
+
   # The same sandbox as the plain unit systemd/immich-usb-backup.service (its comments
   # say why each line is there, and why PrivateDevices=, ProtectClock= (it shuts blkid
   # out on some systemd versions), CapabilityBoundingSet= and SystemCallFilter= are not).
@@ -71,7 +86,7 @@ let
   # and to the disks UDisks2 mounts under /run/media (or /media). No UMask= either, as
   # there: the history and status files stay readable for `immich-usb-backup history`
   # and `status` run by other users.
-  serviceHardening = {
+  serviceHardening = lockedDown // {
     # SIGTERM to the main process only: it ends rsync, records the run "interrupted" and
     # unmounts what it mounted; whatever is left after TimeoutStopSec is killed.
     KillMode = "mixed";
@@ -93,16 +108,6 @@ let
       "AF_INET"
       "AF_INET6"
     ];
-    RestrictNamespaces = true;
-    RestrictRealtime = true;
-    RestrictSUIDSGID = true;
-    LockPersonality = true;
-    ProtectKernelTunables = true;
-    ProtectKernelModules = true;
-    ProtectKernelLogs = true;
-    ProtectControlGroups = true;
-    ProtectHostname = true;
-    SystemCallArchitectures = "native";
   };
 
   # UDisks2 mounts the disks; the "started" message needs the network.
@@ -472,7 +477,7 @@ in
         "immich-usb-backup.service"
         "network.target"
       ];
-      serviceConfig = {
+      serviceConfig = lockedDown // {
         ExecStart = "${exe} -c ${configFile} web";
         Restart = "on-failure";
         RestartSec = 5;
@@ -486,18 +491,8 @@ in
           "AF_INET"
           "AF_INET6"
         ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
         ProtectClock = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectHostname = true;
         ProtectProc = "invisible";
-        SystemCallArchitectures = "native";
         SystemCallFilter = [
           "@system-service"
           "~@privileged @resources"
