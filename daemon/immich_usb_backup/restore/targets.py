@@ -17,6 +17,7 @@ asset check reads back (``copy_out``). Every program runs through ``execute``.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import os
 import pwd
@@ -109,8 +110,9 @@ def parse(text: str, bin_dir: Path | None = None) -> PsqlTarget | str:
                       f"{API}")
 
 
-class PsqlTarget:
-    """A database psql reaches (see the module doc)."""
+class PsqlTarget(abc.ABC):
+    """A database psql reaches (see the module doc); a subclass says how psql and
+    pg_dump reach it."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -120,14 +122,17 @@ class PsqlTarget:
     def __str__(self) -> str:
         return shown(self.text)
 
-    async def prepare(self) -> None:
+    async def prepare(self) -> None:  # noqa: B027 - a hook: a URL needs nothing found
         """Find out what ``psql`` needs (the container's user and database)."""
 
+    @abc.abstractmethod
     def psql(self, *args: str, stdin: bool = False) -> list[str]:
-        raise NotImplementedError
+        """The argv of psql with ``args`` against this database (``stdin``: SQL is fed
+        on its standard input)."""
 
+    @abc.abstractmethod
     def pg_dump(self, *args: str) -> list[str]:
-        raise NotImplementedError
+        """The argv of pg_dump with ``args`` of this database."""
 
     async def query(self, sql: str) -> list[list[str]]:
         """Rows of one query (tab-separated fields). Raise CommandError when it fails."""
