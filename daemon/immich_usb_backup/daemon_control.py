@@ -68,9 +68,9 @@ class DaemonHandler:
     async def disks(self) -> list[dict[str, Any]]:
         """The plugged disks, each with its last health reading kept in the state dir (a
         live SMART read takes seconds: a page does not wait for it)."""
-        rows = await asyncio.to_thread(overview.plugged, self.config)
-        kept = await asyncio.to_thread(health.read_stored, self.config.state_dir,
-                                       clock.now())
+        at = clock.now()
+        rows = await asyncio.to_thread(overview.plugged, self.config, at)
+        kept = await asyncio.to_thread(health.read_stored, self.config.state_dir, at)
         for row in rows:
             reading = kept.get(str(row["uuid"] or "").upper())
             row["health"] = reading.to_dict() if reading is not None else None

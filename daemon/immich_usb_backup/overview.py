@@ -85,14 +85,22 @@ def _parse(value: str | None) -> datetime | None:
     return when if when.tzinfo else when.astimezone()
 
 
-def disks(config: Config) -> list[DiskSummary]:
-    """Every approved disk, newest backup first (never backed up last)."""
+def approved(config: Config) -> dict[str, DiskSummary]:
+    """An empty summary for every approved disk (approved by ``approve`` or in the
+    config), by UUID."""
     found: dict[str, DiskSummary] = {}
     for a in approvals.load(config.state_dir):
         found[a.uuid] = DiskSummary(a.uuid, a.label or None, a.approved_at or None)
     for uuid in config.disks.approved:
         u = normalise_uuid(uuid)
         found.setdefault(u, DiskSummary(u, None, None))
+    return found
+
+
+def disks(config: Config) -> list[DiskSummary]:
+    """Every approved disk, newest backup first (never backed up last); without their
+    health (``with_health``)."""
+    found = approved(config)
     for raw in history.iter_records(config.state_dir):
         run = RunRecord.from_dict(raw)
         if not run.disk.uuid:
@@ -100,10 +108,18 @@ def disks(config: Config) -> list[DiskSummary]:
         summary = found.get(normalise_uuid(run.disk.uuid))
         if summary is not None:
             take(summary, run)
-    for uuid, kept in health.read_stored(config.state_dir, clock.now()).items():
-        if uuid in found:
-            found[uuid].health = kept.to_dict()
     return sorted(found.values(), key=newest_first)
+
+
+def with_health(summaries: list[DiskSummary], state_dir: Path,
+                at: datetime) -> list[DiskSummary]:
+    """``summaries``, each with its disk's last health reading (``health.read_stored``:
+    file work, and a damaged file is kept aside and told as of ``at``)."""
+    kept = health.read_stored(state_dir, at)
+    for d in summaries:
+        reading = kept.get(normalise_uuid(d.uuid))
+        d.health = reading.to_dict() if reading is not None else None
+    return summaries
 
 
 def newest_first(d: DiskSummary) -> tuple[bool, float]:
@@ -204,11 +220,11 @@ def mark_sent(state_dir: Path, at: datetime) -> None:
 
 # The disks plugged in now -------------------------------------------------------------
 
-def plugged(config: Config) -> list[dict[str, Any]]:
+def plugged(config: Config, at: datetime) -> list[dict[str, Any]]:
     """Every USB exFAT disk connected now, as ``disks --json`` and the web UI list them
     (``approved``: by its UUID; ``any_marked``: ``[disks] allow_any_marked``), with the free
     space of a mounted one (``free_bytes``, ``free_bytes_at``; None for one that is not
-    mounted: the web UI fills in what its last backup left). Blocking (udev's database,
+    mounted: the web UI fills in what its last backup left), read ``at``. Blocking (udev's database,
     ``statvfs``): call it in a thread."""
     from immich_usb_backup.devices import list_block_devices  # noqa: PLC0415 - pyudev
     from immich_usb_backup.target import marker_state, mount_point_of  # noqa: PLC0415
@@ -224,7 +240,7 @@ def plugged(config: Config) -> list[dict[str, Any]]:
         if mp is not None:
             with contextlib.suppress(OSError):
                 st = os.statvfs(mp)
-                free, free_at = st.f_bavail * st.f_frsize, clock.iso(clock.now())
+                free, free_at = st.f_bavail * st.f_frsize, clock.iso(at)
         rows.append({
             "device": d.device, "label": d.label, "uuid": d.uuid, "size": d.size,
             "model": d.model, "mount_point": str(mp) if mp else None,

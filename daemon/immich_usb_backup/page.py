@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from immich_usb_backup import drill, history, layout, overview, report
+from immich_usb_backup import clock, drill, history, layout, overview, report
 from immich_usb_backup.config import Config
 from immich_usb_backup.record import RunRecord
 
@@ -30,7 +30,8 @@ def _gather(config: Config, runs: int | None, current: RunRecord | None,
     if current is not None:
         records.append(current)
     return records, {"drills": drill.load_outcomes(config.state_dir),
-                     "disks": overview.disks(config),
+                     "disks": overview.with_health(overview.disks(config),
+                                                   config.state_dir, clock.now()),
                      "remind_after_days": config.notify.remind_after_days}
 
 

@@ -31,7 +31,8 @@ def cmd_disks_all(config: Config, args: argparse.Namespace) -> int:
     from immich_usb_backup import clock, overview  # noqa: PLC0415
 
     at, days = clock.now(), config.notify.remind_after_days
-    rows = [d.as_dict(at, days) for d in overview.disks(config)]
+    rows = [d.as_dict(at, days)
+            for d in overview.with_health(overview.disks(config), config.state_dir, at)]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -53,8 +54,9 @@ def cmd_disks(config: Config, args: argparse.Namespace) -> int:
         overview,
     )
 
-    rows = overview.plugged(config)
-    asyncio.run(health.read_plugged(rows, config.health, config.state_dir, clock.now()))
+    at = clock.now()
+    rows = overview.plugged(config, at)
+    asyncio.run(health.read_plugged(rows, config.health, config.state_dir, at))
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 
-from immich_usb_backup import approvals, clock, health, overview, state
+from immich_usb_backup import clock, overview, state
 from immich_usb_backup.config import Config
 from immich_usb_backup.filecache import Signature, signature
 from immich_usb_backup.policy import normalise_uuid
@@ -53,11 +53,7 @@ class Follower:
             # copies: the originals go on being folded under the lock
             out = sorted((dataclasses.replace(d) for d in self._summaries.values()),
                          key=overview.newest_first)
-        kept = health.read_stored(self.path.parent, clock.now())
-        for d in out:
-            reading = kept.get(d.uuid.upper())
-            d.health = reading.to_dict() if reading is not None else None
-        return out
+        return overview.with_health(out, self.config.state_dir, clock.now())
 
     def _catch_up(self) -> None:
         try:
@@ -75,14 +71,7 @@ class Follower:
     def _start_again(self) -> None:
         self._runs.clear()
         self._offset = 0
-        found: dict[str, overview.DiskSummary] = {}
-        for a in approvals.load(self.config.state_dir):
-            found[a.uuid] = overview.DiskSummary(a.uuid, a.label or None,
-                                                 a.approved_at or None)
-        for uuid in self.config.disks.approved:
-            u = normalise_uuid(uuid)
-            found.setdefault(u, overview.DiskSummary(u, None, None))
-        self._summaries = found
+        self._summaries = overview.approved(self.config)
 
     def _read_from(self, offset: int) -> None:
         """The complete lines from ``offset`` on; a half-written last line waits."""
