@@ -130,7 +130,7 @@ async def _drill(bin_dir: Path, dump: Path, result: DrillResult, status: StatusW
             database = DATABASE
             await cluster.query("postgres", f'CREATE DATABASE "{DATABASE}"')
         feeder = Feeder(dump, folder, result.kind == "cluster dump", user,
-                         status.progress)
+                         status.counter())
         await asyncio.to_thread(feeder.make_fifo)
         feeding = asyncio.ensure_future(asyncio.to_thread(feeder.run))
         load = await execute.run(cluster.psql(database, "-f", str(feeder.fifo)),

@@ -52,6 +52,7 @@ class Feeder:
 
     def __init__(self, dump: Path, folder: Path, cluster_dump: bool, user: str | None,
                  on_bytes: Callable[[int], None]) -> None:
+        """``on_bytes``: given the bytes of each block of the dump read (gzip'd)."""
         self.dump = dump
         self.folder = folder
         self.fifo = folder / "dump.sql"
@@ -116,14 +117,7 @@ class Feeder:
             time.sleep(0.01)
 
     def _feed(self) -> None:
-        read = 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal read
-            read += n
-            self.on_bytes(read)
-
-        stream = dumps.Stream(self.dump, on_bytes)
+        stream = dumps.Stream(self.dump, self.on_bytes)
         pending = b""
         line_start = True  # whether ``pending`` starts a line
         for data in stream:

@@ -236,12 +236,7 @@ async def _files(plan: Plan, options: Options, work: Path, stop: threading.Event
                  status: StatusWriter) -> FilesResult:
     status.set_phase("restore-files", plan.library_bytes or 0,
                      f"copying {layout.LIBRARY}/ into {plan.dest}")
-    done = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        status.progress(done)
+    on_bytes = status.counter()
 
     def copy() -> FilesResult:
         db = files.open_db(work)
@@ -285,7 +280,7 @@ async def _database(config: Config, plan: Plan, target: PsqlTarget | str, work: 
     status.set_phase("restore-database", plan.dump.size, f"loading {dump.name}")
     stream = SqlStream(dump, cluster_database=plan.cluster_database,
                        target_database=target.database, replace=plan.save_to is not None,
-                       on_bytes=_adder(status), stop=stop)
+                       on_bytes=status.counter(), stop=stop)
     try:
         loaded = await target.load(stream)
     except (CommandError, OSError) as exc:
@@ -303,16 +298,6 @@ async def _database(config: Config, plan: Plan, target: PsqlTarget | str, work: 
     if state.assets is not None:
         result.counts["assets"] = state.assets
     return result
-
-
-def _adder(status: StatusWriter) -> Callable[[int], None]:
-    done = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        status.progress(done)
-    return on_bytes
 
 
 async def _check(config: Config, plan: Plan, target: PsqlTarget | str, work: Path,

@@ -47,14 +47,8 @@ async def restore_through_api(url: str, key_file: Path, dump: Path, status: Stat
         register_secrets({key})
         size = dump.stat().st_size
         status.set_phase("restore-database", size, f"uploading {dump.name} to Immich")
-        sent = 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal sent
-            sent += n
-            status.progress(sent)
-
-        await asyncio.to_thread(immich.upload_database_backup, url, key, dump, on_bytes)
+        await asyncio.to_thread(immich.upload_database_backup, url, key, dump,
+                                status.counter())
         held = await asyncio.to_thread(immich.database_backups, url, key)
         name = UPLOADED + dump.name
         if name not in held and dump.name in held:
