@@ -70,6 +70,17 @@ def newest_dump(names: list[str]) -> tuple[str, datetime] | None:
     return n, t
 
 
+def newest_in(folder: Path) -> tuple[Path, int] | None:
+    """The newest nightly dump in ``folder`` (none when it is not a folder) by the time in
+    its name, and its size."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    newest = newest_dump(names)
+    if newest is None:
+        return None
+    dump = folder / newest[0]
+    return dump, dump.stat().st_size
+
+
 def dumps_to_prune(names: list[str], keep: int) -> list[str]:
     """Of the dump names on the disk, those beyond the ``keep`` newest."""
     dated = sorted(((t, n) for n in names if (t := dump_time(n)) is not None), reverse=True)

@@ -77,7 +77,7 @@ async def restore_drill(bin_dir: Path, database_dir: Path, status: StatusWriter)
     started = time.monotonic()
     result = DrillResult(postgres_bin_dir=str(bin_dir))
     try:
-        newest = await asyncio.to_thread(_newest_dump, database_dir)
+        newest = await asyncio.to_thread(dumps.newest_in, database_dir)
         if newest is None:
             result.problems.append(f"no Immich database dump in {database_dir} "
                                    "(immich-db-backup-*.sql.gz)")
@@ -94,16 +94,6 @@ async def restore_drill(bin_dir: Path, database_dir: Path, status: StatusWriter)
         return result
     finally:
         result.duration_s = round(time.monotonic() - started, 1)
-
-
-def _newest_dump(database_dir: Path) -> tuple[Path, int] | None:
-    """The newest nightly dump in ``database_dir`` by the time in its name, and its size."""
-    names = [p.name for p in database_dir.iterdir()] if database_dir.is_dir() else []
-    newest = dumps.newest_dump(names)
-    if newest is None:
-        return None
-    dump = database_dir / newest[0]
-    return dump, dump.stat().st_size
 
 
 async def _drill(bin_dir: Path, dump: Path, result: DrillResult, status: StatusWriter) -> None:

@@ -89,17 +89,15 @@ class AssetsStep(Step):
     def check_disk(cls, check: DiskCheck) -> None:
         """``verify TARGET``: the newest dump's assets against the disk's files, with the
         SHA-1s the library's check read back (a ``--sample``: the sampled assets read)."""
-        folder = check.root / layout.DATABASE
-        names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-        newest = dumps.newest_dump(names)
+        newest = dumps.newest_in(check.root / layout.DATABASE)
         if newest is None:
             return
-        dump = folder / newest[0]
+        dump, size = newest
         check.status.set_phase("verify", 0, f"checking the assets of {dump.name}")
         mirror = check.root / layout.LIBRARY
         lookup = (disk_lookup(mirror, stop=check.stop) if check.sample is not None
                   else _read_back_lookup(check))
-        found = check_dump(dump.name, dump.stat().st_size, lambda: iter(dumps.Stream(dump)),
+        found = check_dump(dump.name, size, lambda: iter(dumps.Stream(dump)),
                            lookup, media_location=check.config.immich.media_location,
                            excluded=excluded_by(Excludes(check.config.library.excludes)),
                            share=check.sample, stop=check.stop)
