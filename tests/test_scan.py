@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ from immich_usb_backup.scan import (
     Plan,
     Problems,
     delete_record,
-    read_delete_list,
     read_delete_records,
     read_files_list,
     read_records,
@@ -27,6 +27,13 @@ from immich_usb_backup.scan import (
 )
 
 CLUSTER = 4096
+
+
+def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:
+    """(kind, relative path) of each record of a delete list."""
+    for kind, rel, _, _ in read_delete_records(path):
+        yield kind, rel
+
 SECOND_NS = 1_000_000_000
 BASE_MTIME_NS = 1_700_000_000 * SECOND_NS
 

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORK_DIR = "run"
+WORK_DIR = state.WORK
 SMALL_FILES_RESERVE = 1024 * 1024  # README, backup-info, folder entries
 
 Detach = Callable[[], Awaitable[DiskState]]

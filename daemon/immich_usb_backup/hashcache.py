@@ -20,7 +20,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
-CACHE_NAME = "hashes.sqlite"
+from immich_usb_backup import state
+
+CACHE_NAME = state.HASHES
 CHUNK = 500  # paths per query of lookup_many (SQLite allows 999 parameters at least)
 
 T = TypeVar("T")

@@ -32,6 +32,3 @@ DATABASE = "database"
 CONFIG = "config"
 DELETED = "deleted"
 INCOMING = ".incoming"
-
-# Every name a run writes at the top of the backup folder (the key is approve's)
-WRITTEN = (README, INFO, PAGE, LIBRARY, MANIFEST, DATABASE, CONFIG, DELETED, INCOMING)

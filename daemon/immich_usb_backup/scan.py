@@ -497,15 +497,10 @@ def _size_time(kind: str, size: int, mtime_ns: int) -> tuple[int, int]:
 def read_delete_records(path: Path) -> Iterator[tuple[str, str, int, int]]:
     """Yield (kind, relative path, size, mtime_ns) from a delete list; kind is "F" (a
     file to remove), "D" (a folder, after everything in it: subfolders of a deleted
-    folder come first, deepest first) or "R" (a file the copy replaces)."""
+    folder come first, deepest first), "R" (a file the copy replaces) or "T" (a temporary
+    file a killed rsync left in the mirror: removed, never set aside)."""
     for kind, rel, size, mtime_ns in read_records(path, 4):
         yield kind.decode(), os.fsdecode(rel), int(size), int(mtime_ns)
-
-
-def read_delete_list(path: Path) -> Iterator[tuple[str, str]]:
-    """Yield (kind, relative path) from a delete list (see ``read_delete_records``)."""
-    for kind, rel, _, _ in read_delete_records(path):
-        yield kind, rel
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,6 @@ class StateDamaged(BackupError):
             + (f": {advice}" if advice else ""))
 
 
-def path(state_dir: Path, name: str) -> Path:
-    return state_dir / name
-
-
 def read_toml(state_dir: Path, name: str, *, at: datetime | None = None) -> dict[str, Any]:
     """The TOML state file ``name``: {} when it does not exist. Raise ``StateDamaged``
     (after keeping the file aside) when it cannot be read or parsed."""

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from immich_usb_backup import state
 from immich_usb_backup.lock import is_running
 
-STATUS_NAME = "status.json"
+STATUS_NAME = state.STATUS
 WRITE_INTERVAL_S = 0.5
 RATE_SMOOTHING = 0.3
 

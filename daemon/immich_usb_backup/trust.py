@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from immich_usb_backup import approvals, clock, history, layout
+from immich_usb_backup import approvals, clock, history, layout, state
 from immich_usb_backup.config import Config
 from immich_usb_backup.fsutil import BackupRoot, atomic_write_bytes
 from immich_usb_backup.hashcache import HashCache
@@ -143,7 +143,7 @@ def _history_says(config: Config, uuid: str, facts: DiskFacts) -> tuple[bool, bo
 
 
 def _manifest_is_ours(config: Config, uuid: str, facts: DiskFacts) -> bool:
-    if facts.manifest is None or not (config.state_dir / "hashes.sqlite").exists():
+    if facts.manifest is None or not (config.state_dir / state.HASHES).exists():
         return False
     cache = HashCache(config.state_dir)
     try:
