@@ -202,6 +202,13 @@ def remove_stale_temps(directory: Path) -> None:
                 os.unlink(entry.path)
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """All of ``data`` to ``fd`` (``os.write`` may take part of it: a pipe, a signal)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def free_bytes(path: Path) -> int:
     """Bytes available to us on the file system holding ``path``."""
     st = os.statvfs(path)

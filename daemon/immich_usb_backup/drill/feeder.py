@@ -23,6 +23,7 @@ from pathlib import Path
 
 from immich_usb_backup import dumps
 from immich_usb_backup.drill.postgres import SUPERUSER
+from immich_usb_backup.fsutil import write_all
 
 LONG_LINE = 1 << 20  # a line longer than this is passed on in pieces
 # Immich's restore guide: sed "s/OLD/NEW/g" between gunzip and psql
@@ -149,7 +150,7 @@ class Feeder:
                 self._end_copy()
             elif self._copy >= 0:
                 try:
-                    _write_all(self._copy, line)
+                    write_all(self._copy, line)
                 except BrokenPipeError:  # the COPY failed on a row: skip the rest
                     self._close_copy(-2)
             return
@@ -157,7 +158,7 @@ class Feeder:
             line = self._adjust(line)
             if self._copy != -1:
                 return
-        _write_all(self._out, line)
+        write_all(self._out, line)
 
     def _adjust(self, line: bytes) -> bytes:
         """The line as psql gets it; starts a COPY block (and writes it) itself. A psql
@@ -189,7 +190,7 @@ class Feeder:
         marker = Path(f"{self.copy_prefix}{self.copies}.done")
         self._mkfifo(fifo)
         statement = line.rstrip(b"\r\n").removesuffix(b"FROM stdin;")
-        _write_all(self._out, statement + b"FROM " + _literal(fifo) + b";\n"
+        write_all(self._out, statement + b"FROM " + _literal(fifo) + b";\n"
                    + b"COPY (SELECT 1) TO " + _literal(marker) + b";\n")
         fd = self._open_writer(fifo, marker)
         if fd < 0:
@@ -213,9 +214,3 @@ class Feeder:
 
 def _literal(path: Path) -> bytes:
     return b"'" + str(path).replace("'", "''").encode() + b"'"
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

@@ -50,7 +50,8 @@ def _has_tools(folder: Path) -> list[str]:
     return [t for t in TOOLS if not os.access(folder / t, os.X_OK)]
 
 
-def _version_key(folder: Path) -> list[int]:
+def version_key(folder: Path) -> list[int]:
+    """The PostgreSQL version of a ``/usr/lib/postgresql/<version>/bin`` folder, to sort."""
     return [int(n) for n in re.findall(r"\d+", folder.parent.name)]
 
 
@@ -81,7 +82,7 @@ def find_postgres(configured: Path | None) -> Path:
     if on_path:
         candidates.append(Path(os.path.realpath(on_path)).parent)
     candidates += sorted((p.parent for p in DEBIAN_BINS.glob("*/bin/initdb")),
-                         key=_version_key, reverse=True)
+                         key=version_key, reverse=True)
     for folder in candidates:
         if not _has_tools(folder):
             return folder

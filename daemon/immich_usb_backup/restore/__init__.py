@@ -35,7 +35,6 @@ import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -322,8 +321,3 @@ async def _check(config: Config, plan: Plan, target: PsqlTarget | str, work: Pat
             chunks, lookup, config.immich.media_location, stop))
     finally:
         close()
-
-
-def plain_time(when: datetime | None) -> str:
-    """A dump's time for ``--list`` and the plan."""
-    return "-" if when is None else f"{when:%Y-%m-%d %H:%M}"

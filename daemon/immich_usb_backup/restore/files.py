@@ -35,7 +35,7 @@ from typing import Any
 from immich_usb_backup import layout, manifest
 from immich_usb_backup.diskreport import Found
 from immich_usb_backup.errors import BackupError, Refused
-from immich_usb_backup.fsutil import Inside
+from immich_usb_backup.fsutil import Inside, write_all
 from immich_usb_backup.hashing import Stopped
 
 BLOCK = 1 << 20
@@ -98,15 +98,6 @@ class FilesResult:
                 out.append(f"files: ... and {found.count - len(found.paths)} more that "
                            f"{what.split(':')[0]}")
         return out
-
-    def as_dict(self) -> dict[str, Any]:
-        counts = {name: f.count for name, f in (
-            ("differ", self.differ), ("unreadable", self.unreadable),
-            ("missing", self.missing), ("unlisted", self.unlisted),
-            ("not_placed", self.not_placed), ("bad_lines", self.bad_lines))}
-        return {"manifest": self.manifest, "listed": self.listed, "files": self.files,
-                "bytes": self.bytes, "matched": self.matched, "kept": self.kept,
-                **counts, "duration_s": self.duration_s}
 
 
 def open_db(work: Path) -> sqlite3.Connection:
@@ -359,8 +350,7 @@ class LibraryCopy:
 
     def _write(self, fd: int, view: memoryview, rel: str) -> None:
         try:
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, view)
         except OSError as exc:
             raise WriteFailed(f"writing {self.dest / rel} failed: {exc.strerror or exc}"
                               ) from exc

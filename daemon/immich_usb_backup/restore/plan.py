@@ -25,7 +25,8 @@ from typing import Any
 from immich_usb_backup import dumps, immich, layout, manifest
 from immich_usb_backup.assets import CLUSTER_DUMP
 from immich_usb_backup.config import Config
-from immich_usb_backup.restore import configs, sqlstream, targets
+from immich_usb_backup.fsutil import free_bytes
+from immich_usb_backup.restore import configs, sqlstream
 from immich_usb_backup.restore.targets import API, DbState, PsqlTarget
 from immich_usb_backup.target import Disk
 from immich_usb_backup.text import human_bytes, plural
@@ -72,7 +73,6 @@ class Plan:
     library_bytes: int | None = None
     manifest: bool = False
     dest_state: str = "absent"  # absent | empty | not empty
-    dest_entries: list[str] = field(default_factory=list)
     free_bytes: int | None = None
     owner: tuple[int, int] = (0, 0)
     dump: DumpInfo | None = None
@@ -153,7 +153,6 @@ def _files_side(plan: Plan, disk: Disk, options: Options) -> None:
         with os.scandir(dest) as it:
             names = sorted(e.name for e in it)
         plan.dest_state = "not empty" if names else "empty"
-        plan.dest_entries = names[:SHOWN]
         if names and not options.merge:
             plan.refusals.append(_not_empty(dest, names))
     plan.owner = options.owner or owner_of(dest)
@@ -192,10 +191,9 @@ def _not_empty(dest: Path, names: list[str]) -> str:
 
 def _free(path: Path) -> int | None:
     try:
-        st = os.statvfs(path)
+        return free_bytes(path)
     except OSError:
         return None
-    return st.f_bavail * st.f_frsize
 
 
 def _int(value: Any) -> int | None:
@@ -332,8 +330,3 @@ def parse_owner(text: str) -> tuple[int, int]:
             raise ValueError(f"--owner {text}: no {what} {value} on this machine") from None
 
     return number(user, pwd.getpwnam, "user"), number(group, grp.getgrnam, "group")
-
-
-def can_parse(target: str, config: Config) -> PsqlTarget | str:
-    """``targets.parse`` with the configured PostgreSQL folder."""
-    return targets.parse(target, config.database.postgres_bin_dir)

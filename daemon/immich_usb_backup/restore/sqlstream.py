@@ -32,6 +32,7 @@ from pathlib import Path
 
 from immich_usb_backup import dumps
 from immich_usb_backup.drill.feeder import SEARCH_PATH_NEW, SEARCH_PATH_OLD
+from immich_usb_backup.fsutil import write_all
 
 OUT_BLOCK = 1 << 20  # bytes handed to psql at a time
 LONG_LINE = 1 << 20  # a line of SQL longer than this is passed on in pieces
@@ -70,7 +71,6 @@ class SqlStream:
         self.stop = stop or threading.Event()
         self.committed = False
         self.problem: str | None = None
-        self.guards_left_out = 0
         self.found_database = cluster_database is None
 
     def __iter__(self) -> Iterator[bytes]:
@@ -151,8 +151,7 @@ class SqlStream:
                     if line.startswith(b"\\connect "):
                         keep = self._connect(line)
                         continue
-                    if line.startswith(GUARDS):
-                        self.guards_left_out += 1
+                    if line.startswith(GUARDS):  # psql's, of pg_dump 17.6+: left out
                         continue
                     if keep:
                         self._refuse(line)
@@ -168,8 +167,8 @@ class SqlStream:
         if tail and keep and not in_copy:  # a last line without its line end
             if not at_line_start:
                 yield tail
-            elif tail.startswith(GUARDS):
-                self.guards_left_out += 1
+            elif tail.startswith(GUARDS):  # left out, as above
+                pass
             elif self._refuse(tail):
                 return
             else:
@@ -282,9 +281,7 @@ def write_to(stream: SqlStream, fd: int) -> None:
 
     try:
         for block in stream:
-            view = memoryview(block)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, block)
     except BrokenPipeError:
         stream.committed = False
         stream.problem = stream.problem or "psql stopped reading the dump"

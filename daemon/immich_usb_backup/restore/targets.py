@@ -30,13 +30,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from immich_usb_backup import dumps, execute
 from immich_usb_backup.drill import TABLES
+from immich_usb_backup.drill.postgres import DEBIAN_BINS, version_key
 from immich_usb_backup.errors import BackupError, CommandError
 from immich_usb_backup.masking import mask_url_passwords, register_secrets, secrets_in
 from immich_usb_backup.restore.sqlstream import SqlStream, quote, write_to
 
 API = "immich-api"
 DOCKER = "docker:"
-DEBIAN_BINS = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"
 IMMICH_TABLES = sorted({name for names in TABLES.values() for name in names})
 ASSET_TABLES, FILE_TABLES = ("asset", "assets"), ("asset_file", "asset_files")
@@ -300,8 +300,7 @@ def client_program(name: str, bin_dir: Path | None) -> str | None:
     on_path = shutil.which(name)
     if on_path:
         return on_path
-    found = sorted(DEBIAN_BINS.glob(f"*/bin/{name}"),
-                   key=lambda p: [int(n) for n in re.findall(r"\d+", p.parts[-3])])
+    found = sorted(DEBIAN_BINS.glob(f"*/bin/{name}"), key=lambda p: version_key(p.parent))
     return str(found[-1]) if found else None
 
 
