@@ -48,7 +48,13 @@ from immich_usb_backup.assets import (
     DumpReader,
     decode_text,
 )
-from immich_usb_backup.assetstore import AssetStore, MirrorIndex, check_dump, disk_lookup
+from immich_usb_backup.assetstore import (
+    AssetStore,
+    MirrorIndex,
+    check_dump,
+    disk_lookup,
+    kept_or_checked,
+)
 from immich_usb_backup.hashcache import HashCache
 from immich_usb_backup.hashing import sha256_file
 from immich_usb_backup.scan import Excludes, Problems, read_files_list, scan
@@ -530,15 +536,16 @@ def test_a_run_that_changed_nothing_gets_the_kept_outcome_without_a_look(
         asked.append(len(rels))
         return list(disk(rels))
 
-    first = check_dump(dump.name, size, lambda: _gunzip_chunks(dump), counting, store=store,
-                       memo=("disk-a", "key-1"))
+    def check() -> AssetCheck:
+        return check_dump(dump.name, size, lambda: _gunzip_chunks(dump), counting,
+                          store=store)
+
+    first = kept_or_checked(store, "disk-a", "key-1", check)
     looked = sum(asked)
     assert looked >= len(library.assets) - 3  # every local row, and the asset files
-    again = check_dump(dump.name, size, lambda: _gunzip_chunks(dump), counting, store=store,
-                       memo=("disk-a", "key-1"))
+    again = kept_or_checked(store, "disk-a", "key-1", check)
     assert sum(asked) == looked  # not looked up again
     assert (again.line(), again.problems()) == (first.line(), first.problems())
-    check_dump(dump.name, size, lambda: _gunzip_chunks(dump), counting, store=store,
-               memo=("disk-a", "key-2"))  # something changed: checked again
+    kept_or_checked(store, "disk-a", "key-2", check)  # something changed: checked again
     assert sum(asked) > looked
     store.close()

@@ -152,19 +152,19 @@ class Classifier:
                 continue
             held.append(row)
             if len(held) >= self.sample:
-                decided = self._decide(held)
-                for waiting in held:
-                    yield from self._files(waiting)
-                held.clear()
+                yield from self._decide(held)
+                decided = True
         if held:
-            self._decide(held)
-            for waiting in held:
-                yield from self._files(waiting)
+            yield from self._decide(held)
 
-    def _decide(self, held: list[Row]) -> bool:
+    def _decide(self, held: list[Row]) -> Iterator[Item]:
+        """Find the prefix from the ``held`` rows, then give their files (and forget
+        them)."""
         paths = [r.original_path if isinstance(r, AssetRow) else r.path for r in held]
         self.tally.prefix = find_prefix([p for p in paths if p is not None], self.probe)
-        return True
+        for waiting in held:
+            yield from self._files(waiting)
+        held.clear()
 
     def _local(self, row: AssetRow) -> bool:
         """Count a row the check skips; True for the others."""

@@ -277,6 +277,18 @@ def _until(stop: threading.Event | None, items: Iterable[T]) -> Iterator[T]:
         yield item
 
 
+def kept_or_checked(store: AssetStore, disk: str, key: str,
+                    check: Callable[[], AssetCheck]) -> AssetCheck:
+    """The outcome kept in ``store`` for ``disk`` under ``key`` (nothing it depends on
+    changed), else ``check()``'s, kept under ``key`` once it returned."""
+    kept = store.result(disk, key)
+    if kept is not None:
+        return kept
+    result = check()
+    store.keep_result(disk, key, result)
+    return result
+
+
 def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]],
                lookup: Lookup | MirrorIndex, *, store: AssetStore | None = None,
                media_location: str | None = None,
@@ -284,8 +296,7 @@ def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]],
                sample: int | None = None, share: float | None = None,
                rng: random.Random | None = None,
                stop: threading.Event | None = None,
-               reader: DumpReader | None = None,
-               memo: tuple[str, str] | None = None) -> AssetCheck:
+               reader: DumpReader | None = None) -> AssetCheck:
     """The asset check of the dump ``name`` (``size`` bytes), blocking (run it in a
     thread).
 
@@ -296,18 +307,8 @@ def check_dump(name: str, size: int, chunks: Callable[[], Iterable[bytes]],
     choose between prefixes the rows share equally. ``sample``: check only that many
     originals, chosen at random (``rng``); ``share``: that percentage of them. Raises
     ``hashing.Stopped`` when ``stop`` is set. ``reader``: the ``DumpReader`` to use, for a
-    caller that looks at it after. ``memo``: (disk, key): the outcome kept in ``store``
-    for the disk under that key is given back as it is; a new one is kept under it.
+    caller that looks at it after.
     """
-    if memo is not None and store is not None:
-        kept = store.result(*memo)
-        if kept is not None:
-            return kept
-        result = check_dump(name, size, chunks, lookup, store=store,
-                            media_location=media_location, excluded=excluded, keep=keep,
-                            sample=sample, share=share, rng=rng, stop=stop, reader=reader)
-        store.keep_result(*memo, result)
-        return result
     ask = lookup.lookup if isinstance(lookup, MirrorIndex) else lookup
     recalled = store.recall(name, size, media_location) if store is not None else None
     if recalled is None:

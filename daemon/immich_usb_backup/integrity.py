@@ -37,9 +37,6 @@ from immich_usb_backup.steps.base import RunContext, in_thread
 
 log = logging.getLogger(__name__)
 
-# A copy that differs is given this time, before it is copied again: if the run ends
-# before the new copy is in place, the next run's size-and-time check copies it.
-
 
 def _selected(rel: str, copied: bool, mode: str, runs: int, turn: int) -> bool:
     if copied or mode == "full":

@@ -11,20 +11,23 @@ what the check proves and what it cannot.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from immich_usb_backup import dumps, layout
-from immich_usb_backup.assetcheck import AssetCheck, Seen
+from immich_usb_backup.assetcheck import AssetCheck, Lookup, Seen
 from immich_usb_backup.assetstore import (
     AssetStore,
     MirrorIndex,
     check_dump,
     disk_lookup,
     excluded_by,
+    kept_or_checked,
     mirror_fingerprint,
 )
 from immich_usb_backup.config import Config
@@ -95,12 +98,12 @@ class AssetsStep(Step):
         dump, size = newest
         check.status.set_phase("verify", 0, f"checking the assets of {dump.name}")
         mirror = check.root / layout.LIBRARY
-        lookup = (disk_lookup(mirror, stop=check.stop) if check.sample is not None
-                  else _read_back_lookup(check))
-        found = check_dump(dump.name, size, lambda: iter(dumps.Stream(dump)),
-                           lookup, media_location=check.config.immich.media_location,
-                           excluded=excluded_by(Excludes(check.config.library.excludes)),
-                           share=check.sample, stop=check.stop)
+        with (contextlib.nullcontext(disk_lookup(mirror, stop=check.stop))
+              if check.sample is not None else _read_back(check)) as lookup:
+            found = check_dump(dump.name, size, lambda: iter(dumps.Stream(dump)),
+                               lookup, media_location=check.config.immich.media_location,
+                               excluded=excluded_by(Excludes(check.config.library.excludes)),
+                               share=check.sample, stop=check.stop)
         check.report.assets = {"line": found.line(), **found.as_dict()}
         for problem in found.problems():
             check.report.asset_problems.add(problem)
@@ -120,10 +123,8 @@ def _check(config: Config, disk: str, work: Path, dump: Path, files_list: Path,
                       list(config.library.excludes), mirror_fingerprint(files_list),
                       generation])
     store = AssetStore(config.state_dir)
-    try:
-        kept = store.result(disk, key)
-        if kept is not None:  # nothing it depends on changed: no index, no join
-            return kept
+
+    def check() -> AssetCheck:  # only when nothing is kept: no index, no join otherwise
         index = MirrorIndex(work / "assets-index.sqlite", config.state_dir,
                             source=config.immich.upload_location)
         try:
@@ -131,28 +132,35 @@ def _check(config: Config, disk: str, work: Path, dump: Path, files_list: Path,
             return check_dump(dump.name, size, lambda: iter(dumps.Stream(dump)), index,
                               store=store, media_location=config.immich.media_location,
                               excluded=excluded_by(Excludes(config.library.excludes)),
-                              stop=stop, memo=(disk, key))
+                              stop=stop)
         finally:
             index.close()
+    try:
+        return kept_or_checked(store, disk, key, check)
     finally:
         store.close()
 
 
-def _read_back_lookup(check: DiskCheck) -> Any:
+@contextlib.contextmanager
+def _read_back(check: DiskCheck) -> Iterator[Lookup]:
     """What the library's check read back (every file, no sample): present, and the SHA-1
-    of the disk's copy."""
+    of the disk's copy; a chunk of paths a query."""
     import sqlite3  # noqa: PLC0415
 
     if check.library_reads is None:
-        return disk_lookup(check.root / layout.LIBRARY, stop=check.stop)
+        yield disk_lookup(check.root / layout.LIBRARY, stop=check.stop)
+        return
     db = sqlite3.connect(check.library_reads)
 
-    def lookup(rels: Any) -> list[Seen]:
-        out = []
-        for rel in rels:
-            row = db.execute("SELECT d.path, r.sha1 FROM d LEFT JOIN r USING (path) "
-                             "WHERE d.path = ?", (rel,)).fetchone()
-            out.append(Seen(False) if row is None else Seen(True, row[1], "disk"))
-        return out
-    return lookup
+    def lookup(rels: Sequence[str]) -> list[Seen]:
+        marks = ",".join("?" * len(rels))
+        found = dict(db.execute(
+            "SELECT d.path, r.sha1 FROM d LEFT JOIN r USING (path) "  # noqa: S608
+            f"WHERE d.path IN ({marks})", list(rels)).fetchall())
+        return [Seen(True, found[rel], "disk") if rel in found else Seen(False)
+                for rel in rels]
+    try:
+        yield lookup
+    finally:
+        db.close()
 
