@@ -334,6 +334,11 @@ def test_the_api_answers_in_the_command_line_s_shapes(tmp_path: Path) -> None:
             r = await client.post("/api/verify", json={"disk": "X", "restore_drill": True},
                                   headers=h)
             assert r.status == 500 and "boom" in (await r.json())["message"]  # its drill
+            r = await client.post("/api/drill", json={"disk": "X"}, headers=h)  # the button's
+            assert r.status == 500 and "boom" in (await r.json())["message"]
+            r = await client.post("/api/approve", json={"disk": "1234-ABCD",  # a form's value
+                                                        "create_marker": "on"}, headers=h)
+            assert r.status == 200 and handler.calls[-1] == ("approve", ("1234-ABCD", True))
             assert (await client.post("/api/backup", json={}, headers=h)).status == 400
             assert (await client.post("/api/format", json={}, headers=h)).status == 404
 

@@ -274,7 +274,7 @@ def week(recs: Sequence[RunRecord], now: datetime, days: int = WEEK_DAYS) -> dic
     return {"days": columns, "tally": tally}
 
 
-def table(recs: list[RunRecord], heading: str | None = None) -> dict[str, Any]:
+def table(recs: list[RunRecord]) -> dict[str, Any]:
     """Every run given, newest first."""
     rows = []
     for i, r in reversed(list(enumerate(recs))):
@@ -292,7 +292,7 @@ def table(recs: list[RunRecord], heading: str | None = None) -> dict[str, Any]:
             "checks": _checks(r),
         })
     return {"rows": rows, "problems_shown": PROBLEMS_SHOWN,
-            "heading": heading or f"All runs in this report, newest first ({len(recs)})"}
+            "heading": f"All runs in this report, newest first ({len(recs)})"}
 
 
 # values -------------------------------------------------------------------------------

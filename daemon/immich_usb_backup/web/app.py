@@ -7,7 +7,8 @@ field ``csrf``; they answer with a redirect, so the pages work without JavaScrip
 (header ``X-CSRF-Token`` on every ``POST`` but the login): ``/api/login``,
 ``/api/logout``, ``/api/status``, ``/api/disks``, ``/api/history?last=N``,
 ``/api/events`` (server-sent events), ``/api/backup``, ``/api/approve``,
-``/api/verify``, ``/api/cancel``. ``/static/`` holds the style sheet and the one script.
+``/api/verify``, ``/api/drill``, ``/api/cancel``. ``/static/`` holds the style sheet and
+the one script.
 Every route but the login and the static files needs a session (middleware below).
 """
 
@@ -265,7 +266,7 @@ async def api_disks(request: web.Request) -> web.StreamResponse:
     disks = await live.disks()
     if disks is None:
         return web.json_response({"error": "daemon-unavailable",
-                                  "message": live.daemon_error or "the daemon is not running"},
+                                  "message": live.why_unavailable()},
                                  status=503)
     return web.json_response(disks)
 

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 
-from immich_usb_backup import clock, overview, state
+from immich_usb_backup import overview, state
 from immich_usb_backup.config import Config
 from immich_usb_backup.filecache import Signature, signature
 from immich_usb_backup.policy import normalise_uuid
@@ -47,13 +47,12 @@ class Follower:
             return list(self._runs)[-n:] if n else []
 
     def disks(self) -> list[overview.DiskSummary]:
-        """Every approved disk, newest backup first, as ``overview.disks`` orders them."""
+        """Every approved disk, newest backup first: ``overview.disks``, kept up to date."""
         with self._lock:
             self._catch_up()
             # copies: the originals go on being folded under the lock
-            out = sorted((dataclasses.replace(d) for d in self._summaries.values()),
-                         key=overview.newest_first)
-        return overview.with_health(out, self.config.state_dir, clock.now())
+            return sorted((dataclasses.replace(d) for d in self._summaries.values()),
+                          key=overview.newest_first)
 
     def _catch_up(self) -> None:
         try:

@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from immich_usb_backup import drill, history, overview, state
+from immich_usb_backup import clock, drill, history, overview, state
 from immich_usb_backup.config import Config
 from immich_usb_backup.control import (
     ControlClient,
@@ -50,13 +50,19 @@ class Live:
         self.history_file = Follower(config, RUNS_KEPT)
         self._drills = FileCache([sd / state.DRILLS], lambda: drill.load_outcomes(sd))
 
+    def why_unavailable(self) -> str:
+        """Why the daemon could not be asked, for a page or an answer."""
+        return self.daemon_error or "the daemon is not running"
+
     def recent_runs(self, n: int) -> list[RunRecord]:
         """The newest ``n`` (at most :data:`RUNS_KEPT`) runs, oldest first. Blocking."""
         return self.history_file.runs(n)
 
     def disk_summaries(self) -> list[overview.DiskSummary]:
-        """Every approved disk at a glance (``overview.disks``). Blocking."""
-        return self.history_file.disks()
+        """Every approved disk at a glance, with its health (``overview.disks``,
+        ``overview.with_health``). Blocking."""
+        return overview.with_health(self.history_file.disks(), self.config.state_dir,
+                                    clock.now())
 
     def drills(self) -> list[drill.DrillOutcome]:
         """Each disk's last restore drill. Blocking."""
@@ -88,7 +94,10 @@ class Live:
             st = (await self.call("status"))["status"]
             return {**st, "daemon": True}
         except (ControlUnavailable, ControlError, KeyError):
-            pass
+            return await self._local_status()
+
+    async def _local_status(self) -> dict[str, Any]:
+        """The status as the state dir tells it (the daemon could not be asked)."""
         return {**await asyncio.to_thread(read_status, self.config.state_dir),
                 "daemon": False}
 
@@ -99,7 +108,7 @@ class Live:
             disks = (await self.call("disks"))["disks"]
         except (ControlUnavailable, ControlError, KeyError):
             return None
-        known = {d.uuid: d for d in await asyncio.to_thread(self.disk_summaries)}
+        known = {d.uuid: d for d in await asyncio.to_thread(self.history_file.disks)}
         out = []
         for disk in disks:
             if not isinstance(disk, dict):
@@ -159,11 +168,7 @@ class Live:
 
     async def _from_state_dir(self) -> None:
         """The state dir's status for a while, then the daemon is asked again."""
-        async def local() -> dict[str, Any]:
-            return {**await asyncio.to_thread(read_status, self.config.state_dir),
-                    "daemon": False}
-
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(RETRY_DAEMON_S):
-                async for event in status_events(local):
+                async for event in status_events(self._local_status):
                     self._send(event)

@@ -102,14 +102,21 @@ def disk_view(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _live_parts(live: Live, st: dict[str, Any], disks: list[dict[str, Any]] | None,
+                approved_only: bool = False) -> dict[str, Any]:
+    """What both pages show of the daemon: the live panel, the disks plugged in now (the
+    approved ones only for the history page), why the daemon could not be asked."""
+    return {"status_now": st, "live": live_view(st),
+            "disks": None if disks is None else [
+                disk_view(d) for d in disks if d.get("approved") or not approved_only],
+            "daemon_error": None if st.get("daemon") else live.why_unavailable()}
+
+
 async def backup(request: web.Request, live: Live, config: Config) -> web.Response:
     st, disks = await asyncio.gather(live.status(), live.disks())
     runs = await asyncio.to_thread(live.recent_runs, WEEK_RUNS)
     return await render(
-        request, "web/backup.html", status_now=st, live=live_view(st),
-        disks=None if disks is None else [disk_view(d) for d in disks],
-        daemon_error=None if st.get("daemon") else live.daemon_error or
-        "the daemon is not running",
+        request, "web/backup.html", **_live_parts(live, st, disks),
         week=report.week(runs, clock.now()), modes=MODES, default_mode=config.library.mode,
         state_dir=str(config.state_dir))
 
@@ -124,11 +131,7 @@ async def history_page(request: web.Request, live: Live, config: Config) -> web.
     view, st, disks = await asyncio.gather(asyncio.to_thread(_history_view, live, config),
                                            live.status(), live.disks())
     return await render(
-        request, "web/history.html", view=view, live=live_view(st), status_now=st,
-        disks=None if disks is None else [disk_view(d) for d in disks
-                                          if d.get("approved")],
-        daemon_error=None if st.get("daemon") else live.daemon_error or
-        "the daemon is not running",
+        request, "web/history.html", view=view, **_live_parts(live, st, disks, True),
         schedule=await asyncio.to_thread(schedule, config),
         last_check=st.get("last_check"))
 

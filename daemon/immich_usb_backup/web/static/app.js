@@ -89,8 +89,6 @@
       e.preventDefault();
       const body = {};
       new FormData(form).forEach((v, k) => { if (k !== "csrf") body[k] = v; });
-      if (form.hasAttribute("data-drill")) body.restore_drill = true;
-      if ("create_marker" in body) body.create_marker = true;
       form.querySelectorAll("button").forEach((b) => { b.disabled = true; });
       try {
         const r = await fetch(form.dataset.api, {
