@@ -449,26 +449,22 @@ async def record_unusable(config: Config, target: str, trigger: str, mode: str,
                           why: str) -> RunRecord:
     """``run /dev/...`` or ``run UUID=...`` whose disk could not be found or mounted (no
     such disk, no D-Bus or UDisks2): a failed run in the history, and its message."""
-    record = RunRecord.begin(trigger, mode, target, clock.now())
-    record.conclude([f"the disk {target} could not be used: {why}"])
-    record.duration_s = 0.0
-    notifier = notify.Notifier(config.notify)
-    try:
-        await notifier.send(messages.end_message(record, messages.DiskEnd("not-mounted")))
-    finally:
-        await asyncio.shield(_append_history(config, record, notifier))
-    return record
+    return await _record_simple(config, "failed", target, None, None, trigger,
+                                f"the disk {target} could not be used: {why}", mode=mode,
+                                logged=False)
 
 
 async def _record_simple(config: Config, status: str, device: str, uuid: str | None,
                          label: str | None, trigger: str, message: str,
                          note: messages.Message | None = None, *,
                          left: messages.DiskEnd | None = None,
-                         mode: str | None = None) -> RunRecord:
+                         mode: str | None = None, logged: bool = True) -> RunRecord:
     """A history record, and a notification, for a plug that ended before a backup could
-    start. ``note`` is the message to send; by default the record's own last message,
-    saying the disk is as ``left``."""
-    log.warning("%s", message)
+    start (or a problem found outside a run). ``note`` is the message to send; by default
+    the record's own last message, saying the disk is as ``left``. ``logged``: the
+    message is logged too."""
+    if logged:
+        log.warning("%s", message)
     record = RunRecord.begin(trigger, mode or config.library.mode, device, clock.now())
     record.status, record.disk = status, DiskRef(uuid, label)
     record.conclude([message])
@@ -485,15 +481,8 @@ async def _record_simple(config: Config, status: str, device: str, uuid: str | N
 async def record_problem(config: Config, trigger: str, text: str) -> None:
     """A history record (``failed``) and a message for a problem found outside a run: a
     damaged state file."""
-    record = RunRecord.begin(trigger, config.library.mode, "", clock.now())
-    record.status = "failed"
-    record.conclude([text])
-    record.duration_s = 0.0
-    notifier = notify.Notifier(config.notify)
-    try:
-        await notifier.send(messages.state_damaged(text))
-    finally:
-        await asyncio.shield(_append_history(config, record, notifier))
+    await _record_simple(config, "failed", "", None, None, trigger, text,
+                         messages.state_damaged(text), logged=False)
 
 
 async def record_state_damage(config: Config, trigger: str) -> list[str]:
